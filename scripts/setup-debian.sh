@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the system packages the build and the test suite need on Debian 12.
+# Idempotent: packages already present are left alone. Needs root (CI runs as root).
+set -euo pipefail
+
+PKGS=(
+  pkg-config libnftnl-dev libmnl-dev   # nftnl (kernel data plane)
+  nftables iproute2                    # tests read back rulesets, create netns/veth
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-debian: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup-debian: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
