@@ -100,7 +100,10 @@ impl AgentRule {
         let unsupported = self.unsupported();
         if !unsupported.is_empty() {
             let set: Vec<String> = unsupported.iter().map(|k| format!("'{k}'")).collect();
-            return perr(format!("Unsupported rule option(s): {{{}}}", set.join(", ")));
+            return perr(format!(
+                "Unsupported rule option(s): {{{}}}",
+                set.join(", ")
+            ));
         }
         if self.contains("dst4") && family == Family::V6 {
             return perr("IPv4 rule found for IPv6 address");
@@ -143,9 +146,10 @@ impl AgentRule {
         };
         let dstports = match self.get("dstports") {
             None => None,
-            Some(v) => Some(parse_ports(v).ok_or_else(|| {
-                RuleParseError(format!("Invalid dstports value {v}"))
-            })?),
+            Some(v) => Some(
+                parse_ports(v)
+                    .ok_or_else(|| RuleParseError(format!("Invalid dstports value {v}")))?,
+            ),
         };
         let dns = match self.get("specialtarget") {
             None => false,

@@ -9,7 +9,10 @@
 /// Python's `str.isspace()` is true for `\t\n\x0b\x0c\r`, space and the four information
 /// separators `\x1c`-`\x1f`.
 pub fn is_space(c: char) -> bool {
-    matches!(c, '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f' | ' ')
+    matches!(
+        c,
+        '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f' | ' '
+    )
 }
 
 /// Python `str.strip()` with no argument (ASCII white space; the callers reject non-ASCII).
@@ -47,7 +50,12 @@ impl PyInt {
 /// Python's `int(s)` (base 10): surrounding white space, an optional sign, digits with single
 /// underscores between them. On failure returns the exact `ValueError` text.
 pub fn int(s: &str) -> Result<PyInt, String> {
-    let err = || format!("invalid literal for int() with base 10: {}", repr_truncated(s, 200));
+    let err = || {
+        format!(
+            "invalid literal for int() with base 10: {}",
+            repr_truncated(s, 200)
+        )
+    };
     let t = s.trim_matches(is_space);
     let (negative, digits) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
