@@ -10,10 +10,12 @@
 //! - [`xml`]: dom0's `firewall.xml` (v2 written byte-exact, v2 and v1 read);
 //! - [`yaml`]: YAML rule files for people and the lab (docs/rule-files.md);
 //! - [`nft`]: the agent's nftables text, byte-exact;
+//! - [`classifier`]: a compiled first-match classifier for the userspace data plane;
 //!
 //! Reference: shared/reference/qubes-networking.md sections 1-3 and 7.
 
 pub mod agent;
+pub mod classifier;
 pub mod client;
 pub mod firewall;
 pub mod nft;
