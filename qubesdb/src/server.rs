@@ -1,0 +1,464 @@
+//! A QubesDB daemon on a UNIX stream socket (the local interface of upstream `qubesdb-daemon`,
+//! reference qubes-networking.md section 9). No vchan: the inter-VM link is out of scope.
+//!
+//! Threads: one accepts connections; each connection has a reader (decodes commands and runs
+//! them on the shared [`Tree`]) and a writer (drains that connection's outgoing queue).
+//! A command's answer and the watch notifications it causes are queued while the tree lock is
+//! held, so every connection sees modifications in the order they happened, and an answer is
+//! never split by a notification (clients must still cope with that: upstream allows it).
+//!
+//! Robustness:
+//!
+//! - a message that does not decode (bad type, path, `data_len`) or is not a command gets
+//!   `RESP_ERROR` (with its path when the path field is valid, else the empty path), and that
+//!   connection is closed after the answer is flushed; other connections are not affected;
+//! - a well-formed command that is refused (e.g. READ of `/a/`) gets `RESP_ERROR` and the
+//!   connection stays open (see [`crate::tree`]);
+//! - a client that does not read its notifications fills its queue ([`QUEUE_LEN`] items);
+//!   it is then disconnected rather than allowed to stall the daemon. A write blocked for
+//!   [`WRITE_TIMEOUT`] also disconnects it;
+//! - nothing here panics on input; a poisoned lock is recovered (the tree is always
+//!   consistent between statements).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crate::tree::{ConnId, Tree};
+use crate::wire::{salvage_path, Decoder, Message, MsgType};
+
+/// Outgoing items (a whole answer, or one notification) queued per connection before the
+/// daemon gives up on a client that does not read.
+pub const QUEUE_LEN: usize = 1024;
+/// How long one socket write may block before the client is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A daemon failure: what was being done, on which socket, and the OS error.
+#[derive(Debug)]
+pub struct ServerError {
+    pub what: String,
+    pub source: io::Error,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+fn server_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError { what, source }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct Conn {
+    queue: SyncSender<Vec<u8>>,
+    /// A handle on the socket, to shut it down from another thread.
+    stream: UnixStream,
+}
+
+struct Shared {
+    tree: Mutex<Tree>,
+    conns: Mutex<HashMap<ConnId, Conn>>,
+    next_id: AtomicU64,
+    stopping: AtomicBool,
+    verbose: AtomicBool,
+}
+
+impl Shared {
+    fn log(&self, msg: fmt::Arguments<'_>) {
+        if self.verbose.load(Ordering::Relaxed) {
+            eprintln!("qubesdb-daemon: {msg}");
+        }
+    }
+
+    /// Queues `bytes` for `conn`; a client whose queue is full or whose writer is gone is
+    /// shut down (its reader then cleans up).
+    fn deliver(&self, conns: &HashMap<ConnId, Conn>, conn: ConnId, bytes: Vec<u8>) {
+        let Some(c) = conns.get(&conn) else {
+            return;
+        };
+        match c.queue.try_send(bytes) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.log(format_args!(
+                    "client {conn}: {QUEUE_LEN} messages queued and not read; disconnecting"
+                ));
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn encode_all(messages: &[Message], shared: &Shared) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        if let Err(e) = m.encode_into(&mut out) {
+            // The tree only produces validated paths and values; log rather than panic.
+            shared.log(format_args!(
+                "cannot encode {} {:?}: {e}",
+                m.msg_type, m.path
+            ));
+        }
+    }
+    out
+}
+
+/// A bound, not yet serving, daemon.
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    socket_path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("stopping", &self.stopping.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Listens on `path`. A stale socket file left by a dead daemon is replaced; a live one
+    /// (something accepts connections) or a file that is not a socket is an error.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Server, ServerError> {
+        let path = path.as_ref();
+        let shown = path.display();
+        let listener = match UnixListener::bind(path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                let meta = std::fs::symlink_metadata(path)
+                    .map_err(server_err(format!("cannot inspect existing {shown}")))?;
+                if !meta.file_type().is_socket() {
+                    return Err(ServerError {
+                        what: format!("cannot listen on {shown}"),
+                        source: io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "the path exists and is not a socket",
+                        ),
+                    });
+                }
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ServerError {
+                        what: format!("cannot listen on {shown}"),
+                        source: io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another daemon is accepting connections there",
+                        ),
+                    });
+                }
+                std::fs::remove_file(path)
+                    .map_err(server_err(format!("cannot remove stale socket {shown}")))?;
+                UnixListener::bind(path).map_err(server_err(format!("cannot listen on {shown}")))?
+            }
+            Err(e) => {
+                return Err(ServerError {
+                    what: format!("cannot listen on {shown}"),
+                    source: e,
+                })
+            }
+        };
+        Ok(Server {
+            listener,
+            socket_path: path.to_path_buf(),
+            shared: Arc::new(Shared {
+                tree: Mutex::new(Tree::new()),
+                conns: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                stopping: AtomicBool::new(false),
+                verbose: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Starts from `tree` instead of an empty database.
+    pub fn with_tree(self, tree: Tree) -> Server {
+        *lock(&self.shared.tree) = tree;
+        self
+    }
+
+    /// Logs refused commands and dropped clients to stderr.
+    pub fn verbose(self, on: bool) -> Server {
+        self.shared.verbose.store(on, Ordering::Relaxed);
+        self
+    }
+
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Serves on the calling thread until the process ends.
+    pub fn serve(self) -> Result<(), ServerError> {
+        accept_loop(&self.listener, &self.shared);
+        Ok(())
+    }
+
+    /// Serves on a background thread; the handle stops it.
+    pub fn spawn(self) -> Result<ServerHandle, ServerError> {
+        let identity = std::fs::metadata(&self.socket_path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        let shared = Arc::clone(&self.shared);
+        let listener = self.listener;
+        let thread_shared = Arc::clone(&shared);
+        let thread = thread::Builder::new()
+            .name("qubesdb-accept".to_string())
+            .spawn(move || accept_loop(&listener, &thread_shared))
+            .map_err(server_err("cannot start the accept thread"))?;
+        Ok(ServerHandle {
+            socket_path: self.socket_path,
+            identity,
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A daemon serving in the background.
+#[derive(Debug)]
+pub struct ServerHandle {
+    socket_path: PathBuf,
+    /// (device, inode) of the socket file we created, so we only remove our own.
+    identity: Option<(u64, u64)>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// A copy of the current database (with its watch registrations).
+    pub fn snapshot(&self) -> Tree {
+        lock(&self.shared.tree).clone()
+    }
+
+    /// Number of connected clients.
+    pub fn client_count(&self) -> usize {
+        lock(&self.shared.conns).len()
+    }
+
+    /// Stops accepting, disconnects every client, waits for all threads and removes the
+    /// socket file.
+    pub fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ServerError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wake the blocking accept() with a connection of our own.
+        if let Err(e) = UnixStream::connect(&self.socket_path) {
+            return Err(ServerError {
+                what: format!(
+                    "cannot wake the accept loop through {} (socket file removed?)",
+                    self.socket_path.display()
+                ),
+                source: e,
+            });
+        }
+        if thread.join().is_err() {
+            self.shared
+                .log(format_args!("the accept thread panicked during shutdown"));
+        }
+        let ours = std::fs::metadata(&self.socket_path)
+            .map(|m| Some((m.dev(), m.ino())) == self.identity)
+            .unwrap_or(false);
+        if ours {
+            std::fs::remove_file(&self.socket_path).map_err(server_err(format!(
+                "cannot remove {}",
+                self.socket_path.display()
+            )))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    for incoming in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        match incoming {
+            Ok(stream) => {
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let conn_shared = Arc::clone(shared);
+                let spawned = thread::Builder::new()
+                    .name(format!("qubesdb-client-{id}"))
+                    .spawn(move || run_connection(&conn_shared, id, stream));
+                match spawned {
+                    Ok(handle) => workers.push(handle),
+                    Err(e) => shared.log(format_args!("client {id}: cannot start thread: {e}")),
+                }
+                workers.retain(|w| !w.is_finished());
+            }
+            Err(e) => {
+                shared.log(format_args!("accept failed: {e}"));
+                // E.g. out of file descriptors: do not spin.
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    for conn in lock(&shared.conns).values() {
+        let _ = conn.stream.shutdown(Shutdown::Both);
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+}
+
+fn run_connection(shared: &Arc<Shared>, id: ConnId, stream: UnixStream) {
+    let (queue, outgoing) = sync_channel::<Vec<u8>>(QUEUE_LEN);
+    let clones = stream
+        .try_clone()
+        .and_then(|w| Ok((w, stream.try_clone()?)));
+    let (writer_stream, control) = match clones {
+        Ok(c) => c,
+        Err(e) => {
+            shared.log(format_args!("client {id}: cannot clone socket: {e}"));
+            return;
+        }
+    };
+    let _ = writer_stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let writer = match thread::Builder::new()
+        .name(format!("qubesdb-writer-{id}"))
+        .spawn(move || write_loop(writer_stream, &outgoing))
+    {
+        Ok(w) => w,
+        Err(e) => {
+            shared.log(format_args!("client {id}: cannot start writer: {e}"));
+            return;
+        }
+    };
+    lock(&shared.conns).insert(
+        id,
+        Conn {
+            queue,
+            stream: control,
+        },
+    );
+    if !shared.stopping.load(Ordering::SeqCst) {
+        read_loop(shared, id, stream);
+    }
+    lock(&shared.tree).disconnect(id);
+    // Dropping the queue's sender lets the writer flush what is queued and exit.
+    lock(&shared.conns).remove(&id);
+    let _ = writer.join();
+}
+
+fn write_loop(mut stream: UnixStream, outgoing: &Receiver<Vec<u8>>) {
+    for bytes in outgoing {
+        if stream.write_all(&bytes).is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn read_loop(shared: &Shared, id: ConnId, mut stream: UnixStream) {
+    let mut decoder = Decoder::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        loop {
+            match decoder.next_message() {
+                Ok(Some(message)) => {
+                    if !execute(shared, id, &message) {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    shared.log(format_args!(
+                        "client {id}: malformed message ({e}); answering RESP_ERROR and closing"
+                    ));
+                    let path = salvage_path(decoder.pending());
+                    send_error_and_close(shared, id, &path);
+                    return;
+                }
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                if !decoder.pending().is_empty() {
+                    shared.log(format_args!(
+                        "client {id}: closed in the middle of a message ({} bytes)",
+                        decoder.pending().len()
+                    ));
+                }
+                return;
+            }
+            Ok(n) => decoder.feed(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn send_error_and_close(shared: &Shared, id: ConnId, path: &str) {
+    let reply = encode_all(&[Message::bare(MsgType::RespError, path)], shared);
+    let conns = lock(&shared.conns);
+    shared.deliver(&conns, id, reply);
+}
+
+/// Runs one message; false when the connection must be closed.
+fn execute(shared: &Shared, id: ConnId, message: &Message) -> bool {
+    if !message.msg_type.is_command() {
+        shared.log(format_args!(
+            "client {id}: sent {} {:?}, which is not a command; answering RESP_ERROR and closing",
+            message.msg_type, message.path
+        ));
+        send_error_and_close(shared, id, &message.path);
+        return false;
+    }
+    let mut tree = lock(&shared.tree);
+    let outcome = tree.handle(id, message);
+    if let Some(why) = &outcome.refused {
+        shared.log(format_args!(
+            "client {id}: refused {} {:?}: {why}",
+            message.msg_type, message.path
+        ));
+    }
+    let conns = lock(&shared.conns);
+    shared.deliver(&conns, id, encode_all(&outcome.replies, shared));
+    for n in outcome.notifications {
+        let event = encode_all(&[Message::bare(MsgType::RespWatch, n.path)], shared);
+        shared.deliver(&conns, n.conn, event);
+    }
+    true
+}
