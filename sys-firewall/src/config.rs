@@ -121,12 +121,18 @@ pub fn parse_mac(s: &str) -> Result<Mac, ConfigError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
     if parts.len() != 6 {
-        return cerr(format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"));
+        return cerr(format!(
+            "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
+        ));
     }
     for (b, p) in mac.iter_mut().zip(&parts) {
         *b = match (p.len(), u8::from_str_radix(p, 16)) {
             (2, Ok(v)) => v,
-            _ => return cerr(format!("{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)")),
+            _ => {
+                return cerr(format!(
+                    "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
+                ))
+            }
         };
     }
     Ok(mac)
@@ -196,8 +202,9 @@ pub fn from_tree(
     uplink_name: &str,
     uplink_mtu: u16,
 ) -> Result<EngineConfig, ConfigError> {
-    let ip: Ipv4Addr = parse_key(tree, "/qubes-ip")?
-        .ok_or_else(|| ConfigError("/qubes-ip is missing: the firewall needs its own address".into()))?;
+    let ip: Ipv4Addr = parse_key(tree, "/qubes-ip")?.ok_or_else(|| {
+        ConfigError("/qubes-ip is missing: the firewall needs its own address".into())
+    })?;
     let gateway: Ipv4Addr = parse_key(tree, "/qubes-gateway")?.ok_or_else(|| {
         ConfigError("/qubes-gateway is missing: the firewall needs its netvm's address".into())
     })?;
@@ -217,7 +224,9 @@ pub fn from_tree(
         dns = VIRTUAL_DNS.iter().map(|a| IpAddr::V4(*a)).collect();
     }
     if !valid_ifname(uplink_name) {
-        return cerr(format!("uplink {uplink_name:?} is not a valid interface name"));
+        return cerr(format!(
+            "uplink {uplink_name:?} is not a valid interface name"
+        ));
     }
     let mut clients = Vec::with_capacity(vifs.len());
     for v in vifs {
@@ -231,7 +240,10 @@ pub fn from_tree(
             return cerr(format!("vif {} is listed twice", v.name));
         }
         if clients.iter().any(|c: &ClientConfig| c.ip == v.ip) || v.ip == ip {
-            return cerr(format!("vif {}: address {} is already in use", v.name, v.ip));
+            return cerr(format!(
+                "vif {}: address {} is already in use",
+                v.name, v.ip
+            ));
         }
         clients.push(ClientConfig {
             vif: v.name.clone(),
@@ -305,8 +317,13 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = from_tree(&tree(&[("/qubes-gateway", "10.137.0.5")]), &[], "eth0", 1500)
-            .expect_err("missing ip");
+        let e = from_tree(
+            &tree(&[("/qubes-gateway", "10.137.0.5")]),
+            &[],
+            "eth0",
+            1500,
+        )
+        .expect_err("missing ip");
         assert!(e.0.contains("/qubes-ip"), "{e}");
         let e = from_tree(
             &tree(&[("/qubes-ip", "x"), ("/qubes-gateway", "10.137.0.5")]),

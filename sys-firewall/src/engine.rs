@@ -1,8 +1,28 @@
-//! The engine: API types. (Implementation in progress.)
+//! The engine: a sys-firewall as a pure function of (time, interface, frame).
+//!
+//! It does what a Linux sys-firewall does for its clients (reference qubes-networking.md
+//! section 4): answers ARP/NDP for the gateway, drops spoofed sources, applies each client's
+//! Qubes rules to new flows (rejecting with ICMP admin-prohibited as the agent's nft chain does),
+//! tracks connections and masquerades them to its own address, and handles TTL, MTU, fragments
+//! and ICMP errors like a router. It never does I/O and never reads a clock: the shell passes
+//! `now` (nanoseconds, monotonic) and sends what the engine returns.
+//!
+//! Forwarded frames are rewritten in place ([`Verdict::Forward`]); anything the engine builds
+//! itself (ARP and NDP answers, ICMP errors, reassembled or fragmented packets) goes to the
+//! [`Outbox`], which keeps its buffers across calls. The forwarding path does not allocate.
 
-use std::net::IpAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::config::{ConfigError, EngineConfig};
+use qubes_rules::agent::{read_rules, MatchDst, MatchRule};
+use qubes_rules::classifier::{Classifier, Packet, PacketProto, UnresolvedPolicy};
+use qubes_rules::{Action, Family};
+use rustc_hash::FxHashMap;
+
+use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, GATEWAY_MAC};
+use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
+use crate::frag::{self, Reassembler};
+use crate::wire::{self, Ip, IpError, ETH_LEN};
 
 /// An interface: 0 is the uplink, 1.. are the client vifs in configuration order.
 pub type IfaceId = u32;
@@ -19,22 +39,82 @@ pub enum Verdict {
     Consumed,
 }
 
-/// Why a frame was dropped (also the counter names).
+/// What became of a frame: the counter it lands in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
-    /// Accepted and forwarded (not a drop; counted with the others).
+    /// Forwarded (or answered, for ARP/NDP and pings of the gateway).
     Accepted,
+    /// A new flow the client's rules refuse; answered with ICMP admin-prohibited.
     RejectedByRule,
+    /// Source address not the client's (or, from the uplink, a client's or ours).
     Spoofed,
+    /// From the uplink and not part of a tracked flow (no inbound connections).
     NoFlow,
+    /// Truncated, bad lengths, bad checksums, unknown ethertype.
     Malformed,
+    /// The connection table is full of flows it must not evict.
     TableFull,
+    /// From one client to another.
     ClientToClient,
+    /// TTL or hop limit ran out; answered with ICMP time exceeded.
     TtlExceeded,
+    /// Too big for the next link with DF (or IPv6); answered with ICMP.
     TooBig,
+    /// Well-formed but not something a sys-firewall forwards (IPv6 without an address, IPv6
+    /// extension headers, other IP protocols, broadcast).
     Unsupported,
-    ClientBlocked,
+    /// Addressed to the firewall itself and not something it serves (Linux rejects it with
+    /// host-prohibited).
     Local,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::Accepted,
+        Reason::RejectedByRule,
+        Reason::Spoofed,
+        Reason::NoFlow,
+        Reason::Malformed,
+        Reason::TableFull,
+        Reason::ClientToClient,
+        Reason::TtlExceeded,
+        Reason::TooBig,
+        Reason::Unsupported,
+        Reason::Local,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Accepted => "accepted",
+            Reason::RejectedByRule => "rejected-by-rule",
+            Reason::Spoofed => "spoofed",
+            Reason::NoFlow => "no-flow",
+            Reason::Malformed => "malformed",
+            Reason::TableFull => "table-full",
+            Reason::ClientToClient => "client-to-client",
+            Reason::TtlExceeded => "ttl-exceeded",
+            Reason::TooBig => "too-big",
+            Reason::Unsupported => "unsupported",
+            Reason::Local => "local",
+        }
+    }
+}
+
+/// Frame counts by [`Reason`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters([u64; 11]);
+
+impl Counters {
+    pub fn get(&self, r: Reason) -> u64 {
+        self.0[r as usize]
+    }
+    fn bump(&mut self, r: Reason) {
+        self.0[r as usize] += 1;
+    }
+    /// `(reason, count)` for every reason.
+    pub fn iter(&self) -> impl Iterator<Item = (Reason, u64)> + '_ {
+        Reason::ALL.iter().map(|&r| (r, self.get(r)))
+    }
 }
 
 /// Something the shell should know or do.
@@ -44,6 +124,17 @@ pub enum Event {
     Resolve { name: String },
     /// A frame was dropped (for logging, rate-limited by the shell).
     Dropped { iface: IfaceId, reason: Reason },
+    /// A client's rules could not be used; it is blocked until they can (fail closed).
+    ClientBlocked { iface: IfaceId, error: String },
+    /// Flows cut because new rules refuse them.
+    FlowsCut { iface: IfaceId, count: usize },
+    /// A UDP datagram for one of the firewall's own ports ([`Engine::open_local_port`]).
+    LocalUdp {
+        src: IpAddr,
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+    },
 }
 
 /// Frames and events produced by one engine call. Reused across calls, so it stops allocating
@@ -85,69 +176,1640 @@ impl Outbox {
     }
 }
 
+/// How long a failed name lookup waits before it is retried.
+const RESOLVE_RETRY_NS: u64 = 30_000_000_000;
+/// Shortest time an answer is trusted, whatever its TTL says.
+const MIN_TTL_NS: u64 = 1_000_000_000;
+/// How often the netvm's MAC is asked for while unknown.
+const ARP_RETRY_NS: u64 = 1_000_000_000;
+/// ICMPv4 errors quote at most this much of the offending packet (RFC 1812 4.3.2.3: the error
+/// must not exceed 576 bytes).
+const ICMP4_ERROR_MAX: usize = 576;
+/// ICMPv6 errors must fit the IPv6 minimum MTU (RFC 4443 2.4 (c)).
+const ICMP6_ERROR_MAX: usize = 1280;
+
+#[derive(Debug, Clone)]
+struct NameEntry {
+    addrs: Option<Vec<IpAddr>>,
+    /// When the answer runs out, or when to retry a failure.
+    refresh_at: u64,
+    requested: bool,
+}
+
+#[derive(Debug)]
+struct Client {
+    cfg: ClientConfig,
+    /// Why the client is blocked, if its rules could not be used.
+    blocked: Option<String>,
+    class4: Classifier,
+    class6: Classifier,
+    names: Vec<String>,
+    counters: Counters,
+}
+
+impl Client {
+    /// A client with no rules compiled yet (everything refused).
+    fn new(cfg: ClientConfig) -> Self {
+        let none = |_: &str| None;
+        Client {
+            cfg,
+            blocked: None,
+            class4: Classifier::compile(&[], &[], &none, UnresolvedPolicy::SkipAccept),
+            class6: Classifier::compile(&[], &[], &none, UnresolvedPolicy::SkipAccept),
+            names: Vec::new(),
+            counters: Counters::default(),
+        }
+    }
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
-    config: EngineConfig,
+    cfg: EngineConfig,
+    clients: Vec<Client>,
+    by_ip4: FxHashMap<Ipv4Addr, usize>,
+    by_ip6: FxHashMap<Ipv6Addr, usize>,
+    conntrack: ConnTrack,
+    frags: Reassembler,
+    netvm_mac: Mac,
+    netvm_mac_known: bool,
+    arp_sent_at: Option<u64>,
+    netvm_mac6: Mac,
+    netvm_mac6_known: bool,
+    names: BTreeMap<String, NameEntry>,
+    uplink_counters: Counters,
+    local_ports: Vec<u16>,
+    /// Events from building the engine, handed out with the first call that has an outbox.
+    deferred: Vec<Event>,
+    ip_id: u16,
+    scratch: Vec<u8>,
+    build: Vec<u8>,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Result<Self, ConfigError> {
-        Ok(Engine { config })
+        let mut e = Engine {
+            conntrack: ConnTrack::new(config.conntrack_max, config.seed),
+            frags: Reassembler::new(config.frag),
+            cfg: config.clone(),
+            clients: Vec::new(),
+            by_ip4: FxHashMap::default(),
+            by_ip6: FxHashMap::default(),
+            netvm_mac: GATEWAY_MAC,
+            netvm_mac_known: false,
+            arp_sent_at: None,
+            netvm_mac6: GATEWAY_MAC,
+            netvm_mac6_known: false,
+            names: BTreeMap::new(),
+            uplink_counters: Counters::default(),
+            local_ports: Vec::new(),
+            deferred: Vec::new(),
+            ip_id: (config.seed as u16) ^ 0x5a5a,
+            scratch: Vec::with_capacity(65_536),
+            build: Vec::with_capacity(2048),
+        };
+        let mut out = Outbox::new();
+        e.install(config, &mut out)?;
+        e.deferred = out.events;
+        Ok(e)
     }
 
     /// Interface id of an interface name.
     pub fn iface_by_name(&self, name: &str) -> Option<IfaceId> {
-        if name == self.config.uplink.name {
+        if name == self.cfg.uplink.name {
             return Some(UPLINK);
         }
-        self.config
-            .clients
+        self.clients
             .iter()
-            .position(|c| c.vif == name)
+            .position(|c| c.cfg.vif == name)
             .map(|i| i as IfaceId + 1)
     }
 
     /// Name of an interface id.
     pub fn iface_name(&self, id: IfaceId) -> Option<&str> {
         if id == UPLINK {
-            return Some(&self.config.uplink.name);
+            return Some(&self.cfg.uplink.name);
         }
-        self.config
-            .clients
-            .get(id as usize - 1)
-            .map(|c| c.vif.as_str())
+        self.client(id).map(|c| c.cfg.vif.as_str())
     }
 
     /// All interfaces, uplink first.
     pub fn ifaces(&self) -> Vec<(IfaceId, String)> {
-        let mut v = vec![(UPLINK, self.config.uplink.name.clone())];
-        for (i, c) in self.config.clients.iter().enumerate() {
-            v.push((i as IfaceId + 1, c.vif.clone()));
+        let mut v = vec![(UPLINK, self.cfg.uplink.name.clone())];
+        for (i, c) in self.clients.iter().enumerate() {
+            v.push((i as IfaceId + 1, c.cfg.vif.clone()));
         }
         v
     }
 
-    /// Handles one frame that arrived on `iface` at `now` (nanoseconds, monotonic).
-    pub fn handle(&mut self, now: u64, iface: IfaceId, frame: &mut [u8], out: &mut Outbox) -> Verdict {
-        let _ = (now, iface, frame, out);
-        Verdict::Consumed
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
-    /// Timer work due at `now`.
-    pub fn tick(&mut self, now: u64, out: &mut Outbox) {
-        let _ = (now, out);
+    /// Counters of one interface.
+    pub fn counters(&self, iface: IfaceId) -> Option<&Counters> {
+        if iface == UPLINK {
+            Some(&self.uplink_counters)
+        } else {
+            self.client(iface).map(|c| &c.counters)
+        }
     }
 
-    /// An answer (or a failure: `None`) for a name the engine asked about.
-    pub fn dns_answer(&mut self, now: u64, name: &str, answer: Option<(Vec<IpAddr>, u32)>, out: &mut Outbox) {
-        let _ = (now, name, answer, out);
+    /// Why a client is blocked, if it is.
+    pub fn blocked(&self, iface: IfaceId) -> Option<&str> {
+        self.client(iface).and_then(|c| c.blocked.as_deref())
     }
 
-    /// Replaces the configuration; flows the new rules refuse are cut.
-    pub fn apply(&mut self, now: u64, config: EngineConfig, out: &mut Outbox) -> Result<(), ConfigError> {
-        let _ = (now, out);
-        self.config = config;
+    /// The connection table (for status output).
+    pub fn conntrack(&self) -> &ConnTrack {
+        &self.conntrack
+    }
+
+    /// The netvm's MAC, and whether it was learned (else the Xen default is used).
+    pub fn netvm_mac(&self) -> (Mac, bool) {
+        (self.netvm_mac, self.netvm_mac_known)
+    }
+
+    /// Hands out events produced while the engine was built (name lookups, blocked clients).
+    fn undefer(&mut self, out: &mut Outbox) {
+        if !self.deferred.is_empty() {
+            out.events.append(&mut self.deferred);
+        }
+    }
+
+    fn client(&self, id: IfaceId) -> Option<&Client> {
+        (id as usize)
+            .checked_sub(1)
+            .and_then(|i| self.clients.get(i))
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Configuration
+
+    /// Replaces the configuration. Clients whose rules changed get new classifiers, and their
+    /// flows that the new rules refuse are cut; flows of clients that are gone are dropped.
+    pub fn apply(
+        &mut self,
+        _now: u64,
+        config: EngineConfig,
+        out: &mut Outbox,
+    ) -> Result<(), ConfigError> {
+        self.undefer(out);
+        if config.uplink != self.cfg.uplink {
+            // Our own address changed: every NAT mapping is wrong now.
+            self.conntrack.retain(|_| false);
+        }
+        if config.conntrack_max != self.cfg.conntrack_max {
+            let mut ct = ConnTrack::new(config.conntrack_max, config.seed);
+            std::mem::swap(&mut ct, &mut self.conntrack);
+        }
+        self.install(config, out)
+    }
+
+    fn install(&mut self, config: EngineConfig, out: &mut Outbox) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &config.clients {
+            if !seen.insert(c.vif.as_str()) {
+                return Err(ConfigError(format!("vif {} is listed twice", c.vif)));
+            }
+        }
+        let old: Vec<Client> = std::mem::take(&mut self.clients);
+        let mut by_vif: BTreeMap<String, Client> =
+            old.into_iter().map(|c| (c.cfg.vif.clone(), c)).collect();
+        let mut clients = Vec::with_capacity(config.clients.len());
+        let mut remap: Vec<(u32, Option<u32>)> = Vec::new();
+        for (i, cc) in config.clients.iter().enumerate() {
+            let new_id = i as u32 + 1;
+            match by_vif.remove(&cc.vif) {
+                Some(mut prev) => {
+                    let old_id = self
+                        .cfg
+                        .clients
+                        .iter()
+                        .position(|o| o.vif == cc.vif)
+                        .map(|p| p as u32 + 1);
+                    if let Some(o) = old_id {
+                        // A client whose address changed is a different client to its flows.
+                        let keep = prev.cfg.ip == cc.ip && prev.cfg.ip6 == cc.ip6;
+                        remap.push((o, keep.then_some(new_id)));
+                    }
+                    let rules_changed = prev.cfg.rules != cc.rules || prev.cfg.rules6 != cc.rules6;
+                    prev.cfg = cc.clone();
+                    if rules_changed {
+                        self.compile(&mut prev, new_id, out);
+                    }
+                    clients.push(prev);
+                }
+                None => {
+                    let mut c = Client::new(cc.clone());
+                    self.compile(&mut c, new_id, out);
+                    clients.push(c);
+                }
+            }
+        }
+        // Clients that are gone lose their flows; the rest follow their new interface id.
+        for (_, gone) in by_vif {
+            if let Some(o) = self.cfg.clients.iter().position(|c| c.vif == gone.cfg.vif) {
+                remap.push((o as u32 + 1, None));
+            }
+        }
+        self.cfg = config;
+        self.clients = clients;
+        self.by_ip4 = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.cfg.ip, i))
+            .collect();
+        self.by_ip6 = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.cfg.ip6.map(|a| (a, i)))
+            .collect();
+        if remap.iter().any(|&(o, n)| Some(o) != n) {
+            let map: FxHashMap<u32, Option<u32>> = remap.into_iter().collect();
+            // Flows are keyed by interface id; rather than rewrite keys, cut the flows of
+            // clients that moved or went away. A vif list change is rare (a qube starts or
+            // stops), and a moved client reconnects.
+            self.conntrack
+                .retain(|f| map.get(&f.key.client).copied().flatten() == Some(f.key.client));
+        }
+        self.cut_refused(out);
         Ok(())
+    }
+
+    /// (Re)builds a client's classifiers from its QubesDB rule entries.
+    fn compile(&mut self, c: &mut Client, id: IfaceId, out: &mut Outbox) {
+        c.blocked = None;
+        c.names.clear();
+        let mut rules: [Vec<MatchRule>; 2] = [Vec::new(), Vec::new()];
+        for (fam, entries, slot) in [
+            (Family::V4, &c.cfg.rules, 0usize),
+            (Family::V6, &c.cfg.rules6, 1usize),
+        ] {
+            if fam == Family::V6 && c.cfg.ip6.is_none() {
+                continue;
+            }
+            let parsed = read_rules(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .and_then(|rs| {
+                    rs.iter()
+                        .map(|r| r.to_match(fam))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            match parsed {
+                Ok(r) => rules[slot] = r,
+                Err(e) => {
+                    let addr = if fam == Family::V4 {
+                        c.cfg.ip.to_string()
+                    } else {
+                        c.cfg.ip6.map(|a| a.to_string()).unwrap_or_default()
+                    };
+                    let msg = qubes_rules::nft::parse_failure_message(&addr, &e);
+                    c.blocked = Some(msg.clone());
+                    out.events.push(Event::ClientBlocked {
+                        iface: id,
+                        error: msg,
+                    });
+                }
+            }
+        }
+        for r in rules.iter().flatten() {
+            if let Some(MatchDst::Host(n)) = &r.dst {
+                if !c.names.contains(n) {
+                    c.names.push(n.clone());
+                }
+            }
+        }
+        let names = &self.names;
+        let resolve = |n: &str| names.get(n).and_then(|e| e.addrs.clone());
+        c.class4 = Classifier::compile(
+            &rules[0],
+            &self.cfg.dns,
+            &resolve,
+            UnresolvedPolicy::SkipAccept,
+        );
+        c.class6 = Classifier::compile(
+            &rules[1],
+            &self.cfg.dns,
+            &resolve,
+            UnresolvedPolicy::SkipAccept,
+        );
+        let wanted: Vec<String> = c
+            .class4
+            .unresolved()
+            .iter()
+            .chain(c.class6.unresolved())
+            .cloned()
+            .collect();
+        for n in wanted {
+            let e = self.names.entry(n.clone()).or_insert(NameEntry {
+                addrs: None,
+                refresh_at: 0,
+                requested: false,
+            });
+            if !e.requested && e.addrs.is_none() {
+                e.requested = true;
+                out.events.push(Event::Resolve { name: n });
+            }
+        }
+    }
+
+    /// Cuts flows that their client's current rules refuse.
+    fn cut_refused(&mut self, out: &mut Outbox) {
+        let clients = &self.clients;
+        let mut cut: BTreeMap<u32, usize> = BTreeMap::new();
+        self.conntrack.retain(|f| {
+            let Some(c) = (f.key.client as usize)
+                .checked_sub(1)
+                .and_then(|i| clients.get(i))
+            else {
+                return false;
+            };
+            let ok = c.blocked.is_none() && {
+                let (proto, port) = match f.key.l4 {
+                    Proto4::Tcp => (PacketProto::Tcp, f.key.dport),
+                    Proto4::Udp => (PacketProto::Udp, f.key.dport),
+                    // The flow's key holds the ICMP type of the request that opened it.
+                    Proto4::Icmp => (PacketProto::Icmp, f.key.dport),
+                };
+                let class = if f.key.dst.is_ipv4() {
+                    &c.class4
+                } else {
+                    &c.class6
+                };
+                class.lookup(Packet::new(proto, f.key.dst, port)).action == Action::Accept
+            };
+            if !ok {
+                *cut.entry(f.key.client).or_default() += 1;
+            }
+            ok
+        });
+        for (iface, count) in cut {
+            out.events.push(Event::FlowsCut { iface, count });
+        }
+    }
+
+    /// An answer (addresses and TTL in seconds), or a failure (`None`), for a name the engine
+    /// asked about. Clients using the name are recompiled; flows the new answer refuses are cut.
+    pub fn dns_answer(
+        &mut self,
+        now: u64,
+        name: &str,
+        answer: Option<(Vec<IpAddr>, u32)>,
+        out: &mut Outbox,
+    ) {
+        self.undefer(out);
+        let entry = self.names.entry(name.to_string()).or_insert(NameEntry {
+            addrs: None,
+            refresh_at: 0,
+            requested: false,
+        });
+        entry.requested = false;
+        match answer {
+            Some((addrs, ttl)) if !addrs.is_empty() => {
+                entry.addrs = Some(addrs);
+                entry.refresh_at = now + (u64::from(ttl) * 1_000_000_000).max(MIN_TTL_NS);
+            }
+            _ => {
+                // Fail closed: a name that does not resolve matches nothing for accept rules
+                // and blocks the client for drop rules (classifier SkipAccept).
+                entry.addrs = None;
+                entry.refresh_at = now + RESOLVE_RETRY_NS;
+            }
+        }
+        let users: Vec<usize> = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.names.iter().any(|n| n == name))
+            .map(|(i, _)| i)
+            .collect();
+        for i in users {
+            let placeholder = Client::new(self.clients[i].cfg.clone());
+            let mut c = std::mem::replace(&mut self.clients[i], placeholder);
+            self.compile(&mut c, i as IfaceId + 1, out);
+            self.clients[i] = c;
+        }
+        self.cut_refused(out);
+    }
+
+    /// Timer work due at `now`: idle flows expire, stale fragments are dropped (with ICMP time
+    /// exceeded when the first fragment had come), names whose TTL ran out are re-resolved, and
+    /// the netvm's MAC is asked for while unknown.
+    pub fn tick(&mut self, now: u64, out: &mut Outbox) {
+        self.undefer(out);
+        self.conntrack.expire(now);
+        self.expire_frags(now, out);
+        // Names no client uses any more are forgotten rather than refreshed forever.
+        let clients = &self.clients;
+        self.names
+            .retain(|n, _| clients.iter().any(|c| c.names.iter().any(|m| m == n)));
+        for (name, e) in self.names.iter_mut() {
+            if !e.requested && e.refresh_at != 0 && e.refresh_at <= now {
+                e.requested = true;
+                out.events.push(Event::Resolve { name: name.clone() });
+            }
+        }
+        if !self.netvm_mac_known && self.arp_sent_at.is_some_and(|t| now >= t + ARP_RETRY_NS) {
+            self.send_arp_request(now, out);
+        }
+    }
+
+    fn expire_frags(&mut self, now: u64, out: &mut Outbox) {
+        if self.frags.held_datagrams() == 0 {
+            return;
+        }
+        let mut expired_heads: Vec<Vec<u8>> = Vec::new();
+        self.frags
+            .expire(now, |head| expired_heads.push(head.to_vec()));
+        for head in expired_heads {
+            self.frag_timeout(&head, out);
+        }
+    }
+
+    /// ICMP "fragment reassembly time exceeded" (RFC 792, type 11 code 1) to whoever sent the
+    /// fragments, when they were a client or came from the uplink.
+    fn frag_timeout(&mut self, head: &[u8], out: &mut Outbox) {
+        let Ok(ip) = wire::parse_ipv4_header_only(head) else {
+            return;
+        };
+        let IpAddr::V4(src) = ip.src else { return };
+        if let Some(&ci) = self.by_ip4.get(&src) {
+            self.icmp4_error(ci as IfaceId + 1, head, 11, 1, 0, out);
+        } else {
+            self.icmp4_error(UPLINK, head, 11, 1, 0, out);
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The packet path
+
+    /// Handles one frame that arrived on `iface` at `now` (nanoseconds, monotonic).
+    pub fn handle(
+        &mut self,
+        now: u64,
+        iface: IfaceId,
+        frame: &mut [u8],
+        out: &mut Outbox,
+    ) -> Verdict {
+        self.undefer(out);
+        let ci = if iface == UPLINK {
+            None
+        } else {
+            match (iface as usize).checked_sub(1) {
+                Some(i) if i < self.clients.len() => Some(i),
+                _ => return Verdict::Consumed,
+            }
+        };
+        let (verdict, reason) = self.dispatch(now, ci, frame, out);
+        let counters = match ci {
+            Some(i) => &mut self.clients[i].counters,
+            None => &mut self.uplink_counters,
+        };
+        counters.bump(reason);
+        if reason != Reason::Accepted {
+            out.events.push(Event::Dropped { iface, reason });
+        }
+        verdict
+    }
+
+    fn dispatch(
+        &mut self,
+        now: u64,
+        ci: Option<usize>,
+        frame: &mut [u8],
+        out: &mut Outbox,
+    ) -> (Verdict, Reason) {
+        if frame.len() < ETH_LEN {
+            return (Verdict::Consumed, Reason::Malformed);
+        }
+        let parsed = match wire::ethertype(frame) {
+            wire::ETHERTYPE_ARP => return (Verdict::Consumed, self.arp(now, ci, frame, out)),
+            wire::ETHERTYPE_IPV4 => wire::parse_ipv4(frame, ETH_LEN),
+            wire::ETHERTYPE_IPV6 => wire::parse_ipv6(frame, ETH_LEN),
+            _ => return (Verdict::Consumed, Reason::Malformed),
+        };
+        let ip = match parsed {
+            Ok(ip) => ip,
+            Err(IpError::Malformed) => return (Verdict::Consumed, Reason::Malformed),
+            Err(IpError::Unsupported) => return (Verdict::Consumed, Reason::Unsupported),
+        };
+        if ip.fragment {
+            return (
+                Verdict::Consumed,
+                self.fragment_in(now, ci, frame, &ip, out),
+            );
+        }
+        match ci {
+            Some(c) => self.client_frame(now, c, frame, ip, out, true),
+            None => self.uplink_frame(now, frame, ip, out, true),
+        }
+    }
+
+    /// Holds an IPv4 fragment; once the datagram is complete it goes through the normal path
+    /// (rules apply to whole datagrams, as Linux conntrack defragments first).
+    fn fragment_in(
+        &mut self,
+        now: u64,
+        ci: Option<usize>,
+        frame: &[u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> Reason {
+        // Spoofed fragments are dropped before they take reassembly memory.
+        if let Some(c) = ci {
+            if ip.src != IpAddr::V4(self.clients[c].cfg.ip) {
+                return Reason::Spoofed;
+            }
+        }
+        // A stale partial datagram must not be completed by a late fragment.
+        self.expire_frags(now, out);
+        let datagram = match self.frags.push(now, &frame[ip.off..ip.end()]) {
+            Ok(Some(d)) => d,
+            // Held until the rest arrives: not a drop.
+            Ok(None) => return Reason::Accepted,
+            Err(_) => return Reason::Malformed,
+        };
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.extend_from_slice(&frame[..ETH_LEN]);
+        buf.extend_from_slice(datagram);
+        let reason = match wire::parse_ipv4(&buf, ETH_LEN) {
+            Ok(ip) => {
+                let (v, r) = match ci {
+                    Some(c) => self.client_frame(now, c, &mut buf, ip, out, false),
+                    None => self.uplink_frame(now, &mut buf, ip, out, false),
+                };
+                if let Verdict::Forward(to) = v {
+                    self.send_ip(to, &buf, out);
+                }
+                r
+            }
+            Err(_) => Reason::Malformed,
+        };
+        self.scratch = buf;
+        reason
+    }
+
+    /// Sends a whole (possibly reassembled) IPv4 frame, fragmenting it when it does not fit.
+    fn send_ip(&mut self, to: IfaceId, buf: &[u8], out: &mut Outbox) {
+        let mtu = self.mtu(to);
+        let ip_len = buf.len() - ETH_LEN;
+        if ip_len <= usize::from(mtu) {
+            out.push_frame(to, buf);
+            return;
+        }
+        let mut eth = [0u8; ETH_LEN];
+        eth.copy_from_slice(&buf[..ETH_LEN]);
+        let mut pieces = std::mem::take(&mut self.build);
+        let _ = frag::fragment(&buf[ETH_LEN..], mtu, |piece| {
+            pieces.clear();
+            pieces.extend_from_slice(&eth);
+            pieces.extend_from_slice(piece);
+            out.push_frame(to, &pieces);
+        });
+        self.build = pieces;
+    }
+
+    fn mtu(&self, iface: IfaceId) -> u16 {
+        if iface == UPLINK {
+            self.cfg.uplink.mtu
+        } else {
+            self.client(iface).map_or(1500, |c| c.cfg.mtu)
+        }
+    }
+
+    fn our_ip(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.cfg.uplink.ip6.map(IpAddr::V6)
+        } else {
+            Some(IpAddr::V4(self.cfg.uplink.ip))
+        }
+    }
+
+    fn client_by_ip(&self, a: &IpAddr) -> Option<usize> {
+        match a {
+            IpAddr::V4(a) => self.by_ip4.get(a).copied(),
+            IpAddr::V6(a) => self.by_ip6.get(a).copied(),
+        }
+    }
+
+    /// A frame from client `c`. `in_place`: the frame is the caller's buffer (else a scratch
+    /// buffer the caller sends itself).
+    fn client_frame(
+        &mut self,
+        now: u64,
+        c: usize,
+        frame: &mut [u8],
+        ip: Ip,
+        out: &mut Outbox,
+        in_place: bool,
+    ) -> (Verdict, Reason) {
+        let id = c as IfaceId + 1;
+        let consumed = |r| (Verdict::Consumed, r);
+        let client = &self.clients[c];
+        if ip.v6 {
+            let Some(own6) = client.cfg.ip6 else {
+                return consumed(Reason::Unsupported);
+            };
+            if ip.proto == wire::PROTO_ICMPV6 {
+                if let Some(r) = self.ndp_from_client(c, frame, &ip, out) {
+                    return consumed(r);
+                }
+            }
+            if ip.src != IpAddr::V6(own6) {
+                return consumed(Reason::Spoofed);
+            }
+            if self.cfg.uplink.ip6.is_none() {
+                return consumed(Reason::Unsupported);
+            }
+        } else if ip.src != IpAddr::V4(client.cfg.ip) {
+            return consumed(Reason::Spoofed);
+        }
+        let Some(l4) = wire::parse_l4(frame, &ip) else {
+            return if matches!(
+                ip.proto,
+                wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
+            ) {
+                consumed(Reason::Malformed)
+            } else {
+                consumed(Reason::Unsupported)
+            };
+        };
+        // To the firewall itself.
+        if Some(ip.dst) == self.our_ip(ip.v6) {
+            return consumed(self.local_from_client(c, frame, &ip, &l4, out));
+        }
+        if is_special(&ip.dst) {
+            return consumed(Reason::Unsupported);
+        }
+        if self.client_by_ip(&ip.dst).is_some() {
+            // The Linux sys-firewall drops new traffic into vifs (`oifgroup 2 drop`).
+            return consumed(Reason::ClientToClient);
+        }
+        if ip.ttl <= 1 {
+            self.icmp_error(id, frame, &ip, IcmpKind::TimeExceeded, out);
+            return consumed(Reason::TtlExceeded);
+        }
+        let (l4p, sport, dport) = match ip.proto {
+            wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport),
+            wire::PROTO_UDP => (Proto4::Udp, l4.sport, l4.dport),
+            _ => {
+                if !is_icmp_query(ip.v6, l4.icmp_type) {
+                    // ICMP errors and other messages from a client are not flows it may open.
+                    return consumed(Reason::Unsupported);
+                }
+                // Conntrack's ICMP tuple has the type: an echo flow does not let a
+                // timestamp request through.
+                (Proto4::Icmp, l4.sport, u16::from(l4.icmp_type))
+            }
+        };
+        let key = FlowKey {
+            client: id,
+            l4: l4p,
+            src: ip.src,
+            dst: ip.dst,
+            sport,
+            dport,
+        };
+        let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
+        let flow = match self.conntrack.lookup_original(&key, now) {
+            Some(f) => f,
+            None => {
+                let client = &self.clients[c];
+                let allowed = client.blocked.is_none() && {
+                    let (pp, port) = match l4p {
+                        Proto4::Tcp => (PacketProto::Tcp, dport),
+                        Proto4::Udp => (PacketProto::Udp, dport),
+                        Proto4::Icmp => (PacketProto::Icmp, u16::from(l4.icmp_type)),
+                    };
+                    let class = if ip.v6 {
+                        &client.class6
+                    } else {
+                        &client.class4
+                    };
+                    class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept
+                };
+                if !allowed {
+                    self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
+                    return consumed(Reason::RejectedByRule);
+                }
+                match self.conntrack.create(now, key, tcp_flags) {
+                    Ok(f) => f,
+                    Err(_) => return consumed(Reason::TableFull),
+                }
+            }
+        };
+        if usize::from(self.cfg.uplink.mtu) < ip.len && (ip.df || ip.v6) {
+            self.icmp_error(id, frame, &ip, IcmpKind::TooBig(self.cfg.uplink.mtu), out);
+            return consumed(Reason::TooBig);
+        }
+        self.conntrack.update(flow, now, Dir::Original, tcp_flags);
+        let nat_port = self.conntrack.get(flow).nat_port;
+        let Some(our) = self.our_ip(ip.v6) else {
+            return consumed(Reason::Unsupported);
+        };
+        if !self.netvm_mac_known && self.arp_sent_at.is_none() {
+            self.send_arp_request(now, out);
+        }
+        // The netvm has one MAC on this link: until NDP tells us otherwise, IPv6 goes where
+        // ARP said IPv4 goes.
+        let dst_mac = if ip.v6 && self.netvm_mac6_known {
+            self.netvm_mac6
+        } else {
+            self.netvm_mac
+        };
+        wire::set_macs(frame, &dst_mac, &self.cfg.uplink.mac);
+        rewrite_src(frame, &ip, our, nat_port);
+        decrement_ttl(frame, &ip);
+        if !in_place {
+            return (Verdict::Forward(UPLINK), Reason::Accepted);
+        }
+        if usize::from(self.cfg.uplink.mtu) < ip.len {
+            // IPv4 without DF, too big: fragment (Linux ip_forward does).
+            let end = ip.end();
+            let mut buf = std::mem::take(&mut self.scratch);
+            buf.clear();
+            buf.extend_from_slice(&frame[..end]);
+            self.send_ip(UPLINK, &buf, out);
+            self.scratch = buf;
+            return (Verdict::Consumed, Reason::Accepted);
+        }
+        (Verdict::Forward(UPLINK), Reason::Accepted)
+    }
+
+    /// Traffic addressed to the firewall's own address from a client: pings are answered,
+    /// DHCP is ignored, everything else is rejected with host-prohibited (the Linux input
+    /// chain of reference 4.5).
+    fn local_from_client(
+        &mut self,
+        c: usize,
+        frame: &[u8],
+        ip: &Ip,
+        l4: &wire::L4,
+        out: &mut Outbox,
+    ) -> Reason {
+        let id = c as IfaceId + 1;
+        let echo_req = if ip.v6 { 128 } else { 8 };
+        if matches!(ip.proto, wire::PROTO_ICMP | wire::PROTO_ICMPV6) {
+            if l4.icmp_type == echo_req {
+                self.echo_reply(id, frame, ip, out);
+                return Reason::Accepted;
+            }
+            return Reason::Local;
+        }
+        if ip.proto == wire::PROTO_UDP && l4.dport == 68 {
+            return Reason::Local;
+        }
+        self.icmp_error(id, frame, ip, IcmpKind::HostProhibited, out);
+        Reason::Local
+    }
+
+    /// A frame from the uplink.
+    fn uplink_frame(
+        &mut self,
+        now: u64,
+        frame: &mut [u8],
+        ip: Ip,
+        out: &mut Outbox,
+        in_place: bool,
+    ) -> (Verdict, Reason) {
+        let consumed = |r| (Verdict::Consumed, r);
+        if ip.v6 && ip.proto == wire::PROTO_ICMPV6 {
+            if let Some(r) = self.ndp_from_uplink(frame, &ip, out) {
+                return consumed(r);
+            }
+        }
+        if self.client_by_ip(&ip.src).is_some() || Some(ip.src) == self.our_ip(ip.v6) {
+            return consumed(Reason::Spoofed);
+        }
+        let Some(our) = self.our_ip(ip.v6) else {
+            return consumed(Reason::Unsupported);
+        };
+        if ip.dst != our {
+            return consumed(Reason::NoFlow);
+        }
+        let Some(l4) = wire::parse_l4(frame, &ip) else {
+            return if matches!(
+                ip.proto,
+                wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
+            ) {
+                consumed(Reason::Malformed)
+            } else {
+                consumed(Reason::NoFlow)
+            };
+        };
+        let (l4p, rport, nat_port, icmp_err) = match ip.proto {
+            wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport, false),
+            wire::PROTO_UDP => (Proto4::Udp, l4.sport, l4.dport, false),
+            _ => {
+                if is_icmp_query_reply(ip.v6, l4.icmp_type) {
+                    (Proto4::Icmp, 0, l4.sport, false)
+                } else if is_icmp_error(ip.v6, l4.icmp_type) {
+                    (Proto4::Icmp, 0, 0, true)
+                } else {
+                    return consumed(Reason::NoFlow);
+                }
+            }
+        };
+        if icmp_err {
+            return consumed(self.icmp_error_from_uplink(now, frame, &ip, out));
+        }
+        let rkey = ReplyKey {
+            l4: l4p,
+            remote: ip.src,
+            rport,
+            nat_port,
+        };
+        let Some(flow) = self.conntrack.lookup_reply(&rkey, now) else {
+            if l4p == Proto4::Udp && self.local_ports.contains(&nat_port) {
+                out.events.push(Event::LocalUdp {
+                    src: ip.src,
+                    sport: rport,
+                    dport: nat_port,
+                    payload: frame[ip.l4() + 8..ip.end()].to_vec(),
+                });
+                return consumed(Reason::Local);
+            }
+            return consumed(Reason::NoFlow);
+        };
+        let key = self.conntrack.get(flow).key;
+        let Some(ci) = (key.client as usize).checked_sub(1) else {
+            return consumed(Reason::NoFlow);
+        };
+        let Some(client) = self.clients.get(ci) else {
+            return consumed(Reason::NoFlow);
+        };
+        let (client_mac, client_mtu) = (client.cfg.mac, client.cfg.mtu);
+        if ip.ttl <= 1 {
+            self.icmp_error(UPLINK, frame, &ip, IcmpKind::TimeExceeded, out);
+            return consumed(Reason::TtlExceeded);
+        }
+        if usize::from(client_mtu) < ip.len && (ip.df || ip.v6) {
+            self.icmp_error(UPLINK, frame, &ip, IcmpKind::TooBig(client_mtu), out);
+            return consumed(Reason::TooBig);
+        }
+        let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
+        self.conntrack.update(flow, now, Dir::Reply, tcp_flags);
+        wire::set_macs(frame, &client_mac, &GATEWAY_MAC);
+        rewrite_dst(frame, &ip, key.src, key.sport);
+        decrement_ttl(frame, &ip);
+        let to = key.client;
+        if in_place && usize::from(client_mtu) < ip.len {
+            let end = ip.end();
+            let mut buf = std::mem::take(&mut self.scratch);
+            buf.clear();
+            buf.extend_from_slice(&frame[..end]);
+            self.send_ip(to, &buf, out);
+            self.scratch = buf;
+            return (Verdict::Consumed, Reason::Accepted);
+        }
+        (Verdict::Forward(to), Reason::Accepted)
+    }
+
+    /// An ICMP error from the uplink about one of our flows: rewritten so the client sees it
+    /// about its own packet (RFC 5508 REQ-3 for NAT behaviour), then sent to the client.
+    fn icmp_error_from_uplink(
+        &mut self,
+        now: u64,
+        frame: &[u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> Reason {
+        let inner_off = ip.l4() + 8;
+        let inner = match if ip.v6 {
+            wire::parse_ipv6_quoted(frame, inner_off, ip.end())
+        } else {
+            wire::parse_ipv4_quoted(frame, inner_off, ip.end())
+        } {
+            Some(i) => i,
+            None => return Reason::Malformed,
+        };
+        // The quoted packet is one we sent: from our address to the remote.
+        if Some(inner.src) != self.our_ip(ip.v6) {
+            return Reason::NoFlow;
+        }
+        let t = inner.l4();
+        if t + 4 > ip.end() {
+            return Reason::Malformed;
+        }
+        let (l4p, rport, nat_port) = match inner.proto {
+            wire::PROTO_TCP => (Proto4::Tcp, wire::be16(frame, t + 2), wire::be16(frame, t)),
+            wire::PROTO_UDP => (Proto4::Udp, wire::be16(frame, t + 2), wire::be16(frame, t)),
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 if t + 8 <= ip.end() => {
+                (Proto4::Icmp, 0, wire::be16(frame, t + 4))
+            }
+            _ => return Reason::NoFlow,
+        };
+        let Some(flow) = self.conntrack.lookup_reply(
+            &ReplyKey {
+                l4: l4p,
+                remote: inner.dst,
+                rport,
+                nat_port,
+            },
+            now,
+        ) else {
+            return Reason::NoFlow;
+        };
+        let key = self.conntrack.get(flow).key;
+        let Some(client) = (key.client as usize)
+            .checked_sub(1)
+            .and_then(|i| self.clients.get(i))
+        else {
+            return Reason::NoFlow;
+        };
+        if ip.ttl <= 1 {
+            return Reason::TtlExceeded;
+        }
+        let client_mac = client.cfg.mac;
+        let mut buf = std::mem::take(&mut self.build);
+        buf.clear();
+        buf.extend_from_slice(&frame[..ip.end()]);
+        wire::set_macs(&mut buf, &client_mac, &GATEWAY_MAC);
+        // Outer destination: our address -> the client's; inner source likewise, with the
+        // client's own port or query id back.
+        wire::rewrite_quoted_src(&mut buf, &inner, key.src, key.sport);
+        rewrite_dst_addr_only(&mut buf, ip, key.src);
+        decrement_ttl(&mut buf, ip);
+        // The ICMP checksum covers the rewritten quote: recompute it in full.
+        let l4o = ip.l4();
+        wire::put16(&mut buf, l4o + 2, 0);
+        let acc = if ip.v6 {
+            wire::pseudo_sum(&ip.src, &key.src, wire::PROTO_ICMPV6, ip.l4_len())
+        } else {
+            0
+        };
+        let c = !wire::fold(wire::sum(&buf[l4o..ip.end()], acc));
+        wire::put16(&mut buf, l4o + 2, c);
+        out.push_frame(key.client, &buf);
+        self.build = buf;
+        Reason::Accepted
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // The firewall's own traffic
+
+    /// Lets UDP replies to `port` on our address reach the shell ([`Event::LocalUdp`]) when
+    /// they belong to no forwarded flow. Used for the firewall's own DNS lookups.
+    pub fn open_local_port(&mut self, port: u16) {
+        if !self.local_ports.contains(&port) {
+            self.local_ports.push(port);
+        }
+    }
+
+    pub fn close_local_port(&mut self, port: u16) {
+        self.local_ports.retain(|&p| p != port);
+    }
+
+    /// Sends a UDP datagram from our own address on the uplink (the firewall's own traffic,
+    /// e.g. DNS lookups for `dsthost` rules). Returns false when we have no address of the
+    /// destination's family or the datagram does not fit the uplink.
+    pub fn send_local_udp(
+        &mut self,
+        now: u64,
+        dst: IpAddr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+        out: &mut Outbox,
+    ) -> bool {
+        let Some(src) = self.our_ip(dst.is_ipv6()) else {
+            return false;
+        };
+        let hlen = if dst.is_ipv6() { 40 } else { 20 };
+        let ulen = 8 + payload.len();
+        if hlen + ulen > usize::from(self.cfg.uplink.mtu) {
+            return false;
+        }
+        if !self.netvm_mac_known && self.arp_sent_at.is_none() {
+            self.send_arp_request(now, out);
+        }
+        let id = self.next_ip_id();
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.resize(ETH_LEN + hlen + ulen, 0);
+        wire::set_macs(&mut f, &self.netvm_mac, &self.cfg.uplink.mac);
+        let o = ETH_LEN;
+        match (src, dst) {
+            (IpAddr::V4(s4), IpAddr::V4(d4)) => {
+                wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
+                f[o] = 0x45;
+                wire::put16(&mut f, o + 2, (hlen + ulen) as u16);
+                wire::put16(&mut f, o + 4, id);
+                f[o + 6] = 0x40;
+                f[o + 8] = 64;
+                f[o + 9] = wire::PROTO_UDP;
+                f[o + 12..o + 16].copy_from_slice(&s4.octets());
+                f[o + 16..o + 20].copy_from_slice(&d4.octets());
+                let hc = wire::checksum(&f[o..o + 20]);
+                wire::put16(&mut f, o + 10, hc);
+            }
+            (IpAddr::V6(s6), IpAddr::V6(d6)) => {
+                wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
+                f[o] = 0x60;
+                wire::put16(&mut f, o + 4, ulen as u16);
+                f[o + 6] = wire::PROTO_UDP;
+                f[o + 7] = 64;
+                f[o + 8..o + 24].copy_from_slice(&s6.octets());
+                f[o + 24..o + 40].copy_from_slice(&d6.octets());
+            }
+            _ => {
+                self.build = f;
+                return false;
+            }
+        }
+        let u = o + hlen;
+        wire::put16(&mut f, u, sport);
+        wire::put16(&mut f, u + 2, dport);
+        wire::put16(&mut f, u + 4, ulen as u16);
+        f[u + 8..].copy_from_slice(payload);
+        let acc = wire::pseudo_sum(&src, &dst, wire::PROTO_UDP, ulen);
+        let mut c = !wire::fold(wire::sum(&f[u..], acc));
+        if c == 0 {
+            c = 0xffff;
+        }
+        wire::put16(&mut f, u + 6, c);
+        out.push_frame(UPLINK, &f);
+        self.build = f;
+        true
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // ARP and NDP
+
+    /// ARP (RFC 826). Clients get fe:ff:ff:ff:ff:ff for any address but their own (Xen
+    /// netback's proxy-ARP behaviour in Qubes); on the uplink we answer for our address and
+    /// learn the netvm's MAC. We never ARP toward clients: their MACs are configured.
+    fn arp(&mut self, now: u64, ci: Option<usize>, frame: &[u8], out: &mut Outbox) -> Reason {
+        let Some(a) = frame.get(ETH_LEN..ETH_LEN + 28) else {
+            return Reason::Malformed;
+        };
+        // Ethernet/IPv4 ARP only.
+        if wire::be16(a, 0) != 1 || wire::be16(a, 2) != 0x0800 || a[4] != 6 || a[5] != 4 {
+            return Reason::Malformed;
+        }
+        let op = wire::be16(a, 6);
+        let mut sha = [0u8; 6];
+        sha.copy_from_slice(&a[8..14]);
+        let spa = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
+        let tpa = Ipv4Addr::new(a[24], a[25], a[26], a[27]);
+        match ci {
+            Some(c) => {
+                let client = &self.clients[c].cfg;
+                if spa != client.ip && !spa.is_unspecified() {
+                    return Reason::Spoofed;
+                }
+                if op != 1 {
+                    // Replies and other operations from clients mean nothing to us.
+                    return Reason::Unsupported;
+                }
+                if tpa == client.ip || spa.is_unspecified() {
+                    // Duplicate-address probes and gratuitous ARP for its own address.
+                    return Reason::Unsupported;
+                }
+                let (mac, ip) = (client.mac, client.ip);
+                self.arp_reply(c as IfaceId + 1, GATEWAY_MAC, tpa, mac, ip, out);
+                Reason::Accepted
+            }
+            None => {
+                if spa == self.cfg.uplink.gateway && sha != [0; 6] && sha[0] & 1 == 0 {
+                    self.netvm_mac = sha;
+                    self.netvm_mac_known = true;
+                }
+                if op == 1 && tpa == self.cfg.uplink.ip {
+                    let mac = self.cfg.uplink.mac;
+                    self.arp_reply(UPLINK, mac, tpa, sha, spa, out);
+                    return Reason::Accepted;
+                }
+                let _ = now;
+                if op == 2 && spa == self.cfg.uplink.gateway {
+                    return Reason::Accepted;
+                }
+                Reason::Unsupported
+            }
+        }
+    }
+
+    fn arp_reply(
+        &mut self,
+        iface: IfaceId,
+        our_mac: Mac,
+        our_ip: Ipv4Addr,
+        to_mac: Mac,
+        to_ip: Ipv4Addr,
+        out: &mut Outbox,
+    ) {
+        let mut f = [0u8; ETH_LEN + 28];
+        wire::set_macs(&mut f, &to_mac, &our_mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_ARP);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+        f[22..28].copy_from_slice(&our_mac);
+        f[28..32].copy_from_slice(&our_ip.octets());
+        f[32..38].copy_from_slice(&to_mac);
+        f[38..42].copy_from_slice(&to_ip.octets());
+        out.push_frame(iface, &f);
+    }
+
+    /// Who-has the netvm, on the uplink.
+    fn send_arp_request(&mut self, now: u64, out: &mut Outbox) {
+        self.arp_sent_at = Some(now);
+        let mut f = [0u8; ETH_LEN + 28];
+        wire::set_macs(&mut f, &[0xff; 6], &self.cfg.uplink.mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_ARP);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f[22..28].copy_from_slice(&self.cfg.uplink.mac);
+        f[28..32].copy_from_slice(&self.cfg.uplink.ip.octets());
+        f[38..42].copy_from_slice(&self.cfg.uplink.gateway.octets());
+        out.push_frame(UPLINK, &f);
+    }
+
+    /// NDP from a client (RFC 4861): neighbour solicitations for anything but the client's own
+    /// address are answered with fe:ff:ff:ff:ff:ff, like ARP; router solicitations and other
+    /// NDP are ignored (Qubes configures clients statically). `None`: not NDP.
+    fn ndp_from_client(
+        &mut self,
+        c: usize,
+        frame: &[u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> Option<Reason> {
+        let t = ip.l4();
+        let ty = *frame.get(t)?;
+        if !(133..=137).contains(&ty) {
+            return None;
+        }
+        if ip.ttl != 255 || wire::parse_l4(frame, ip).is_none() {
+            return Some(Reason::Malformed);
+        }
+        if ty != 135 || ip.l4_len() < 24 {
+            return Some(Reason::Unsupported);
+        }
+        let mut target = [0u8; 16];
+        target.copy_from_slice(&frame[t + 8..t + 24]);
+        let target = Ipv6Addr::from(target);
+        let client = &self.clients[c].cfg;
+        let IpAddr::V6(src) = ip.src else {
+            return Some(Reason::Malformed);
+        };
+        if Some(target) == client.ip6 || src.is_unspecified() {
+            return Some(Reason::Unsupported);
+        }
+        if src != client.ip6.unwrap_or(Ipv6Addr::UNSPECIFIED) && !is_link_local(&src) {
+            return Some(Reason::Spoofed);
+        }
+        let mac = client.mac;
+        self.neighbour_advert(c as IfaceId + 1, GATEWAY_MAC, target, mac, src, out);
+        Some(Reason::Accepted)
+    }
+
+    /// NDP on the uplink: answer for our address, learn the netvm's MAC.
+    fn ndp_from_uplink(&mut self, frame: &[u8], ip: &Ip, out: &mut Outbox) -> Option<Reason> {
+        let t = ip.l4();
+        let ty = *frame.get(t)?;
+        if !(133..=137).contains(&ty) {
+            return None;
+        }
+        if ip.ttl != 255 || wire::parse_l4(frame, ip).is_none() || ip.l4_len() < 24 {
+            return Some(Reason::Malformed);
+        }
+        let mut target = [0u8; 16];
+        target.copy_from_slice(&frame[t + 8..t + 24]);
+        let target = Ipv6Addr::from(target);
+        let IpAddr::V6(src) = ip.src else {
+            return Some(Reason::Malformed);
+        };
+        let lladdr = ndp_lladdr(frame, t + 24, ip.end(), if ty == 135 { 1 } else { 2 });
+        match ty {
+            135 if Some(target) == self.cfg.uplink.ip6 => {
+                if Some(src) == self.cfg.uplink.gateway6 {
+                    if let Some(m) = lladdr {
+                        self.netvm_mac6 = m;
+                        self.netvm_mac6_known = true;
+                    }
+                }
+                let mut to_mac = [0u8; 6];
+                to_mac.copy_from_slice(&frame[6..12]);
+                let mac = self.cfg.uplink.mac;
+                self.neighbour_advert(UPLINK, mac, target, lladdr.unwrap_or(to_mac), src, out);
+                Some(Reason::Accepted)
+            }
+            136 if Some(target) == self.cfg.uplink.gateway6 => {
+                if let Some(m) = lladdr {
+                    self.netvm_mac6 = m;
+                    self.netvm_mac6_known = true;
+                }
+                Some(Reason::Accepted)
+            }
+            _ => Some(Reason::Unsupported),
+        }
+    }
+
+    /// A solicited neighbour advertisement for `target` (RFC 4861 4.4, 7.2.4).
+    fn neighbour_advert(
+        &mut self,
+        iface: IfaceId,
+        our_mac: Mac,
+        target: Ipv6Addr,
+        to_mac: Mac,
+        to: Ipv6Addr,
+        out: &mut Outbox,
+    ) {
+        let mut f = [0u8; ETH_LEN + 40 + 32];
+        wire::set_macs(&mut f, &to_mac, &our_mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
+        let ip = ETH_LEN;
+        f[ip] = 0x60;
+        wire::put16(&mut f, ip + 4, 32);
+        f[ip + 6] = wire::PROTO_ICMPV6;
+        f[ip + 7] = 255;
+        f[ip + 8..ip + 24].copy_from_slice(&target.octets());
+        f[ip + 24..ip + 40].copy_from_slice(&to.octets());
+        let t = ip + 40;
+        f[t] = 136;
+        // Router, Solicited, Override: we are the clients' router.
+        f[t + 4] = 0xe0;
+        f[t + 8..t + 24].copy_from_slice(&target.octets());
+        f[t + 24] = 2;
+        f[t + 25] = 1;
+        f[t + 26..t + 32].copy_from_slice(&our_mac);
+        let acc = wire::pseudo_sum(&IpAddr::V6(target), &IpAddr::V6(to), wire::PROTO_ICMPV6, 32);
+        let c = !wire::fold(wire::sum(&f[t..t + 32], acc));
+        wire::put16(&mut f, t + 2, c);
+        out.push_frame(iface, &f);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Packets the engine builds
+
+    fn next_ip_id(&mut self) -> u16 {
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.ip_id
+    }
+
+    /// An ICMP error about the packet in `frame`, sent back out of `iface` to its source.
+    fn icmp_error(
+        &mut self,
+        iface: IfaceId,
+        frame: &[u8],
+        ip: &Ip,
+        kind: IcmpKind,
+        out: &mut Outbox,
+    ) {
+        if ip.v6 {
+            self.icmp6_error(iface, frame, ip, kind, out);
+        } else {
+            let (ty, code, mtu) = match kind {
+                IcmpKind::AdminProhibited => (3, 13, 0),
+                IcmpKind::HostProhibited => (3, 10, 0),
+                IcmpKind::TimeExceeded => (11, 0, 0),
+                IcmpKind::TooBig(m) => (3, 4, m),
+            };
+            let quoted = frame[ip.off..ip.end()].to_vec();
+            self.icmp4_error(iface, &quoted, ty, code, mtu, out);
+        }
+    }
+
+    /// Builds an ICMPv4 error (RFC 792) quoting `quoted` (an IP packet) from our address.
+    fn icmp4_error(
+        &mut self,
+        iface: IfaceId,
+        quoted: &[u8],
+        ty: u8,
+        code: u8,
+        mtu: u16,
+        out: &mut Outbox,
+    ) {
+        let Ok(q) = wire::parse_ipv4_header_only(quoted) else {
+            return;
+        };
+        // Never answer an ICMP error with an error (RFC 1122 3.2.2).
+        if q.proto == wire::PROTO_ICMP {
+            if let Some(&t) = quoted.get(q.hlen) {
+                if is_icmp_error(false, t) {
+                    return;
+                }
+            }
+        }
+        let IpAddr::V4(dst) = q.src else { return };
+        let (to_mac, from_mac) = if iface == UPLINK {
+            (self.netvm_mac, self.cfg.uplink.mac)
+        } else {
+            match self.client(iface) {
+                Some(c) => (c.cfg.mac, GATEWAY_MAC),
+                None => return,
+            }
+        };
+        let qlen = quoted.len().min(ICMP4_ERROR_MAX - 28);
+        let total = 28 + qlen;
+        let id = self.next_ip_id();
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.resize(ETH_LEN + total, 0);
+        wire::set_macs(&mut f, &to_mac, &from_mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
+        let o = ETH_LEN;
+        f[o] = 0x45;
+        f[o + 1] = 0xc0;
+        wire::put16(&mut f, o + 2, total as u16);
+        wire::put16(&mut f, o + 4, id);
+        f[o + 8] = 64;
+        f[o + 9] = wire::PROTO_ICMP;
+        f[o + 12..o + 16].copy_from_slice(&self.cfg.uplink.ip.octets());
+        f[o + 16..o + 20].copy_from_slice(&dst.octets());
+        let hc = wire::checksum(&f[o..o + 20]);
+        wire::put16(&mut f, o + 10, hc);
+        let t = o + 20;
+        f[t] = ty;
+        f[t + 1] = code;
+        wire::put16(&mut f, t + 6, mtu);
+        f[t + 8..t + 8 + qlen].copy_from_slice(&quoted[..qlen]);
+        let c = wire::checksum(&f[t..]);
+        wire::put16(&mut f, t + 2, c);
+        out.push_frame(iface, &f);
+        self.build = f;
+    }
+
+    /// Builds an ICMPv6 error (RFC 4443) quoting the packet in `frame`.
+    fn icmp6_error(
+        &mut self,
+        iface: IfaceId,
+        frame: &[u8],
+        ip: &Ip,
+        kind: IcmpKind,
+        out: &mut Outbox,
+    ) {
+        let Some(our) = self.cfg.uplink.ip6 else {
+            return;
+        };
+        if ip.proto == wire::PROTO_ICMPV6 {
+            if let Some(&t) = frame.get(ip.l4()) {
+                if is_icmp_error(true, t) {
+                    return;
+                }
+            }
+        }
+        let IpAddr::V6(dst) = ip.src else { return };
+        let (ty, code, mtu): (u8, u8, u32) = match kind {
+            IcmpKind::AdminProhibited | IcmpKind::HostProhibited => (1, 1, 0),
+            IcmpKind::TimeExceeded => (3, 0, 0),
+            IcmpKind::TooBig(m) => (2, 0, u32::from(m)),
+        };
+        let (to_mac, from_mac) = if iface == UPLINK {
+            (self.netvm_mac6, self.cfg.uplink.mac)
+        } else {
+            match self.client(iface) {
+                Some(c) => (c.cfg.mac, GATEWAY_MAC),
+                None => return,
+            }
+        };
+        let quoted = &frame[ip.off..ip.end()];
+        let qlen = quoted.len().min(ICMP6_ERROR_MAX - 48);
+        let plen = 8 + qlen;
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.resize(ETH_LEN + 40 + plen, 0);
+        wire::set_macs(&mut f, &to_mac, &from_mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
+        let o = ETH_LEN;
+        f[o] = 0x60;
+        wire::put16(&mut f, o + 4, plen as u16);
+        f[o + 6] = wire::PROTO_ICMPV6;
+        f[o + 7] = 64;
+        f[o + 8..o + 24].copy_from_slice(&our.octets());
+        f[o + 24..o + 40].copy_from_slice(&dst.octets());
+        let t = o + 40;
+        f[t] = ty;
+        f[t + 1] = code;
+        f[t + 4..t + 8].copy_from_slice(&mtu.to_be_bytes());
+        f[t + 8..t + 8 + qlen].copy_from_slice(&quoted[..qlen]);
+        let acc = wire::pseudo_sum(&IpAddr::V6(our), &IpAddr::V6(dst), wire::PROTO_ICMPV6, plen);
+        let c = !wire::fold(wire::sum(&f[t..], acc));
+        wire::put16(&mut f, t + 2, c);
+        out.push_frame(iface, &f);
+        self.build = f;
+    }
+
+    /// Answers a client's ping of the gateway address.
+    fn echo_reply(&mut self, iface: IfaceId, frame: &[u8], ip: &Ip, out: &mut Outbox) {
+        let Some(client) = self.client(iface) else {
+            return;
+        };
+        let mac = client.cfg.mac;
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.extend_from_slice(&frame[..ip.end()]);
+        wire::set_macs(&mut f, &mac, &GATEWAY_MAC);
+        let o = ip.off;
+        let t = ip.l4();
+        if ip.v6 {
+            let (s, d) = (ip.src, ip.dst);
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&frame[o + 8..o + 24]);
+            f[o + 8..o + 24].copy_from_slice(&frame[o + 24..o + 40]);
+            f[o + 24..o + 40].copy_from_slice(&src);
+            f[o + 7] = 64;
+            f[t] = 129;
+            wire::put16(&mut f, t + 2, 0);
+            let acc = wire::pseudo_sum(&d, &s, wire::PROTO_ICMPV6, ip.l4_len());
+            let c = !wire::fold(wire::sum(&f[t..ip.end()], acc));
+            wire::put16(&mut f, t + 2, c);
+        } else {
+            let mut src = [0u8; 4];
+            src.copy_from_slice(&frame[o + 12..o + 16]);
+            f[o + 12..o + 16].copy_from_slice(&frame[o + 16..o + 20]);
+            f[o + 16..o + 20].copy_from_slice(&src);
+            f[o + 8] = 64;
+            wire::put16(&mut f, o + 10, 0);
+            let hc = wire::checksum(&f[o..o + ip.hlen]);
+            wire::put16(&mut f, o + 10, hc);
+            f[t] = 0;
+            wire::put16(&mut f, t + 2, 0);
+            let c = wire::checksum(&f[t..ip.end()]);
+            wire::put16(&mut f, t + 2, c);
+        }
+        out.push_frame(iface, &f);
+        self.build = f;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum IcmpKind {
+    AdminProhibited,
+    HostProhibited,
+    TimeExceeded,
+    TooBig(u16),
+}
+
+/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
+/// timestamp, information and address mask requests; ICMPv6 echo).
+fn is_icmp_query(v6: bool, ty: u8) -> bool {
+    if v6 {
+        ty == 128
+    } else {
+        matches!(ty, 8 | 13 | 15 | 17)
+    }
+}
+
+/// The replies to [`is_icmp_query`] types.
+fn is_icmp_query_reply(v6: bool, ty: u8) -> bool {
+    if v6 {
+        ty == 129
+    } else {
+        matches!(ty, 0 | 14 | 16 | 18)
+    }
+}
+
+fn is_icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        ty < 128
+    } else {
+        matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// Broadcast, multicast and other addresses a router does not forward to.
+fn is_special(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => {
+            a.is_broadcast() || a.is_multicast() || a.is_unspecified() || a.is_loopback()
+        }
+        IpAddr::V6(a) => {
+            a.is_multicast() || a.is_unspecified() || a.is_loopback() || is_link_local(a)
+        }
+    }
+}
+
+/// The link-layer address option of type `want` in NDP options at `from..end` (RFC 4861 4.6.1).
+fn ndp_lladdr(frame: &[u8], mut from: usize, end: usize, want: u8) -> Option<Mac> {
+    while from + 2 <= end {
+        let ty = frame[from];
+        let len = usize::from(frame[from + 1]) * 8;
+        if len == 0 || from + len > end {
+            return None;
+        }
+        if ty == want && len >= 8 {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(&frame[from + 2..from + 8]);
+            return Some(m);
+        }
+        from += len;
+    }
+    None
+}
+
+/// Source NAT: source address to `addr`, source port (or ICMP query id) to `port`, with
+/// incremental checksum updates (RFC 1624).
+fn rewrite_src(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16) {
+    let (a_off, a_len) = if ip.v6 {
+        (ip.off + 8, 16)
+    } else {
+        (ip.off + 12, 4)
+    };
+    rewrite(frame, ip, a_off, a_len, addr, true, port);
+}
+
+/// Reverse NAT: destination address and port (or ICMP query id) back to the client's.
+fn rewrite_dst(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16) {
+    let (a_off, a_len) = if ip.v6 {
+        (ip.off + 24, 16)
+    } else {
+        (ip.off + 16, 4)
+    };
+    rewrite(frame, ip, a_off, a_len, addr, false, port);
+}
+
+fn rewrite_dst_addr_only(frame: &mut [u8], ip: &Ip, addr: IpAddr) {
+    let (a_off, a_len) = if ip.v6 {
+        (ip.off + 24, 16)
+    } else {
+        (ip.off + 16, 4)
+    };
+    let new = addr_bytes(&addr);
+    let old: [u8; 16] = copy16(&frame[a_off..a_off + a_len]);
+    frame[a_off..a_off + a_len].copy_from_slice(&new[..a_len]);
+    if !ip.v6 {
+        let c = wire::csum_update(wire::be16(frame, ip.off + 10), &old[..4], &new[..4]);
+        wire::put16(frame, ip.off + 10, c);
+    }
+}
+
+fn addr_bytes(a: &IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match a {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.copy_from_slice(&a.octets()),
+    }
+    b
+}
+
+fn copy16(s: &[u8]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..s.len()].copy_from_slice(s);
+    b
+}
+
+fn rewrite(
+    frame: &mut [u8],
+    ip: &Ip,
+    a_off: usize,
+    a_len: usize,
+    addr: IpAddr,
+    src: bool,
+    port: u16,
+) {
+    let new = addr_bytes(&addr);
+    let old = copy16(&frame[a_off..a_off + a_len]);
+    frame[a_off..a_off + a_len].copy_from_slice(&new[..a_len]);
+    if !ip.v6 {
+        let c = wire::csum_update(wire::be16(frame, ip.off + 10), &old[..4], &new[..4]);
+        wire::put16(frame, ip.off + 10, c);
+    }
+    let t = ip.l4();
+    let (port_off, pseudo) = match ip.proto {
+        wire::PROTO_TCP | wire::PROTO_UDP => (if src { t } else { t + 2 }, true),
+        wire::PROTO_ICMP => (t + 4, false),
+        wire::PROTO_ICMPV6 => (t + 4, true),
+        _ => return,
+    };
+    let csum_off = match ip.proto {
+        wire::PROTO_TCP => t + 16,
+        wire::PROTO_UDP => t + 6,
+        _ => t + 2,
+    };
+    let mut c = wire::be16(frame, csum_off);
+    let udp_none = ip.proto == wire::PROTO_UDP && c == 0 && !ip.v6;
+    let old_port = wire::be16(frame, port_off);
+    wire::put16(frame, port_off, port);
+    if udp_none {
+        return;
+    }
+    if pseudo {
+        c = wire::csum_update(c, &old[..a_len], &new[..a_len]);
+    }
+    c = wire::csum_update16(c, old_port, port);
+    if ip.proto == wire::PROTO_UDP && c == 0 {
+        // RFC 768: a computed zero is sent as all ones.
+        c = 0xffff;
+    }
+    wire::put16(frame, csum_off, c);
+}
+
+/// TTL / hop limit minus one, with the IPv4 header checksum updated.
+fn decrement_ttl(frame: &mut [u8], ip: &Ip) {
+    if ip.v6 {
+        frame[ip.off + 7] = frame[ip.off + 7].wrapping_sub(1);
+    } else {
+        let o = ip.off;
+        let old = wire::be16(frame, o + 8);
+        frame[o + 8] = frame[o + 8].wrapping_sub(1);
+        let new = wire::be16(frame, o + 8);
+        let c = wire::csum_update16(wire::be16(frame, o + 10), old, new);
+        wire::put16(frame, o + 10, c);
     }
 }

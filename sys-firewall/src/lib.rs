@@ -6,4 +6,8 @@
 //! around it, so a replay test is exact and the same code runs everywhere.
 
 pub mod config;
+pub mod conntrack;
 pub mod engine;
+pub mod frag;
+pub mod replay;
+pub mod wire;

@@ -1,0 +1,174 @@
+//! The engine's main paths, frame by frame: NAT out and back, rejects, spoofing, ARP.
+
+use std::collections::BTreeMap;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use sys_firewall::config::{from_tree, parse_mac, VifInfo, GATEWAY_MAC};
+use sys_firewall::engine::{Engine, Outbox, Reason, Verdict, UPLINK};
+
+const CLIENT_MAC: [u8; 6] = [0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x10];
+
+fn engine(rules: &[(&str, &str)]) -> Engine {
+    let mut tree: BTreeMap<String, String> = [
+        ("/qubes-ip", "10.137.0.6"),
+        ("/qubes-gateway", "10.137.0.5"),
+        ("/qubes-mac", "00:16:3e:5e:6c:06"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in rules {
+        tree.insert(format!("/qubes-firewall/10.137.0.10/{k}"), v.to_string());
+    }
+    let vifs = [VifInfo {
+        name: "vif3.0".into(),
+        ip: "10.137.0.10".parse().expect("ip"),
+        ip6: None,
+        mac: CLIENT_MAC,
+    }];
+    let mut cfg = from_tree(&tree, &vifs, "eth0", 1500).expect("config");
+    cfg.seed = 7;
+    Engine::new(cfg).expect("engine")
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool, ack: bool) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 65535);
+    if syn {
+        b = b.syn();
+    }
+    if ack {
+        b = b.ack(1);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, b"hello").expect("build");
+    v
+}
+
+fn describe(frame: &[u8]) -> (String, String, u16, u16) {
+    let p = SlicedPacket::from_ethernet(frame).expect("parse");
+    let (s, d) = match &p.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            ip.header().source_addr().to_string(),
+            ip.header().destination_addr().to_string(),
+        ),
+        _ => panic!("not ipv4"),
+    };
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => (s, d, t.source_port(), t.destination_port()),
+        Some(TransportSlice::Icmpv4(i)) => (s, d, u16::from(i.type_u8()), u16::from(i.code_u8())),
+        _ => (s, d, 0, 0),
+    }
+}
+
+#[test]
+fn tcp_out_nat_and_back() {
+    let mut e = engine(&[("policy", "drop"), ("0000", "action=accept")]);
+    let mut out = Outbox::new();
+    let mut f = tcp([10, 137, 0, 10], [198, 18, 0, 10], 40000, 80, true, false);
+    let v = e.handle(1, 1, &mut f, &mut out);
+    assert_eq!(v, Verdict::Forward(UPLINK));
+    // First packet out asks for the netvm's MAC.
+    assert_eq!(out.frame_count(), 1);
+    let (s, d, sport, dport) = describe(&f);
+    assert_eq!(
+        (s.as_str(), d.as_str(), dport),
+        ("10.137.0.6", "198.18.0.10", 80)
+    );
+    // etherparse validated nothing; check checksums by re-parsing through the engine's own rules:
+    let nat = sport;
+    // The reply comes back to the NAT port.
+    let mut r = tcp([198, 18, 0, 10], [10, 137, 0, 6], 80, nat, true, true);
+    r[0..6].copy_from_slice(&parse_mac("00:16:3e:5e:6c:06").expect("mac"));
+    out.clear();
+    let v = e.handle(2, UPLINK, &mut r, &mut out);
+    assert_eq!(v, Verdict::Forward(1));
+    let (s, d, sport, dport) = describe(&r);
+    assert_eq!(
+        (s.as_str(), d.as_str(), sport, dport),
+        ("198.18.0.10", "10.137.0.10", 80, 40000)
+    );
+    assert_eq!(&r[0..6], &CLIENT_MAC);
+    assert_eq!(&r[6..12], &GATEWAY_MAC);
+    // Checksums still verify: feed the rewritten frame to a second engine as if from uplink
+    // would not help; verify with etherparse's checksum calculation instead.
+    let p = SlicedPacket::from_ethernet(&r).expect("parse");
+    if let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) = (&p.net, &p.transport) {
+        let want = t
+            .to_header()
+            .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+            .expect("csum");
+        assert_eq!(t.checksum(), want);
+        let h = ip.header().to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+    } else {
+        panic!("not tcp");
+    }
+    assert_eq!(e.counters(1).expect("c").get(Reason::Accepted), 1);
+}
+
+#[test]
+fn refused_flow_gets_admin_prohibited() {
+    let mut e = engine(&[
+        ("policy", "drop"),
+        ("0000", "action=accept proto=tcp dstports=443-443"),
+    ]);
+    let mut out = Outbox::new();
+    let mut f = tcp([10, 137, 0, 10], [198, 18, 0, 10], 40000, 80, true, false);
+    assert_eq!(e.handle(1, 1, &mut f, &mut out), Verdict::Consumed);
+    let frames: Vec<(u32, Vec<u8>)> = out.frames().map(|(i, f)| (i, f.to_vec())).collect();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, 1);
+    let (s, d, ty, code) = describe(&frames[0].1);
+    assert_eq!(
+        (s.as_str(), d.as_str(), ty, code),
+        ("10.137.0.6", "10.137.0.10", 3, 13)
+    );
+    assert_eq!(e.counters(1).expect("c").get(Reason::RejectedByRule), 1);
+}
+
+#[test]
+fn spoofed_and_unparseable() {
+    let mut e = engine(&[("policy", "drop"), ("0000", "action=accept")]);
+    let mut out = Outbox::new();
+    let mut f = tcp([10, 137, 0, 99], [198, 18, 0, 10], 40000, 80, true, false);
+    assert_eq!(e.handle(1, 1, &mut f, &mut out), Verdict::Consumed);
+    assert_eq!(out.frame_count(), 0);
+    assert_eq!(e.counters(1).expect("c").get(Reason::Spoofed), 1);
+
+    let mut e = engine(&[("0000", "action=accept")]);
+    assert!(e
+        .blocked(1)
+        .expect("blocked")
+        .contains("No 'policy' defined"));
+    let mut f = tcp([10, 137, 0, 10], [198, 18, 0, 10], 40000, 80, true, false);
+    assert_eq!(e.handle(1, 1, &mut f, &mut out), Verdict::Consumed);
+}
+
+#[test]
+fn arp_for_gateway_answered() {
+    let mut e = engine(&[("policy", "drop"), ("0000", "action=accept")]);
+    let mut out = Outbox::new();
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, [0xff; 6])
+        .arp(
+            etherparse::ArpPacket::new(
+                etherparse::ArpHardwareId::ETHERNET,
+                etherparse::EtherType::IPV4,
+                etherparse::ArpOperation::REQUEST,
+                &CLIENT_MAC,
+                &[10, 137, 0, 10],
+                &[0; 6],
+                &[10, 137, 0, 6],
+            )
+            .expect("arp"),
+        )
+        .write(&mut f)
+        .expect("write");
+    assert_eq!(e.handle(1, 1, &mut f, &mut out), Verdict::Consumed);
+    let frames: Vec<Vec<u8>> = out.frames().map(|(_, f)| f.to_vec()).collect();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(&frames[0][22..28], &GATEWAY_MAC, "sender hardware address");
+    assert_eq!(&frames[0][28..32], &[10, 137, 0, 6]);
+}
