@@ -7,7 +7,12 @@
 
 pub mod config;
 pub mod conntrack;
+pub mod dns;
 pub mod engine;
 pub mod frag;
+pub mod offload;
+pub mod qdb_source;
 pub mod replay;
+pub mod service;
+pub mod sys;
 pub mod wire;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sys_firewall::replay;
+use sys_firewall::service::{self, RunOptions, Source};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,8 +20,65 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the firewall on real interfaces (the service qube's main job).
+    Run(RunArgs),
+    /// Print the running service's state: clients, rules, flows, counters.
+    Status(ControlArgs),
+    /// Make the running service re-read its configuration (as SIGHUP does).
+    Reload(ControlArgs),
     /// Replay a pcapng capture through the engine and write what it sends.
     Replay(ReplayArgs),
+}
+
+/// Where the control socket is unless told otherwise.
+const DEFAULT_CONTROL: &str = "/run/sys-firewall.sock";
+
+const RUN_HELP: &str = "\
+The service attaches to the uplink and to every client vif named in its configuration with
+AF_PACKET sockets (in Qubes the kernel's netback creates vifN.M; anywhere else they can be veth
+ends), and forwards between them in userspace. It keeps the kernel out of the way on those
+interfaces (no forwarding, no ARP answers, no IPv6), so give them no IP addresses: the service
+answers ARP for its own address itself. Vifs that appear or disappear later are noticed
+(netlink link events). Needs root (CAP_NET_RAW and CAP_NET_ADMIN).
+
+Configuration, one of:
+  --config FILE     the YAML format of `sys-firewall replay --help` (uplink, qubesdb, vifs,
+                    dns answers), re-read whenever the file changes;
+  --qubesdb SOCKET  a QubesDB daemon: the same keys, rules applied on Qubes' commit signal
+                    (the empty write of /qubes-firewall/<ip>), /qubes-firewall-handled/<ip>
+                    bumped after; the vif list under /qubes-vif/<name>/{ip,mac,ip6,mtu}.
+
+Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the service, after which
+the clients have no forwarding at all (fail closed). Logs go to stderr (RUST_LOG=debug for
+more); dropped frames are logged at most once per second per interface.";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = RUN_HELP)]
+struct RunArgs {
+    /// YAML configuration file (re-read on change)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "qubesdb",
+        required_unless_present = "qubesdb"
+    )]
+    config: Option<PathBuf>,
+    /// QubesDB daemon socket (default /var/run/qubes/qubesdb.sock)
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/qubes/qubesdb.sock")]
+    qubesdb: Option<PathBuf>,
+    /// Uplink interface name when the configuration comes from QubesDB
+    #[arg(long, default_value = "eth0")]
+    uplink: String,
+    /// Control socket for `status` and `reload`
+    #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// The running service's control socket
+    #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
 }
 
 const REPLAY_HELP: &str = "\
@@ -72,7 +130,57 @@ struct ReplayArgs {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Run(args) => run_service(args),
+        Command::Status(args) => control(&args, "status"),
+        Command::Reload(args) => control(&args, "reload"),
         Command::Replay(args) => run_replay(&args),
+    }
+}
+
+fn run_service(args: RunArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let source = match (args.config, args.qubesdb) {
+        (Some(c), _) => Source::Yaml(c),
+        (None, Some(q)) => Source::QubesDb {
+            socket: q,
+            uplink: args.uplink,
+        },
+        (None, None) => {
+            eprintln!("sys-firewall run: give --config FILE or --qubesdb [SOCKET]");
+            return ExitCode::from(2);
+        }
+    };
+    match service::run(RunOptions {
+        source,
+        control: args.control,
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sys-firewall run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn control(args: &ControlArgs, command: &str) -> ExitCode {
+    match service::control(&args.control, command) {
+        Ok(text) => {
+            print!("{text}");
+            if text.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("sys-firewall {command}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

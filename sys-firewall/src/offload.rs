@@ -1,0 +1,295 @@
+//! Undoing the kernel's offloads on frames read from an AF_PACKET socket.
+//!
+//! With `PACKET_VNET_HDR`, every frame comes with a `virtio_net_hdr` (virtio spec 5.1.6) that
+//! says whether its transport checksum still has to be computed (`NEEDS_CSUM`: the sender's
+//! kernel left it to the "hardware") and whether it is a GSO super-frame to be cut into
+//! segments. The engine only handles finished, wire-sized packets, so the shell completes the
+//! checksum and segments here. Veth pairs and Xen netfront both produce such frames whenever the
+//! client's stack has offloads on, which is the default.
+
+use crate::wire::{self, be16, put16};
+
+/// `struct virtio_net_hdr` (10 bytes, little-endian fields on the little-endian hosts we run
+/// on; AF_PACKET uses the legacy layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+pub const VNET_HDR_LEN: usize = 10;
+const F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
+const GSO_ECN: u8 = 0x80;
+
+impl VnetHdr {
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        let h = b.get(..VNET_HDR_LEN)?;
+        let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+        Some(VnetHdr {
+            flags: h[0],
+            gso_type: h[1],
+            hdr_len: le(2),
+            gso_size: le(4),
+            csum_start: le(6),
+            csum_offset: le(8),
+        })
+    }
+}
+
+/// Why a frame could not be made wire-ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffloadError {
+    /// Offsets that do not fit the frame.
+    Malformed,
+    /// A GSO kind we do not segment (UFO).
+    Unsupported,
+}
+
+/// Computes a checksum the sender left to the hardware (`NEEDS_CSUM`): the field holds the
+/// pseudo-header sum; the checksum covers everything from `csum_start` on.
+pub fn complete_checksum(
+    frame: &mut [u8],
+    start: usize,
+    offset: usize,
+) -> Result<(), OffloadError> {
+    let field = start + offset;
+    if start >= frame.len() || field + 2 > frame.len() {
+        return Err(OffloadError::Malformed);
+    }
+    let c = !wire::fold(wire::sum(&frame[start..], 0));
+    put16(frame, field, c);
+    Ok(())
+}
+
+/// Makes `frame` wire-ready and calls `emit` with each resulting frame: the frame itself (its
+/// checksum completed if needed), or the segments of a GSO super-frame.
+pub fn finish(
+    hdr: &VnetHdr,
+    frame: &mut [u8],
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&mut [u8]),
+) -> Result<(), OffloadError> {
+    let gso = hdr.gso_type & !GSO_ECN;
+    if gso == GSO_NONE {
+        if hdr.flags & F_NEEDS_CSUM != 0 {
+            complete_checksum(
+                frame,
+                usize::from(hdr.csum_start),
+                usize::from(hdr.csum_offset),
+            )?;
+        }
+        emit(frame);
+        return Ok(());
+    }
+    match gso {
+        GSO_TCPV4 | GSO_TCPV6 | GSO_UDP_L4 => segment(frame, hdr.gso_size, scratch, emit),
+        _ => Err(OffloadError::Unsupported),
+    }
+}
+
+/// Cuts a TCP or UDP (GSO_UDP_L4) super-frame into segments of `mss` payload bytes, each with
+/// its own lengths, IPv4 id, TCP sequence number and flags, and checksums.
+fn segment(
+    frame: &[u8],
+    mss: u16,
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&mut [u8]),
+) -> Result<(), OffloadError> {
+    let mss = usize::from(mss);
+    if mss == 0 || frame.len() < wire::ETH_LEN + 20 {
+        return Err(OffloadError::Malformed);
+    }
+    let v6 = match wire::ethertype(frame) {
+        wire::ETHERTYPE_IPV4 => false,
+        wire::ETHERTYPE_IPV6 => true,
+        _ => return Err(OffloadError::Malformed),
+    };
+    let ip = wire::ETH_LEN;
+    let (ihl, proto) = if v6 {
+        if frame.len() < ip + 40 {
+            return Err(OffloadError::Malformed);
+        }
+        (40, frame[ip + 6])
+    } else {
+        (usize::from(frame[ip] & 0x0f) * 4, frame[ip + 9])
+    };
+    let l4 = ip + ihl;
+    let l4h = match proto {
+        wire::PROTO_TCP => {
+            let off = frame.get(l4 + 12).ok_or(OffloadError::Malformed)?;
+            usize::from(off >> 4) * 4
+        }
+        wire::PROTO_UDP => 8,
+        _ => return Err(OffloadError::Malformed),
+    };
+    let hdrs = l4 + l4h;
+    if ihl < 20 || l4h < 8 || hdrs > frame.len() {
+        return Err(OffloadError::Malformed);
+    }
+    let payload = &frame[hdrs..];
+    let n = payload.len().div_ceil(mss).max(1);
+    let seq0 = if proto == wire::PROTO_TCP {
+        u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]])
+    } else {
+        0
+    };
+    let id0 = if v6 { 0 } else { be16(frame, ip + 4) };
+    for i in 0..n {
+        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
+        scratch.clear();
+        scratch.extend_from_slice(&frame[..hdrs]);
+        scratch.extend_from_slice(chunk);
+        let seg = scratch.as_mut_slice();
+        let ip_len = seg.len() - ip;
+        if v6 {
+            put16(seg, ip + 4, (ip_len - 40) as u16);
+        } else {
+            put16(seg, ip + 2, ip_len as u16);
+            put16(seg, ip + 4, id0.wrapping_add(i as u16));
+            put16(seg, ip + 10, 0);
+            let hc = wire::checksum(&seg[ip..ip + ihl]);
+            put16(seg, ip + 10, hc);
+        }
+        let src_dst = if v6 {
+            (ip + 8, ip + 24, 16)
+        } else {
+            (ip + 12, ip + 16, 4)
+        };
+        let (csum_off, l4_len) = if proto == wire::PROTO_TCP {
+            let seq = seq0.wrapping_add((i * mss) as u32);
+            seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            // FIN and PSH belong to the last segment, CWR to the first (RFC 3168 6.1.2).
+            if i + 1 < n {
+                seg[l4 + 13] &= !0x09;
+            }
+            if i > 0 {
+                seg[l4 + 13] &= !0x80;
+            }
+            (l4 + 16, seg.len() - l4)
+        } else {
+            let ulen = seg.len() - l4;
+            put16(seg, l4 + 4, ulen as u16);
+            (l4 + 6, ulen)
+        };
+        put16(seg, csum_off, 0);
+        let mut acc = u64::from(proto) + l4_len as u64;
+        acc = wire::sum(&seg[src_dst.0..src_dst.0 + src_dst.2], acc);
+        acc = wire::sum(&seg[src_dst.1..src_dst.1 + src_dst.2], acc);
+        let mut c = !wire::fold(wire::sum(&seg[l4..], acc));
+        if proto == wire::PROTO_UDP && c == 0 {
+            c = 0xffff;
+        }
+        put16(seg, csum_off, c);
+        emit(seg);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Ethernet/IPv4/TCP frame with `payload`, checksum as the sender's kernel leaves it
+    /// for offload (pseudo-header sum only).
+    fn partial_tcp(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        put16(&mut f, 12, wire::ETHERTYPE_IPV4);
+        f[14] = 0x45;
+        put16(&mut f, 16, (40 + payload.len()) as u16);
+        put16(&mut f, 18, 0x1000);
+        f[20] = 0x40;
+        f[22] = 64;
+        f[23] = wire::PROTO_TCP;
+        f[26..30].copy_from_slice(&[10, 137, 0, 10]);
+        f[30..34].copy_from_slice(&[198, 18, 0, 10]);
+        let hc = wire::checksum(&f[14..34]);
+        put16(&mut f, 24, hc);
+        put16(&mut f, 34, 40000);
+        put16(&mut f, 36, 80);
+        f[38..42].copy_from_slice(&1000u32.to_be_bytes());
+        f[46] = 0x50;
+        f[47] = 0x18; // PSH ACK
+        put16(&mut f, 48, 65535);
+        f.extend_from_slice(payload);
+        let pseudo = wire::pseudo_sum(
+            &"10.137.0.10".parse().expect("ip"),
+            &"198.18.0.10".parse().expect("ip"),
+            wire::PROTO_TCP,
+            20 + payload.len(),
+        );
+        put16(&mut f, 50, wire::fold(pseudo));
+        f
+    }
+
+    fn tcp_ok(f: &[u8]) -> bool {
+        let ip = wire::parse_ipv4(f, 14).expect("ipv4");
+        wire::parse_l4(f, &ip).is_some()
+    }
+
+    #[test]
+    fn completes_partial_checksum() {
+        let mut f = partial_tcp(b"hello world");
+        assert!(!tcp_ok(&f));
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        };
+        let mut scratch = Vec::new();
+        let mut out = Vec::new();
+        finish(&hdr, &mut f, &mut scratch, |s| out.push(s.to_vec())).expect("finish");
+        assert_eq!(out.len(), 1);
+        assert!(tcp_ok(&out[0]));
+    }
+
+    #[test]
+    fn segments_tcp_super_frame() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut f = partial_tcp(&payload);
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
+        let mut scratch = Vec::new();
+        let mut out = Vec::new();
+        finish(&hdr, &mut f, &mut scratch, |s| out.push(s.to_vec())).expect("finish");
+        assert_eq!(out.len(), 3);
+        let mut joined = Vec::new();
+        for (i, s) in out.iter().enumerate() {
+            assert!(tcp_ok(s), "segment {i} checksums");
+            let seq = u32::from_be_bytes([s[38], s[39], s[40], s[41]]);
+            assert_eq!(seq, 1000 + (i as u32) * 1448);
+            assert_eq!(s[47] & 0x08 != 0, i == 2, "PSH only on the last");
+            joined.extend_from_slice(&s[54..]);
+        }
+        assert_eq!(joined, payload);
+    }
+
+    #[test]
+    fn bad_offsets_are_errors() {
+        let mut f = partial_tcp(b"x");
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 60,
+            csum_offset: 16,
+            ..VnetHdr::default()
+        };
+        assert_eq!(
+            finish(&hdr, &mut f, &mut Vec::new(), |_| {}),
+            Err(OffloadError::Malformed)
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! The configuration tree from a QubesDB daemon, with Qubes' commit protocol.
+//!
+//! dom0 changes a client's rules by removing `/qubes-firewall/<ip>/`, writing the new entries
+//! and then writing the base key `/qubes-firewall/<ip>` (empty): that last write is the commit
+//! signal; writes below it are ignored until then (reference qubes-networking.md 1.7, 3.2).
+//! After applying, the service increments `/qubes-firewall-handled/<ip>`, as the Linux agent
+//! does. Everything else in the tree (our addresses, DNS, the vif list) applies when written.
+//!
+//! The vif list, which Qubes keeps in XenStore, is read from `/qubes-vif/<name>/ip`, `mac`,
+//! and optionally `ip6` and `mtu` (our convention; see docs/lab.md).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use qubesdb::client::Client;
+
+use crate::config::{parse_mac, EngineConfig, VifInfo};
+use crate::service::{Desired, ServiceError};
+
+/// `/qubes-vif/<name>/`: ip, mac, ip6, mtu as read.
+type VifKeys = (Option<String>, Option<String>, Option<String>, Option<u16>);
+
+/// A QubesDB connection and the committed rule snapshots.
+#[derive(Debug)]
+pub struct QubesDbSource {
+    client: Client,
+    uplink: String,
+    /// `/qubes-firewall/<addr>/...` entries as of each address's last commit.
+    committed: BTreeMap<String, Vec<(String, String)>>,
+    /// Addresses committed since the last `report_handled`.
+    to_report: BTreeSet<String>,
+    started: bool,
+}
+
+fn err(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError(format!("QubesDB: {e}"))
+}
+
+impl QubesDbSource {
+    pub fn connect(socket: &Path, uplink: &str) -> Result<Self, ServiceError> {
+        let mut client = Client::connect(socket).map_err(err)?;
+        client.watch("/").map_err(err)?;
+        Ok(QubesDbSource {
+            client,
+            uplink: uplink.to_string(),
+            committed: BTreeMap::new(),
+            to_report: BTreeSet::new(),
+            started: false,
+        })
+    }
+
+    fn read_tree(&mut self) -> Result<BTreeMap<String, String>, ServiceError> {
+        Ok(self
+            .client
+            .multiread("/")
+            .map_err(err)?
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect())
+    }
+
+    /// Takes the current rule entries of `addr` as committed.
+    fn commit(&mut self, tree: &BTreeMap<String, String>, addr: &str) {
+        let prefix = format!("/qubes-firewall/{addr}/");
+        let entries: Vec<(String, String)> = tree
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.committed.insert(addr.to_string(), entries);
+        self.to_report.insert(addr.to_string());
+    }
+
+    /// The configuration as it stands: the tree with each client's rules as last committed.
+    pub fn desired(&mut self) -> Result<Desired, ServiceError> {
+        let tree = self.read_tree()?;
+        if !self.started {
+            // At start every target present counts as committed, as the agent handles all
+            // targets before watching.
+            self.started = true;
+            let addrs: BTreeSet<String> = tree
+                .keys()
+                .filter_map(|k| k.strip_prefix("/qubes-firewall/"))
+                .filter_map(|rest| rest.split('/').next())
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect();
+            for a in addrs {
+                self.commit(&tree, &a);
+            }
+        }
+        let mut t: BTreeMap<String, String> = tree
+            .iter()
+            .filter(|(k, _)| !k.starts_with("/qubes-firewall/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for entries in self.committed.values() {
+            t.extend(entries.iter().cloned());
+        }
+        let mut vifs: BTreeMap<String, VifKeys> = BTreeMap::new();
+        for (k, v) in &tree {
+            let Some(rest) = k.strip_prefix("/qubes-vif/") else {
+                continue;
+            };
+            let Some((name, field)) = rest.split_once('/') else {
+                continue;
+            };
+            let e = vifs.entry(name.to_string()).or_default();
+            match field {
+                "ip" => e.0 = Some(v.clone()),
+                "mac" => e.1 = Some(v.clone()),
+                "ip6" => e.2 = Some(v.clone()).filter(|s| !s.is_empty()),
+                "mtu" => e.3 = v.parse().ok(),
+                _ => {}
+            }
+        }
+        let mut list = Vec::new();
+        for (name, (ip, mac, ip6, mtu)) in vifs {
+            let ip = ip
+                .ok_or_else(|| err(format!("/qubes-vif/{name}/ip is missing")))?
+                .parse()
+                .map_err(|_| err(format!("/qubes-vif/{name}/ip is not an IPv4 address")))?;
+            let mac = parse_mac(mac.as_deref().unwrap_or("00:16:3e:5e:6c:00"))
+                .map_err(|e| err(format!("/qubes-vif/{name}/mac: {e}")))?;
+            let ip6 =
+                match ip6 {
+                    Some(s) => Some(s.parse().map_err(|_| {
+                        err(format!("/qubes-vif/{name}/ip6 is not an IPv6 address"))
+                    })?),
+                    None => None,
+                };
+            list.push((VifInfo { name, ip, ip6, mac }, mtu));
+        }
+        let uplink_mtu = tree
+            .get("/qubes-uplink-mtu")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(1500);
+        Ok(Desired {
+            tree: t,
+            vifs: list,
+            uplink: self.uplink.clone(),
+            uplink_mtu,
+            conntrack_max: tree
+                .get("/qubes-conntrack-max")
+                .and_then(|m| m.parse().ok()),
+            static_dns: BTreeMap::new(),
+        })
+    }
+
+    /// Watch events already read from the socket (poll does not see them).
+    pub fn queued(&self) -> usize {
+        self.client.pending_watches()
+    }
+
+    /// Reads the watch events that have arrived. True when something that matters changed: a
+    /// rule commit, or any key outside the firewall subtrees.
+    pub fn poll_watches(&mut self) -> Result<bool, ServiceError> {
+        let mut changed = false;
+        let mut commits = Vec::new();
+        while let Some(path) = self.client.read_watch(Some(Duration::ZERO)).map_err(err)? {
+            if path.starts_with("/qubes-firewall-handled/") || path.starts_with("/dns/") {
+                continue;
+            }
+            if let Some(rest) = path.strip_prefix("/qubes-firewall/") {
+                if !rest.is_empty() && !rest.contains('/') {
+                    commits.push(rest.to_string());
+                    changed = true;
+                }
+                continue;
+            }
+            changed = true;
+        }
+        if !commits.is_empty() {
+            let tree = self.read_tree()?;
+            for a in commits {
+                self.commit(&tree, &a);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Increments `/qubes-firewall-handled/<addr>` for each address committed since the last
+    /// call whose client is in the applied configuration.
+    pub fn report_handled(&mut self, cfg: &EngineConfig) {
+        let addrs: Vec<String> = std::mem::take(&mut self.to_report).into_iter().collect();
+        for a in addrs {
+            let known = cfg
+                .clients
+                .iter()
+                .any(|c| c.ip.to_string() == a || c.ip6.map(|x| x.to_string()) == Some(a.clone()));
+            if !known {
+                // Not attached yet: report once its vif is there.
+                self.to_report.insert(a);
+                continue;
+            }
+            let key = format!("/qubes-firewall-handled/{a}");
+            let n = match self.client.read(&key) {
+                Ok(Some(v)) => String::from_utf8_lossy(&v)
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            if let Err(e) = self.client.write(&key, (n + 1).to_string().as_bytes()) {
+                tracing::warn!(key, error = %e, "could not report handled rules");
+            }
+        }
+    }
+}
+
+impl AsRawFd for QubesDbSource {
+    fn as_raw_fd(&self) -> RawFd {
+        self.client.as_raw_fd()
+    }
+}
