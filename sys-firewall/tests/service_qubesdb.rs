@@ -1,0 +1,326 @@
+//! `sys-firewall run --qubesdb` against a real QubesDB daemon, in a network namespace of its
+//! own: the commit protocol, /qubes-firewall-handled, rules that do not parse, vifs that come
+//! and go, status and SIGTERM. Also measures the commit-to-enforced time at 10 and 1,000 rules
+//! (printed, not asserted: timings never decide a test).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use qubesdb::client::Client;
+use qubesdb::server::Server;
+use qubesdb::tree::Tree;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Why this test cannot run here, if it cannot.
+fn cannot_run() -> Option<String> {
+    if !Path::new("/proc/self/ns/net").exists() {
+        return Some("no network namespaces".into());
+    }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .unwrap_or_default();
+    if uid != "0" {
+        return Some("needs root (network namespaces, AF_PACKET)".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs iproute2 (`ip`)".into());
+    }
+    None
+}
+
+macro_rules! require_root {
+    () => {
+        if let Some(why) = cannot_run() {
+            if std::env::var_os("CI").is_some() {
+                panic!("cannot run in CI: {why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace removed on drop, with the service process killed first.
+struct Lab {
+    ns: String,
+    dir: tempfile::TempDir,
+    service: Option<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.service.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let ns = format!(
+            "sfq-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = Lab {
+            ns: ns.clone(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            service: None,
+        };
+        ip(&["netns", "add", &ns]);
+        // No dummy interfaces without kernel modules: veth pairs inside the namespace.
+        ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+        ]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        lab.add_vif("vif3.0");
+        lab
+    }
+
+    fn add_vif(&self, name: &str) {
+        let peer = format!("{name}p");
+        ip(&[
+            "-n", &self.ns, "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["-n", &self.ns, "link", "set", name, "up"]);
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start(&mut self, qdb: &Path) {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                env!("CARGO_BIN_EXE_sys-firewall"),
+                "run",
+            ])
+            .arg("--qubesdb")
+            .arg(qdb)
+            .arg("--control")
+            .arg(self.path("control.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sys-firewall");
+        self.service = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.path("control.sock").exists() {
+            assert!(Instant::now() < deadline, "service did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn status(&self) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_sys-firewall"))
+            .arg("status")
+            .arg("--control")
+            .arg(self.path("control.sock"))
+            .output()
+            .expect("status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_status(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+const CLIENT: &str = "10.137.0.10";
+
+fn base_tree() -> Tree {
+    Tree::from_entries([
+        ("/qubes-ip", "10.137.0.6"),
+        ("/qubes-gateway", "10.137.0.5"),
+        ("/qubes-vif/vif3.0/ip", CLIENT),
+        ("/qubes-vif/vif3.0/mac", "00:16:3e:5e:6c:10"),
+        ("/qubes-firewall/10.137.0.10", ""),
+        ("/qubes-firewall/10.137.0.10/policy", "drop"),
+        ("/qubes-firewall/10.137.0.10/0000", "action=accept"),
+    ])
+    .expect("tree")
+}
+
+fn handled(c: &mut Client) -> u64 {
+    c.read(&format!("/qubes-firewall-handled/{CLIENT}"))
+        .expect("read")
+        .map(|v| String::from_utf8_lossy(&v).parse().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// dom0's reload_firewall_for_vm: rm the subtree, write the entries, then the empty write of
+/// the base key that commits (reference 1.7).
+fn push_rules(c: &mut Client, rules: &[String]) -> Instant {
+    c.rm(&format!("/qubes-firewall/{CLIENT}/")).expect("rm");
+    c.write(&format!("/qubes-firewall/{CLIENT}/policy"), b"drop")
+        .expect("policy");
+    for (i, r) in rules.iter().enumerate() {
+        c.write(&format!("/qubes-firewall/{CLIENT}/{i:04}"), r.as_bytes())
+            .expect("rule");
+    }
+    let t0 = Instant::now();
+    c.write(&format!("/qubes-firewall/{CLIENT}"), b"")
+        .expect("commit");
+    t0
+}
+
+fn wait_handled(c: &mut Client, want: u64) -> Duration {
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(10);
+    while handled(c) < want {
+        assert!(
+            Instant::now() < deadline,
+            "service never reported handled {want}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn commit_protocol_handled_blocking_and_vifs() {
+    require_root!();
+    let mut lab = Lab::new();
+    let sock = lab.path("qubesdb.sock");
+    let server = Server::bind(&sock)
+        .expect("bind")
+        .with_tree(base_tree())
+        .spawn()
+        .expect("qubesdb");
+    lab.start(&sock);
+    let mut c = Client::connect(&sock).expect("client");
+
+    // Startup: the rules in the tree are in force and reported.
+    wait_handled(&mut c, 1);
+    let s = lab.status();
+    assert!(
+        s.contains("client vif3.0 address 10.137.0.10 rules 1"),
+        "{s}"
+    );
+
+    // Entries written without the commit are not applied yet.
+    c.write(
+        &format!("/qubes-firewall/{CLIENT}/0001"),
+        b"action=drop proto=udp",
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.status().contains("rules 1 "),
+        "uncommitted rules must wait"
+    );
+    assert_eq!(handled(&mut c), 1);
+
+    // The commit applies them and bumps the handled counter.
+    let rules: Vec<String> = vec!["action=accept proto=tcp dstports=443-443".into(); 3];
+    push_rules(&mut c, &rules);
+    wait_handled(&mut c, 2);
+    assert!(lab.status().contains("rules 3 "), "{}", lab.status());
+
+    // Rules that do not parse block the client (fail closed).
+    push_rules(&mut c, &["proto=tcp".to_string()]);
+    wait_handled(&mut c, 3);
+    let s = lab.status();
+    assert!(s.contains("BLOCKED"), "{s}");
+    assert!(s.contains("lack action"), "{s}");
+
+    // A vif that goes away is detached; when it comes back it is attached again.
+    ip(&["-n", &lab.ns, "link", "del", "vif3.0"]);
+    lab.wait_status("vif3.0 to be waited for", |s| {
+        s.contains("waiting for vifs vif3.0")
+    });
+    lab.add_vif("vif3.0");
+    lab.wait_status("vif3.0 to be attached", |s| s.contains("client vif3.0"));
+
+    // SIGTERM stops the service cleanly.
+    let mut child = lab.service.take().expect("service");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "exit status {status}");
+    drop(c);
+    server.shutdown().expect("shutdown");
+}
+
+#[test]
+fn commit_to_enforced_latency() {
+    require_root!();
+    let mut lab = Lab::new();
+    let sock = lab.path("qubesdb.sock");
+    let server = Server::bind(&sock)
+        .expect("bind")
+        .with_tree(base_tree())
+        .spawn()
+        .expect("qubesdb");
+    lab.start(&sock);
+    let mut c = Client::connect(&sock).expect("client");
+    wait_handled(&mut c, 1);
+    let mut want = 1;
+    let mut report = Vec::new();
+    for n in [10usize, 1000] {
+        let rules: Vec<String> = (0..n)
+            .map(|i| {
+                format!(
+                    "action=accept dst4=198.{}.{}.0/24 proto=tcp dstports={}-{}",
+                    18 + (i / 250) % 2,
+                    i % 250,
+                    1000 + i,
+                    1000 + i
+                )
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            want += 1;
+            let t0 = push_rules(&mut c, &rules);
+            wait_handled(&mut c, want);
+            samples.push(t0.elapsed());
+        }
+        samples.sort();
+        report.push((n, samples[samples.len() / 2]));
+        assert!(lab.status().contains(&format!("rules {n} ")));
+    }
+    for (n, d) in &report {
+        eprintln!(
+            "commit-to-enforced at {n:>5} rules: {:.2} ms (median of 5; target 10 ms at 1,000)",
+            d.as_secs_f64() * 1000.0
+        );
+    }
+    drop(c);
+    server.shutdown().expect("shutdown");
+}
