@@ -6,6 +6,8 @@ set -euo pipefail
 PKGS=(
   pkg-config libnftnl-dev libmnl-dev   # nftnl (kernel data plane)
   nftables iproute2                    # tests read back rulesets, create netns/veth
+  dnsmasq-base iputils-ping iperf3     # the lab (qubes-lab): the world's DNS server, ping, iperf3
+  conntrack procps curl                # the lab: conntrack purge (Linux sys-firewall), kill, tests
 )
 
 missing=()

@@ -845,7 +845,29 @@ impl Engine {
             return consumed(Reason::Unsupported);
         }
         if self.client_by_ip(&ip.dst).is_some() {
-            // The Linux sys-firewall drops new traffic into vifs (`oifgroup 2 drop`).
+            // As on Linux: the client's own rules judge first (a refused destination gets
+            // admin-prohibited), then new traffic into a vif is dropped silently
+            // (`oifgroup 2 drop`).
+            let client = &self.clients[c];
+            let (pp, port) = match ip.proto {
+                wire::PROTO_TCP => (PacketProto::Tcp, l4.dport),
+                wire::PROTO_UDP => (PacketProto::Udp, l4.dport),
+                wire::PROTO_ICMP | wire::PROTO_ICMPV6 => {
+                    (PacketProto::Icmp, u16::from(l4.icmp_type))
+                }
+                p => (PacketProto::Other(p), 0),
+            };
+            let class = if ip.v6 {
+                &client.class6
+            } else {
+                &client.class4
+            };
+            let allowed = client.blocked.is_none()
+                && class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept;
+            if !allowed {
+                self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
+                return consumed(Reason::RejectedByRule);
+            }
             return consumed(Reason::ClientToClient);
         }
         if ip.ttl <= 1 {

@@ -254,8 +254,13 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
     let seed = random_seed();
     let engine = Engine::new(engine_config(&desired, seed)?)
         .map_err(|e| serr(format!("configuration: {e}")))?;
-    let _ = std::fs::remove_file(&opts.control);
-    let control = UnixListener::bind(&opts.control).map_err(|e| {
+    // Bound under a temporary name and renamed once the interfaces are attached, so that a
+    // control socket that exists means a service that forwards.
+    let pending_control = opts
+        .control
+        .with_file_name(format!(".sys-firewall-control.{}", std::process::id()));
+    let _ = std::fs::remove_file(&pending_control);
+    let control = UnixListener::bind(&pending_control).map_err(|e| {
         serr(format!(
             "cannot listen on control socket {}: {e}",
             opts.control.display()
@@ -289,6 +294,12 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         last_yaml_check: Instant::now(),
     };
     svc.sync_sockets()?;
+    std::fs::rename(&pending_control, &svc.opts.control).map_err(|e| {
+        serr(format!(
+            "cannot create control socket {}: {e}",
+            svc.opts.control.display()
+        ))
+    })?;
     svc.flush();
     svc.report_handled();
     tracing::info!(

@@ -1,0 +1,738 @@
+//! The lab commands: up, down, status, exec, firewall, matrix, restart-firewall and the
+//! QubesDB helper.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use qubes_rules::store::Store;
+use qubes_rules::Rule;
+
+use crate::cmd::{err, io_err, Cmd, Context, Error, Result};
+use crate::config::{self, NetvmConfig};
+use crate::matrix;
+use crate::netvm::{self, AgentLog};
+use crate::procs;
+use crate::service;
+use crate::state::{self, FirewallKind, LabState, Paths};
+use crate::topology::world::{self as w, DNS_IP, ROUTER_IP, UPLINK_IP};
+use crate::topology::{
+    check_lab_name, world_ns, Qube, Role, Topology, TopologySpec, BACKEND_MAC, VIRTUAL_DNS,
+};
+use crate::world;
+
+/// What `up` is asked for.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub name: String,
+    pub topology: Option<PathBuf>,
+    pub firewall: FirewallKind,
+    pub matrix: bool,
+    pub keep_on_error: bool,
+}
+
+fn load_spec(path: Option<&Path>) -> Result<TopologySpec> {
+    match path {
+        None => TopologySpec::default_spec(),
+        Some(p) => {
+            let text = fs::read_to_string(p).map_err(io_err("cannot read topology", p))?;
+            TopologySpec::parse(&text).context(|| p.display().to_string())
+        }
+    }
+}
+
+/// Brings a lab up: cleans a stale lab of the same name, builds everything, prints a summary
+/// and the connectivity matrix.
+pub fn up(o: &UpOptions) -> Result<()> {
+    check_lab_name(&o.name)?;
+    state::need_root()?;
+    world::check_tools()?;
+    let spec = load_spec(o.topology.as_deref())?;
+    let topo = spec.resolve(&o.name)?;
+    if o.firewall == FirewallKind::Rust && topo.firewall().is_some() {
+        service::binary()?;
+    }
+    down(&o.name, false).context(|| format!("cleaning the old lab {}", o.name))?;
+    let paths = Paths::new(&o.name);
+    fs::create_dir_all(&paths.dir).map_err(io_err("cannot create", &paths.dir))?;
+    LabState {
+        name: o.name.clone(),
+        firewall: o.firewall,
+        namespaces: topo.namespaces(),
+        topology: spec,
+    }
+    .write(&paths)?;
+    if let Err(e) = build(&topo, &paths, o.firewall) {
+        if o.keep_on_error {
+            return Err(Error(format!(
+                "{e}\n(the partial lab is kept: `qubes-lab down --name {}` removes it)",
+                o.name
+            )));
+        }
+        if let Err(e2) = down(&o.name, false) {
+            return Err(Error(format!("{e}\nand cleaning up failed too: {e2}")));
+        }
+        return Err(e);
+    }
+    print!("{}", summary(&topo, &paths, o.firewall));
+    if o.matrix {
+        println!();
+        print!("{}", matrix_text(&topo, o.firewall)?);
+    }
+    Ok(())
+}
+
+fn matrix_text(topo: &Topology, kind: FirewallKind) -> Result<String> {
+    let rows = matrix::check(topo)?;
+    Ok(format!(
+        "Connectivity checked live from each qube (✓ reached, ✗ not; sys-firewall: {}; \
+         dns via {}; other qube: tcp port 80):\n{}",
+        kind.as_str(),
+        VIRTUAL_DNS[0],
+        matrix::render(&rows)
+    ))
+}
+
+fn build(topo: &Topology, paths: &Paths, kind: FirewallKind) -> Result<()> {
+    // Namespaces, IPv4 only.
+    for ns in topo.namespaces() {
+        Cmd::new("ip").args(["netns", "add", &ns]).run()?;
+        Cmd::ip(&ns).args(["link", "set", "lo", "up"]).run()?;
+        netvm::sysctl(
+            &ns,
+            &[
+                ("net/ipv6/conf/all/disable_ipv6".to_string(), "1"),
+                ("net/ipv6/conf/default/disable_ipv6".to_string(), "1"),
+            ],
+        )?;
+    }
+    // Links: the uplink qube's eth0 to the world, and one vif per qube with a netvm.
+    let uplink = topo
+        .uplink()
+        .ok_or_else(|| Error("the topology has no uplink qube".into()))?;
+    Cmd::new("ip")
+        .args([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &uplink.ns,
+            "address",
+            &uplink.mac,
+        ])
+        .args([
+            "type",
+            "veth",
+            "peer",
+            "name",
+            w::IFNAME,
+            "netns",
+            &world_ns(&topo.lab),
+        ])
+        .run()?;
+    for q in &topo.qubes {
+        let (Some(netvm), Some(vif)) = (topo.netvm_of(q), q.vif()) else {
+            continue;
+        };
+        Cmd::new("ip")
+            .args([
+                "link",
+                "add",
+                &vif,
+                "netns",
+                &netvm.ns,
+                "address",
+                BACKEND_MAC,
+            ])
+            .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
+            .args(["address", &q.mac])
+            .run()?;
+    }
+    // The rule store, and each netvm's configuration (its QubesDB tree).
+    let store = Store::new(paths.store());
+    let now = config::now();
+    for q in &topo.qubes {
+        store
+            .create_qube(&q.name)
+            .map_err(|e| Error(format!("rule store: {e}")))?;
+        if let Some(rules) = &q.rules {
+            store
+                .save(&q.name, rules, now)
+                .map_err(|e| Error(format!("rule store: {e}")))?;
+        }
+    }
+    let rules_of = |q: &Qube| -> Result<Vec<Rule>> {
+        store
+            .load(&q.name)
+            .map_err(|e| Error(format!("rule store: {e}")))
+    };
+    for p in topo.qubes.iter().filter(|q| q.provides_network()) {
+        config::build(topo, p, &rules_of)?.write(&paths.config(&p.name))?;
+    }
+    // DNS configuration of every namespace.
+    for q in &topo.qubes {
+        match q.role {
+            Role::Uplink => netvm::write_resolv_conf(&q.ns, &[DNS_IP])?,
+            Role::Isolated => netvm::write_resolv_conf(&q.ns, &[])?,
+            _ => netvm::write_resolv_conf(&q.ns, &VIRTUAL_DNS)?,
+        }
+    }
+    world::up(topo, paths)?;
+    // Netvms from the root down, then the app qubes.
+    let mut providers: Vec<&Qube> = topo.qubes.iter().filter(|q| q.provides_network()).collect();
+    providers.sort_by_key(|q| depth(topo, q));
+    for p in providers {
+        netvm_up(topo, paths, kind, p).context(|| format!("setting up {}", p.name))?;
+    }
+    for q in topo.qubes.iter().filter(|q| q.role == Role::App) {
+        let gw = gateway(topo, q)?;
+        let ip = q.ip.ok_or_else(|| Error(format!("{} has no ip", q.name)))?;
+        netvm::setup_ip(&q.ns, ip, gw).context(|| format!("setting up {}", q.name))?;
+    }
+    Ok(())
+}
+
+fn depth(topo: &Topology, q: &Qube) -> usize {
+    let mut d = 0;
+    let mut cur = topo.netvm_of(q);
+    while let Some(n) = cur {
+        d += 1;
+        cur = topo.netvm_of(n);
+    }
+    d
+}
+
+fn gateway(topo: &Topology, q: &Qube) -> Result<Ipv4Addr> {
+    topo.netvm_of(q)
+        .and_then(|n| n.ip)
+        .ok_or_else(|| Error(format!("{} has no netvm with an address", q.name)))
+}
+
+fn agent_log(paths: &Paths, netvm: &Qube) -> AgentLog {
+    AgentLog {
+        path: paths.log(&format!("{}-agent", netvm.name)),
+    }
+}
+
+/// One netvm: Linux as Qubes sets it up, or (the firewall qube with `--firewall rust`) just its
+/// links up, without addresses: the service answers ARP itself.
+fn netvm_up(topo: &Topology, paths: &Paths, kind: FirewallKind, p: &Qube) -> Result<()> {
+    let cfg = NetvmConfig::read(&paths.config(&p.name))?;
+    if p.role == Role::Firewall && kind == FirewallKind::Rust {
+        Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
+        for v in &cfg.vifs {
+            Cmd::ip(&p.ns).args(["link", "set", &v.name, "up"]).run()?;
+        }
+        // Started before the netvms below it, whose agents may resolve names through it.
+        return service::start(paths, p);
+    }
+    if p.role == Role::Uplink {
+        // The NIC: an address in the world, a default route to its router.
+        Cmd::ip(&p.ns)
+            .args([
+                "addr",
+                "add",
+                &format!("{UPLINK_IP}/{}", w::PREFIX_LEN),
+                "dev",
+                "eth0",
+            ])
+            .run()?;
+        Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
+        Cmd::ip(&p.ns)
+            .args([
+                "route",
+                "add",
+                "default",
+                "via",
+                &ROUTER_IP.to_string(),
+                "dev",
+                "eth0",
+            ])
+            .run()?;
+    } else {
+        let ip = p.ip.ok_or_else(|| Error(format!("{} has no ip", p.name)))?;
+        netvm::setup_ip(&p.ns, ip, gateway(topo, p)?)?;
+    }
+    netvm::netvm_base(&p.ns, &cfg)?;
+    netvm::agent_start(&p.ns, &cfg, &agent_log(paths, p))?;
+    let domid_of = |v: &config::Vif| {
+        topo.qubes
+            .iter()
+            .find(|q| q.vif().as_deref() == Some(v.name.as_str()))
+            .map(|q| q.domid)
+            .unwrap_or(0)
+    };
+    netvm::vifs_online(&p.ns, &cfg, &domid_of)
+}
+
+fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind) -> String {
+    let mut out = format!(
+        "lab {} is up (sys-firewall: {}, state in {})\n",
+        topo.lab,
+        kind.as_str(),
+        paths.dir.display()
+    );
+    out.push_str(&qube_table(topo, kind, None));
+    out
+}
+
+/// The qubes with their namespaces, addresses, netvms and vifs; with `present`, whether each
+/// namespace exists.
+fn qube_table(topo: &Topology, kind: FirewallKind, present: Option<&[String]>) -> String {
+    let mut rows: Vec<Vec<String>> = vec![vec![
+        "qube".into(),
+        "namespace".into(),
+        "ip".into(),
+        "netvm".into(),
+        "vif".into(),
+        "mac".into(),
+        "runs".into(),
+    ]];
+    for q in &topo.qubes {
+        let runs = match q.role {
+            Role::Uplink => format!("Linux netvm, eth0 {UPLINK_IP} to the world"),
+            Role::Firewall => match kind {
+                FirewallKind::Linux => "Linux sys-firewall (nftables)".to_string(),
+                FirewallKind::Rust => "sys-firewall service".to_string(),
+            },
+            Role::LinuxProxy => "Linux proxy netvm".to_string(),
+            Role::App => "app qube".to_string(),
+            Role::Isolated => "no network".to_string(),
+        };
+        let mut ns = q.ns.clone();
+        if let Some(p) = present {
+            if !p.contains(&q.ns) {
+                ns.push_str(" (MISSING)");
+            }
+        }
+        rows.push(vec![
+            q.name.clone(),
+            ns,
+            q.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            topo.netvm_of(q)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| "-".into()),
+            q.vif()
+                .map(|v| {
+                    format!(
+                        "{v} in {}",
+                        topo.netvm_of(q).map(|n| n.name.as_str()).unwrap_or("?")
+                    )
+                })
+                .unwrap_or_else(|| "-".into()),
+            if q.role == Role::Isolated {
+                "-".into()
+            } else {
+                q.mac.clone()
+            },
+            runs,
+        ]);
+    }
+    let wns = world_ns(&topo.lab);
+    let mut wname = wns.clone();
+    if let Some(p) = present {
+        if !p.contains(&wns) {
+            wname.push_str(" (MISSING)");
+        }
+    }
+    rows.push(vec![
+        "world".into(),
+        wname,
+        format!("{ROUTER_IP}, {}, {DNS_IP}", w::WEB_IP),
+        "-".into(),
+        format!(
+            "{} (peer of {} eth0)",
+            w::IFNAME,
+            topo.uplink().map(|u| u.name.as_str()).unwrap_or("?")
+        ),
+        "-".into(),
+        format!(
+            "web {}:80,443 (+echo :{}), dns {DNS_IP} ({} -> {})",
+            w::WEB_IP,
+            w::ECHO_PORT,
+            w::WEB_NAME,
+            w::WEB_IP
+        ),
+    ]);
+    render_table(&rows)
+}
+
+fn render_table(rows: &[Vec<String>]) -> String {
+    let ncol = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..ncol)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            line.push_str(c);
+            if i + 1 < r.len() {
+                line.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The namespaces that exist (`ip netns list`).
+pub fn existing_namespaces() -> Result<Vec<String>> {
+    let out = Cmd::new("ip").args(["netns", "list"]).run()?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
+}
+
+/// The background processes of a lab: pid-file name and command name.
+const RECORDED: [(&str, &str); 4] = [
+    ("dnsmasq", "dnsmasq"),
+    ("serve-http", "qubes-lab"),
+    ("iperf3", "iperf3"),
+    (service::PROCESS, "sys-firewall"),
+];
+
+/// Removes a lab: stops every process in its namespaces, deletes the namespaces, their
+/// /etc/netns directories and the state directory. Idempotent; works from the state file, or,
+/// when that is gone, from the default topology's names.
+pub fn down(name: &str, verbose: bool) -> Result<()> {
+    check_lab_name(name)?;
+    state::need_root()?;
+    let paths = Paths::new(name);
+    let mut candidates: Vec<String> = LabState::read(&paths)
+        .map(|s| s.namespaces)
+        .unwrap_or_default();
+    for ns in TopologySpec::default_spec()?.resolve(name)?.namespaces() {
+        if !candidates.contains(&ns) {
+            candidates.push(ns);
+        }
+    }
+    let existing = existing_namespaces()?;
+    let ours: Vec<&String> = candidates.iter().filter(|c| existing.contains(c)).collect();
+    let mut problems: Vec<String> = Vec::new();
+    let mut pids = Vec::new();
+    for ns in &ours {
+        match procs::ns_pids(ns) {
+            Ok(p) => pids.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for pid in procs::recorded_pids(&paths, &RECORDED) {
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    if let Err(e) = procs::stop(&pids, Duration::from_secs(3)) {
+        problems.push(e.to_string());
+    }
+    for ns in &ours {
+        if let Err(e) = Cmd::new("ip").args(["netns", "del", ns]).run() {
+            problems.push(e.to_string());
+        }
+    }
+    for ns in &candidates {
+        let dir = netvm::etc_netns(ns);
+        if dir.exists() {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                problems.push(format!("cannot remove {}: {e}", dir.display()));
+            }
+        }
+    }
+    if paths.dir.exists() {
+        if let Err(e) = fs::remove_dir_all(&paths.dir) {
+            problems.push(format!("cannot remove {}: {e}", paths.dir.display()));
+        }
+    }
+    let after = existing_namespaces()?;
+    let left: Vec<&String> = candidates.iter().filter(|c| after.contains(c)).collect();
+    if !left.is_empty() {
+        problems.push(format!(
+            "namespaces still there: {}",
+            left.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let prefix = format!("{name}-");
+    let strangers: Vec<&String> = after
+        .iter()
+        .filter(|n| n.starts_with(&prefix) && !candidates.contains(n))
+        .collect();
+    if !strangers.is_empty() {
+        eprintln!(
+            "qubes-lab: left alone (not recorded as part of lab {name}): {}",
+            strangers
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if verbose {
+        if ours.is_empty() {
+            println!("lab {name}: nothing to remove");
+        } else {
+            println!(
+                "lab {name} removed: {} namespaces, {} processes",
+                ours.len(),
+                pids.len()
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        err(problems.join("\n"))
+    }
+}
+
+fn load(name: &str) -> Result<(LabState, Topology, Paths)> {
+    check_lab_name(name)?;
+    let paths = Paths::new(name);
+    let state = LabState::read(&paths)?;
+    let topo = state.topology()?;
+    Ok((state, topo, paths))
+}
+
+/// `status`: the qubes, namespaces, processes, and the service's own status.
+pub fn status(name: &str) -> Result<()> {
+    let (state, topo, paths) = load(name)?;
+    let existing = existing_namespaces()?;
+    println!(
+        "lab {name}: sys-firewall {}, state in {}",
+        state.firewall.as_str(),
+        paths.dir.display()
+    );
+    print!("{}", qube_table(&topo, state.firewall, Some(&existing)));
+    println!("\nprocesses:");
+    let mut names: Vec<(&str, String)> = world::PROCESSES
+        .iter()
+        .map(|(n, what)| (*n, what.to_string()))
+        .collect();
+    if state.firewall == FirewallKind::Rust {
+        names.push((service::PROCESS, "the sys-firewall service".to_string()));
+    }
+    for (n, what) in names {
+        let line = match procs::read_pid(&paths, n) {
+            Some(pid) if procs::alive(pid) => format!("running, pid {pid}"),
+            Some(pid) => format!("NOT RUNNING (pid {pid} gone)"),
+            None => "not started".to_string(),
+        };
+        println!(
+            "  {n:<13} {line:<22} {what} (log {})",
+            paths.log(n).display()
+        );
+    }
+    for ns in topo.namespaces() {
+        if existing.contains(&ns) {
+            let pids = procs::ns_pids(&ns)?;
+            if !pids.is_empty() {
+                let list: Vec<String> = pids
+                    .iter()
+                    .map(|p| format!("{p} {}", procs::comm(*p)))
+                    .collect();
+                println!("  in {ns}: {}", list.join(", "));
+            }
+        }
+    }
+    if state.firewall == FirewallKind::Rust {
+        println!("\nsys-firewall status:");
+        match service::status(&paths) {
+            Ok(out) => print!("{}", crate::cmd::indent(&out) + "\n"),
+            Err(e) => println!("{}", crate::cmd::indent(&e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// The namespace of a qube of the lab, or of `world`.
+fn namespace_of(topo: &Topology, qube: &str) -> Result<String> {
+    if qube == "world" {
+        Ok(world_ns(&topo.lab))
+    } else {
+        Ok(topo.get(qube)?.ns.clone())
+    }
+}
+
+/// `exec QUBE -- CMD...`: the command's exit status (128 + signal when killed).
+pub fn exec(name: &str, qube: &str, cmd: &[String]) -> Result<i32> {
+    let (_, topo, _) = load(name)?;
+    let ns = namespace_of(&topo, qube)?;
+    if !existing_namespaces()?.contains(&ns) {
+        return err(format!("namespace {ns} does not exist (is the lab up?)"));
+    }
+    let Some((program, args)) = cmd.split_first() else {
+        return err("exec: no command given (qubes-lab exec QUBE -- CMD...)");
+    };
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns, program])
+        .args(args)
+        .status()
+        .map_err(|e| Error(format!("cannot run ip netns exec {ns} {program}: {e}")))?;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// `firewall QUBE ARGS...`: qvm-firewall on the lab's store; when the rules changed, they are
+/// pushed to the netvm that enforces them. Returns qvm-firewall's exit status.
+pub fn firewall(name: &str, qube: &str, args: &[String]) -> Result<i32> {
+    let (state, topo, paths) = load(name)?;
+    let q = topo.get(qube)?;
+    let qvm = procs::workspace_binary("qvm-firewall", "QUBES_LAB_QVM_FIREWALL")?;
+    let _lock = state::lock(&paths)?;
+    let xml = paths
+        .store()
+        .join("appvms")
+        .join(&q.name)
+        .join("firewall.xml");
+    let before = fs::read(&xml).ok();
+    let status = Command::new(&qvm)
+        .arg("--store")
+        .arg(paths.store())
+        .arg(&q.name)
+        .args(args)
+        .status()
+        .map_err(|e| Error(format!("cannot run {}: {e}", qvm.display())))?;
+    if !status.success() {
+        return Ok(status.code().unwrap_or(1));
+    }
+    if fs::read(&xml).ok() != before {
+        push(&topo, &paths, state.firewall, q)?;
+    }
+    Ok(0)
+}
+
+/// Computes a qube's QubesDB entries from the store (as dom0 does on a rule change) and
+/// writes them into its netvm's tree.
+fn push(topo: &Topology, paths: &Paths, kind: FirewallKind, q: &Qube) -> Result<()> {
+    let Some(netvm) = topo.netvm_of(q) else {
+        eprintln!(
+            "qubes-lab: {} has no netvm: its rules are kept, and enforced nowhere (as in Qubes)",
+            q.name
+        );
+        return Ok(());
+    };
+    let ip =
+        q.ip.ok_or_else(|| Error(format!("{} has no ip", q.name)))?
+            .to_string();
+    let rules = Store::new(paths.store())
+        .load(&q.name)
+        .map_err(|e| Error(format!("rule store: {e}")))?;
+    let entries = config::rule_entries(&rules);
+    update_tree(paths, kind, netvm, &ip, |cfg| {
+        cfg.set_firewall(&ip, &entries)
+    })
+}
+
+/// Edits a netvm's tree and makes the netvm act on it: the service re-reads its file (and we
+/// wait until it reports the change applied); a Linux netvm's agent handles the client's
+/// address (`handle_addr`) and the connected IPs.
+fn update_tree(
+    paths: &Paths,
+    kind: FirewallKind,
+    netvm: &Qube,
+    client_ip: &str,
+    edit: impl FnOnce(&mut NetvmConfig),
+) -> Result<()> {
+    let path = paths.config(&netvm.name);
+    let mut cfg = NetvmConfig::read(&path)?;
+    let is_service = netvm.role == Role::Firewall && kind == FirewallKind::Rust;
+    let before = if is_service {
+        if !procs::read_pid(paths, service::PROCESS).is_some_and(procs::alive) {
+            return err(format!(
+                "the sys-firewall service is not running (see {}; `qubes-lab restart-firewall` \
+                 starts it); its configuration was not changed",
+                paths.log(service::PROCESS).display()
+            ));
+        }
+        service::config_generation(paths)
+    } else {
+        None
+    };
+    edit(&mut cfg);
+    cfg.write(&path)?;
+    if is_service {
+        service::wait_applied(paths, before)
+    } else {
+        let log = agent_log(paths, netvm);
+        netvm::agent_handle_addr(&netvm.ns, &cfg, client_ip, &log)?;
+        netvm::agent_connected_ips(&netvm.ns, &cfg)
+    }
+}
+
+/// The hidden `qubesdb-write QUBE KEY [VALUE]`: writes (or with `delete`, removes) a key in the
+/// tree of QUBE's netvm, then the base key `/qubes-firewall/<ip>` (dom0's commit), and lets the
+/// netvm act on it. A KEY without a leading `/` is relative to `/qubes-firewall/<ip>/`.
+pub fn qubesdb_write(name: &str, qube: &str, key: &str, value: Option<&str>) -> Result<()> {
+    let (state, topo, paths) = load(name)?;
+    let q = topo.get(qube)?;
+    let netvm = topo
+        .netvm_of(q)
+        .ok_or_else(|| Error(format!("{qube} has no netvm: there is no tree to write")))?;
+    let ip =
+        q.ip.ok_or_else(|| Error(format!("{qube} has no ip")))?
+            .to_string();
+    let full = if key.starts_with('/') {
+        key.to_string()
+    } else {
+        format!("/qubes-firewall/{ip}/{key}")
+    };
+    let _lock = state::lock(&paths)?;
+    update_tree(&paths, state.firewall, netvm, &ip, |cfg| {
+        match value {
+            Some(v) => {
+                cfg.qubesdb.insert(full.clone(), v.to_string());
+            }
+            None => {
+                cfg.qubesdb.remove(&full);
+            }
+        }
+        cfg.qubesdb
+            .insert(format!("/qubes-firewall/{ip}"), String::new());
+    })
+}
+
+/// `restart-firewall`: the service is stopped and started again (it must restore everything
+/// from its configuration); with `--firewall linux`, the qubes-firewall agent is restarted
+/// (`cleanup()` deletes its tables, the start rebuilds them from the tree).
+pub fn restart_firewall(name: &str) -> Result<()> {
+    let (state, topo, paths) = load(name)?;
+    let fw = topo
+        .firewall()
+        .ok_or_else(|| Error("the topology has no firewall qube".to_string()))?;
+    let _lock = state::lock(&paths)?;
+    match state.firewall {
+        FirewallKind::Rust => {
+            service::stop(&paths)?;
+            service::start(&paths, fw)?;
+            println!("sys-firewall service restarted");
+        }
+        FirewallKind::Linux => {
+            let cfg = NetvmConfig::read(&paths.config(&fw.name))?;
+            netvm::agent_restart(&fw.ns, &cfg, &agent_log(&paths, fw))?;
+            println!("qubes-firewall agent of {} restarted", fw.name);
+        }
+    }
+    Ok(())
+}
+
+/// `matrix`: the connectivity matrix of a running lab.
+pub fn matrix(name: &str) -> Result<()> {
+    let (state, topo, _) = load(name)?;
+    print!("{}", matrix_text(&topo, state.firewall)?);
+    Ok(())
+}

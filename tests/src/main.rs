@@ -1,0 +1,287 @@
+//! `qubes-lab`: the Qubes default netvm chain in Linux network namespaces (docs/lab.md).
+
+mod cmd;
+mod config;
+mod dns;
+mod lab;
+mod matrix;
+mod netvm;
+mod probe;
+mod procs;
+mod server;
+mod service;
+mod state;
+mod topology;
+mod world;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::state::FirewallKind;
+
+const ABOUT: &str = "\
+The Qubes default netvm chain in Linux network namespaces: sys-net, sys-firewall, the app
+qubes work, personal and untrusted, vault without network, and a world of 198.18.0.0/24
+behind sys-net (a web server at 198.18.0.10, a DNS server at 198.18.0.53 that knows
+web.test). Each qube is a namespace <name>-<qube>; each vif a veth pair named as Qubes
+names them. Needs root. See docs/lab.md.";
+
+#[derive(Debug, Parser)]
+#[command(name = "qubes-lab", version, about = "The Qubes netvm chain in network namespaces", long_about = ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct NameArg {
+    /// The lab's name: it prefixes every namespace (<name>-<qube>)
+    #[arg(long, value_name = "N", default_value = "lab")]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// A topology file (YAML, docs/lab.md); default: the Qubes default, built in
+    #[arg(long, value_name = "FILE")]
+    topology: Option<PathBuf>,
+    /// Which sys-firewall runs: the Linux kernel set up as Qubes does, or our service
+    #[arg(long, value_enum, env = "QUBES_LAB_FIREWALL", default_value = "rust")]
+    firewall: FirewallKind,
+    /// Do not check and print the connectivity matrix at the end
+    #[arg(long)]
+    no_matrix: bool,
+    /// When something fails, keep what was built (default: remove it)
+    #[arg(long)]
+    keep_on_error: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// The qube (or `world`)
+    qube: String,
+    /// The command, after `--`
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct FirewallArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// The qube whose rules to show or change
+    qube: String,
+    /// qvm-firewall's arguments after VMNAME: list, add [--before N] RULE..., del ..., reset
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct QubesdbWriteArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// The client qube whose netvm's tree to edit
+    qube: String,
+    /// The key: absolute (`/connected-ips`) or relative to `/qubes-firewall/<ip>/` (`0000`)
+    key: String,
+    /// The value (omit with --delete)
+    value: Option<String>,
+    /// Remove the key instead
+    #[arg(long, conflicts_with = "value")]
+    delete: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServeHttpArgs {
+    /// Addresses to answer plain HTTP on
+    #[arg(value_name = "ADDR:PORT")]
+    http: Vec<SocketAddr>,
+    /// Addresses to echo TCP on (connections stay open)
+    #[arg(long, value_name = "ADDR:PORT")]
+    echo: Vec<SocketAddr>,
+    /// Created once every address is bound
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProbeCommand {
+    /// TCP connect (and with --http, GET /)
+    Tcp {
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        http: bool,
+    },
+    /// One DNS A query over UDP
+    Dns {
+        name: String,
+        #[arg(long, default_value = "10.139.1.1")]
+        server: Ipv4Addr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// UDP datagrams with a forged source address, through a raw socket
+    Spoof {
+        #[arg(long)]
+        src: Ipv4Addr,
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long, default_value = "spoofed")]
+        payload: String,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+    },
+    /// Print the UDP datagrams arriving on ADDR:PORT for a while
+    UdpListen {
+        addr: SocketAddrV4,
+        #[arg(long, default_value_t = 3000)]
+        duration_ms: u64,
+    },
+    /// A TCP connection that stays open: each stdin line is sent and its echo awaited
+    Echo {
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bring a lab up (removing a stale one of the same name first) and print its connectivity
+    Up(UpArgs),
+    /// Remove a lab: processes, namespaces, /etc/netns entries, state (idempotent)
+    Down(NameArg),
+    /// Show a lab's qubes, namespaces, addresses, processes and the service's status
+    Status(NameArg),
+    /// Run a command inside a qube's namespace (or the world's), exit status passed through
+    Exec(ExecArgs),
+    /// qvm-firewall on the lab's rule store; changes are pushed to the running sys-firewall
+    Firewall(FirewallArgs),
+    /// Check and print the connectivity matrix of a running lab
+    Matrix(NameArg),
+    /// Restart the sys-firewall (the service, or the Linux qubes-firewall agent)
+    RestartFirewall(NameArg),
+    /// Write a raw key into a client's netvm's QubesDB tree (tests)
+    #[command(hide = true)]
+    QubesdbWrite(QubesdbWriteArgs),
+    /// The world's web server
+    #[command(hide = true)]
+    ServeHttp(ServeHttpArgs),
+    /// Network probes, run inside a namespace
+    #[command(hide = true, subcommand)]
+    Probe(ProbeCommand),
+    /// Write /proc/sys/PATH=VALUE (inside a namespace)
+    #[command(hide = true)]
+    Sysctl { settings: Vec<String> },
+}
+
+fn code(n: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(n.clamp(0, 255)).unwrap_or(1))
+}
+
+fn run(cli: Cli) -> cmd::Result<ExitCode> {
+    let ms = Duration::from_millis;
+    match cli.command {
+        Command::Up(a) => {
+            lab::up(&lab::UpOptions {
+                name: a.name.name,
+                topology: a.topology,
+                firewall: a.firewall,
+                matrix: !a.no_matrix,
+                keep_on_error: a.keep_on_error,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Down(a) => lab::down(&a.name, true).map(|_| ExitCode::SUCCESS),
+        Command::Status(a) => lab::status(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::Exec(a) => lab::exec(&a.name.name, &a.qube, &a.cmd).map(code),
+        Command::Firewall(a) => lab::firewall(&a.name.name, &a.qube, &a.args).map(code),
+        Command::Matrix(a) => lab::matrix(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::RestartFirewall(a) => lab::restart_firewall(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::QubesdbWrite(a) => {
+            let value =
+                if a.delete {
+                    None
+                } else {
+                    Some(a.value.ok_or_else(|| {
+                        cmd::Error("qubesdb-write: a VALUE, or --delete".to_string())
+                    })?)
+                };
+            lab::qubesdb_write(&a.name.name, &a.qube, &a.key, value.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ServeHttp(a) => {
+            server::serve(&a.http, &a.echo, a.ready_file.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe(p) => {
+            let ok = match p {
+                ProbeCommand::Tcp {
+                    dst,
+                    timeout_ms,
+                    http,
+                } => {
+                    let o = probe::tcp(dst, ms(timeout_ms), http);
+                    println!("{}", o.line());
+                    o.ok()
+                }
+                ProbeCommand::Dns {
+                    name,
+                    server,
+                    timeout_ms,
+                } => {
+                    let o = probe::dns(&name, server, ms(timeout_ms));
+                    println!("{}", o.line());
+                    o.ok()
+                }
+                ProbeCommand::Spoof {
+                    src,
+                    dst,
+                    payload,
+                    count,
+                } => {
+                    probe::spoof(src, dst, &payload, count)?;
+                    true
+                }
+                ProbeCommand::UdpListen { addr, duration_ms } => {
+                    probe::udp_listen(addr, ms(duration_ms))?;
+                    true
+                }
+                ProbeCommand::Echo { dst, timeout_ms } => probe::echo(dst, ms(timeout_ms))?,
+            };
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Sysctl { settings } => {
+            netvm::write_sysctls(&settings)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qubes-lab: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Our sys-firewall service in the lab (`--firewall rust`): `sys-firewall run --config
+//! <state>/sys-firewall.yaml --control <state>/control.sock` inside the sys-firewall namespace,
+//! in the background, with `<state>/sys-firewall.pid` and `<state>/sys-firewall.log`.
+//!
+//! Configuration changes reach it by rewriting the YAML file atomically; it re-reads the file
+//! when it changes. [`wait_applied`] is the one place that knows how to tell the change was
+//! applied.
+
+use std::path::PathBuf;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::cmd::{err, Cmd, Result};
+use crate::procs;
+use crate::state::Paths;
+use crate::topology::Qube;
+
+/// The pid-file and log-file name of the service.
+pub const PROCESS: &str = "sys-firewall";
+
+/// The sys-firewall binary: `$QUBES_LAB_SYS_FIREWALL`, else next to qubes-lab, else PATH.
+pub fn binary() -> Result<PathBuf> {
+    procs::workspace_binary("sys-firewall", "QUBES_LAB_SYS_FIREWALL")
+}
+
+/// Starts the service for the firewall qube `fw` and waits until it is ready, or fails with the
+/// end of its log. Ready means: `sys-firewall status` answers. The service binds its control
+/// socket before it attaches to the interfaces and answers requests only from its main loop,
+/// so an answer means the interfaces are attached and the configuration is applied.
+pub fn start(paths: &Paths, fw: &Qube) -> Result<()> {
+    let bin = binary()?;
+    let sock = paths.control_sock();
+    let _ = std::fs::remove_file(&sock);
+    let cmd = Cmd::in_ns(&fw.ns, &bin)
+        .arg("run")
+        .arg("--config")
+        .arg(paths.config(&fw.name))
+        .arg("--control")
+        .arg(&sock);
+    let mut child = procs::start(paths, PROCESS, &cmd)?;
+    procs::wait_ready(
+        &format!("the sys-firewall service ({})", cmd.display()),
+        &mut child,
+        &paths.log(PROCESS),
+        Duration::from_secs(10),
+        || sock.exists() && status(paths).is_ok(),
+    )
+}
+
+/// Stops the service (SIGTERM, then SIGKILL after 3 s).
+pub fn stop(paths: &Paths) -> Result<()> {
+    procs::stop_named(paths, PROCESS)
+}
+
+/// `sys-firewall status --control SOCK`: its output.
+pub fn status(paths: &Paths) -> Result<String> {
+    Cmd::new(binary()?)
+        .arg("status")
+        .arg("--control")
+        .arg(paths.control_sock())
+        .run()
+}
+
+/// The `config-generation N` the service reports, if it reports one.
+pub fn config_generation(paths: &Paths) -> Option<u64> {
+    status(paths).ok().and_then(|out| parse_generation(&out))
+}
+
+fn parse_generation(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("config-generation ")
+            .and_then(|n| n.trim().parse().ok())
+    })
+}
+
+/// Waits until the service has applied the configuration written after it reported
+/// generation `before`: its generation must grow. When the service reported no generation
+/// (no `status` yet), a short sleep is all we can do (best effort).
+pub fn wait_applied(paths: &Paths, before: Option<u64>) -> Result<()> {
+    let Some(before) = before else {
+        sleep(Duration::from_millis(500));
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match config_generation(paths) {
+            Some(g) if g > before => return Ok(()),
+            _ if Instant::now() >= deadline => {
+                return err(format!(
+                    "sys-firewall did not apply the new configuration within 5 s \
+                     (config-generation still {before}; see {})",
+                    paths.log(PROCESS).display()
+                ))
+            }
+            _ => sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_line() {
+        assert_eq!(
+            parse_generation("uptime 3\nconfig-generation 17\n"),
+            Some(17)
+        );
+        assert_eq!(parse_generation("config-generation x\n"), None);
+        assert_eq!(parse_generation(""), None);
+    }
+}

@@ -1,0 +1,654 @@
+//! End-to-end tests of the lab: each test brings up its own lab (a unique name, so tests run in
+//! parallel), checks traffic inside it, and tears it down, also when it fails (a Drop guard).
+//!
+//! The sys-firewall under test is `$QUBES_LAB_FIREWALL` (`rust` or `linux`; default `rust`),
+//! so the same tests judge the Linux kernel and our service. They need root (network
+//! namespaces): without it they print `SKIPPED: need root`, and fail when `CI` is set.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LAB: &str = env!("CARGO_BIN_EXE_qubes-lab");
+const WEB: &str = "198.18.0.10";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether the test can run; prints the skip, and fails the test under CI.
+fn can_run() -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: need root (the lab creates network namespaces)");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set: the lab tests must run (as root)"
+    );
+    false
+}
+
+/// The sys-firewall kind under test.
+fn kind() -> String {
+    std::env::var("QUBES_LAB_FIREWALL").unwrap_or_else(|_| "rust".to_string())
+}
+
+/// The workspace binaries the lab runs must sit next to qubes-lab: qvm-firewall always,
+/// sys-firewall for `rust`. `cargo test --workspace` builds them; `cargo test -p qubes-lab` may
+/// not, so build what is needed (once per test run; for sys-firewall always, so that it is not
+/// stale).
+fn ensure_binaries() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let dir = Path::new(LAB).parent().expect("target dir");
+        let mut wanted: Vec<(&str, &str)> = Vec::new();
+        if !dir.join("qvm-firewall").is_file() {
+            wanted.push(("qubes-rules", "qvm-firewall"));
+        }
+        if kind() == "rust" {
+            wanted.push(("sys-firewall", "sys-firewall"));
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let mut c = Command::new(env!("CARGO"));
+        c.arg("build");
+        for (package, bin) in &wanted {
+            c.args(["-p", package, "--bin", bin]);
+        }
+        if dir.ends_with("release") {
+            c.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            c.arg("--target-dir").arg(target);
+        }
+        c.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let st = c.status().expect("run cargo build");
+        assert!(st.success(), "building {wanted:?} failed");
+    });
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn output_text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A probe's line `STATUS MS DETAIL`.
+#[derive(Debug)]
+struct Outcome {
+    status: String,
+    ms: f64,
+    detail: String,
+}
+
+impl Outcome {
+    fn parse(line: &str) -> Outcome {
+        let mut it = line.trim().splitn(3, ' ');
+        let status = it.next().unwrap_or("").to_string();
+        let ms = it.next().and_then(|m| m.parse().ok()).unwrap_or(f64::NAN);
+        let detail = it.next().unwrap_or("").to_string();
+        Outcome { status, ms, detail }
+    }
+}
+
+/// A running lab, removed when dropped.
+struct Lab {
+    name: String,
+    torn_down: bool,
+}
+
+impl Lab {
+    /// A new lab with a unique name; None when the test is skipped.
+    fn up() -> Option<Lab> {
+        Self::up_with(&["--no-matrix"]).map(|(lab, _)| lab)
+    }
+
+    fn up_with(extra: &[&str]) -> Option<(Lab, String)> {
+        if !can_run() {
+            return None;
+        }
+        ensure_binaries();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t{}x{n}", std::process::id());
+        let lab = Lab {
+            name,
+            torn_down: false,
+        };
+        let out = lab.cmd_output(&["up", "--firewall", &kind()], extra);
+        assert!(out.status.success(), "up failed: {}", output_text(&out));
+        Some((lab, String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    /// `qubes-lab SUB --name N REST...`.
+    fn cmd_output(&self, sub: &[&str], rest: &[&str]) -> Output {
+        Command::new(LAB)
+            .args(sub)
+            .args(["--name", &self.name])
+            .args(rest)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run qubes-lab")
+    }
+
+    /// `qubes-lab SUB --name N REST...`, which must succeed; its stdout.
+    fn cmd(&self, sub: &[&str], rest: &[&str]) -> String {
+        let out = self.cmd_output(sub, rest);
+        assert!(
+            out.status.success(),
+            "qubes-lab {sub:?} {rest:?} failed: {}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ns(&self, qube: &str) -> String {
+        format!("{}-{qube}", self.name)
+    }
+
+    /// A probe run inside a qube.
+    fn probe(&self, qube: &str, args: &[&str]) -> Outcome {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns(qube), LAB, "probe"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run probe");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let o = Outcome::parse(stdout.lines().next().unwrap_or(""));
+        eprintln!("[{}] {qube}: probe {args:?} -> {o:?}", self.name);
+        o
+    }
+
+    fn tcp(&self, qube: &str, dst: &str, timeout_ms: u64, http: bool) -> Outcome {
+        let t = timeout_ms.to_string();
+        let mut args = vec!["tcp", dst, "--timeout-ms", &t];
+        if http {
+            args.push("--http");
+        }
+        self.probe(qube, &args)
+    }
+
+    fn dns(&self, qube: &str, server: &str) -> Outcome {
+        self.probe(
+            qube,
+            &[
+                "dns",
+                "web.test",
+                "--server",
+                server,
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+    }
+
+    /// `qubes-lab firewall QUBE ARGS...`, which must succeed.
+    fn firewall(&self, qube: &str, args: &[&str]) -> String {
+        let mut rest = vec![qube];
+        rest.extend_from_slice(args);
+        self.cmd(&["firewall"], &rest)
+    }
+
+    /// A background process inside a namespace, its stdout lines on a channel.
+    fn spawn_in(&self, ns: &str, args: &[&str]) -> Background {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, LAB])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn in namespace");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Background { child, stdin, rx }
+    }
+
+    /// `down`, then checks that nothing of the lab is left.
+    fn down(mut self) {
+        self.torn_down = true;
+        self.cmd(&["down"], &[]);
+        assert_nothing_left(&self.name);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.torn_down {
+            let _ = Command::new(LAB)
+                .args(["down", "--name", &self.name])
+                .stdin(Stdio::null())
+                .output();
+        }
+    }
+}
+
+struct Background {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: mpsc::Receiver<String>,
+}
+
+impl Background {
+    fn line(&self, within: Duration) -> Option<String> {
+        self.rx.recv_timeout(within).ok()
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to probe");
+        stdin.flush().expect("flush");
+    }
+
+    /// Every line until the process exits (at most `within`).
+    fn rest(mut self, within: Duration) -> Vec<String> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + within;
+        let mut lines = Vec::new();
+        while let Some(l) = self.line(deadline.saturating_duration_since(Instant::now())) {
+            lines.push(l);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        lines
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_nothing_left(name: &str) {
+    let prefix = format!("{name}-");
+    let left: Vec<String> = namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    let state = PathBuf::from("/run/qubes-lab").join(name);
+    assert!(!state.exists(), "{} left", state.display());
+    if let Ok(entries) = std::fs::read_dir("/etc/netns") {
+        let etc: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(etc.is_empty(), "/etc/netns entries left: {etc:?}");
+    }
+}
+
+#[test]
+fn work_reaches_the_world_over_http_and_resolves_names() {
+    let Some(lab) = Lab::up() else { return };
+    for server in ["10.139.1.1", "10.139.1.2"] {
+        let d = lab.dns("work", server);
+        assert_eq!(
+            (d.status.as_str(), d.detail.as_str()),
+            ("ok", WEB),
+            "dns via {server}"
+        );
+    }
+    let h = lab.tcp("work", "198.18.0.10:80", 3000, true);
+    assert_eq!(h.status, "ok", "{h:?}");
+    assert!(h.detail.contains("200"), "{h:?}");
+    // A real client: curl, resolving web.test through the qube's resolv.conf (10.139.1.1).
+    let out = lab.cmd_output(
+        &["exec"],
+        &["work", "--", "curl", "-sS", "-m", "5", "http://web.test/"],
+    );
+    assert!(out.status.success(), "curl: {}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("198.18.0.10:80"),
+        "{}",
+        output_text(&out)
+    );
+    let ping = lab.cmd_output(&["exec"], &["work", "--", "ping", "-c1", "-W2", "-n", WEB]);
+    assert!(ping.status.success(), "ping: {}", output_text(&ping));
+    lab.down();
+}
+
+#[test]
+fn untrusted_is_refused_at_once_with_admin_prohibited() {
+    let Some(lab) = Lab::up() else { return };
+    let started = Instant::now();
+    let r = lab.tcp("untrusted", "198.18.0.10:80", 5000, false);
+    let wall = started.elapsed();
+    assert_eq!(r.status, "rejected", "{r:?}");
+    assert!(r.detail.contains("admin-prohibited"), "{r:?}");
+    assert!(r.ms < 1000.0, "refusal took {} ms: not immediate", r.ms);
+    assert!(wall < Duration::from_secs(3), "probe took {wall:?}");
+    // What its rules allow: DNS and TCP 443.
+    let d = lab.dns("untrusted", "10.139.1.1");
+    assert_eq!(d.status, "ok", "{d:?}");
+    let s = lab.tcp("untrusted", "198.18.0.10:443", 3000, true);
+    assert_eq!(s.status, "ok", "{s:?}");
+    let ping = lab.cmd_output(
+        &["exec"],
+        &["untrusted", "--", "ping", "-c1", "-W2", "-n", WEB],
+    );
+    assert!(
+        !ping.status.success(),
+        "ping got through: {}",
+        output_text(&ping)
+    );
+    lab.down();
+}
+
+#[test]
+fn spoofed_sources_go_nowhere() {
+    let Some(lab) = Lab::up() else { return };
+    let listener = lab.spawn_in(
+        &lab.ns("world"),
+        &[
+            "probe",
+            "udp-listen",
+            "198.18.0.10:9999",
+            "--duration-ms",
+            "6000",
+        ],
+    );
+    assert_eq!(
+        listener.line(Duration::from_secs(5)).as_deref(),
+        Some("listening 198.18.0.10:9999")
+    );
+    let spoof = |src: &str, payload: &str| {
+        let out = lab.cmd_output(
+            &["exec"],
+            &[
+                "untrusted",
+                "--",
+                LAB,
+                "probe",
+                "spoof",
+                "--src",
+                src,
+                "--dst",
+                "198.18.0.10:9999",
+                "--payload",
+                payload,
+            ],
+        );
+        assert!(out.status.success(), "spoof: {}", output_text(&out));
+    };
+    // Another client's address, an outside address, the firewall's own address.
+    spoof("10.137.0.11", "forged-client");
+    spoof("198.18.0.99", "forged-outside");
+    spoof("10.137.0.6", "forged-gateway");
+    // With rules that accept everything, only the anti-spoofing stands in the way; the genuine
+    // source (sent the same way) gets through, so the listener does hear what arrives.
+    lab.firewall("untrusted", &["reset"]);
+    spoof("10.137.0.11", "forged-after-reset");
+    spoof("10.137.0.12", "genuine");
+    let lines = listener.rest(Duration::from_secs(8));
+    assert!(
+        lines.iter().any(|l| l.ends_with(" genuine")),
+        "the genuine datagram did not arrive: {lines:?}"
+    );
+    let forged: Vec<&String> = lines.iter().filter(|l| l.contains("forged")).collect();
+    assert!(forged.is_empty(), "forged datagrams arrived: {forged:?}");
+    lab.down();
+}
+
+#[test]
+fn vault_has_no_network() {
+    let Some(lab) = Lab::up() else { return };
+    let links = lab.cmd(&["exec"], &["vault", "--", "ip", "-o", "link"]);
+    let names: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .collect();
+    assert_eq!(names, ["lo"], "{links}");
+    let t = lab.tcp("vault", "198.18.0.10:80", 2000, false);
+    assert_eq!(
+        (t.status.as_str(), t.detail.as_str()),
+        ("unreachable", "no route")
+    );
+    let d = lab.dns("vault", "10.139.1.1");
+    assert_eq!(d.status, "unreachable", "{d:?}");
+    lab.down();
+}
+
+#[test]
+fn work_cannot_reach_personal() {
+    let Some(lab) = Lab::up() else { return };
+    let ready = PathBuf::from("/run/qubes-lab")
+        .join(&lab.name)
+        .join("personal-http.ready");
+    let ready_s = ready.to_string_lossy().into_owned();
+    let _server = lab.spawn_in(
+        &lab.ns("personal"),
+        &["serve-http", "10.137.0.11:80", "--ready-file", &ready_s],
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ready.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ready.exists(), "server in personal did not start");
+    // The server answers inside personal...
+    let own = lab.tcp("personal", "10.137.0.11:80", 2000, true);
+    assert_eq!(own.status, "ok", "{own:?}");
+    // ...but nothing gets there from the other qubes.
+    for from in ["work", "untrusted"] {
+        let o = lab.tcp(from, "10.137.0.11:80", 1500, false);
+        assert!(
+            o.status != "ok" && o.status != "refused",
+            "{from} reached personal: {o:?}"
+        );
+    }
+    let back = lab.tcp("personal", "10.137.0.10:80", 1500, false);
+    assert!(back.status != "ok" && back.status != "refused", "{back:?}");
+    lab.down();
+}
+
+#[test]
+fn a_rule_change_cuts_an_open_connection() {
+    let Some(lab) = Lab::up() else { return };
+    let mut echo = lab.spawn_in(
+        &lab.ns("work"),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "1500"],
+    );
+    let first = echo.line(Duration::from_secs(5));
+    assert_eq!(first.as_deref(), Some("connected"));
+    echo.send("one");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok one")
+    );
+    // Refuse the echo service, keep the rest.
+    lab.firewall(
+        "work",
+        &[
+            "add",
+            "--before",
+            "0",
+            "drop",
+            "dsthost=198.18.0.10",
+            "proto=tcp",
+            "dstports=8080",
+        ],
+    );
+    echo.send("two");
+    let after = echo.line(Duration::from_secs(5)).unwrap_or_default();
+    assert!(
+        after == "no answer" || after.starts_with("error"),
+        "the open connection still works after the rule change: {after:?}"
+    );
+    let again = lab.tcp("work", "198.18.0.10:8080", 3000, false);
+    assert_eq!(again.status, "rejected", "{again:?}");
+    let web = lab.tcp("work", "198.18.0.10:80", 3000, true);
+    assert_eq!(web.status, "ok", "{web:?}");
+    // And back.
+    lab.firewall("work", &["del", "--rule-no", "0"]);
+    let back = lab.tcp("work", "198.18.0.10:8080", 3000, false);
+    assert_eq!(back.status, "ok", "{back:?}");
+    drop(echo);
+    lab.down();
+}
+
+#[test]
+fn rules_that_do_not_parse_block_only_that_client() {
+    let Some(lab) = Lab::up() else { return };
+    assert_eq!(lab.dns("untrusted", "10.139.1.1").status, "ok");
+    // A rule without an action: the agent's "Rule 'proto=tcp' lack action".
+    lab.cmd(&["qubesdb-write"], &["untrusted", "0000", "proto=tcp"]);
+    let d = lab.dns("untrusted", "10.139.1.1");
+    assert!(d.status != "ok", "untrusted still resolves: {d:?}");
+    let s = lab.tcp("untrusted", "198.18.0.10:443", 3000, false);
+    assert_eq!(s.status, "rejected", "{s:?}");
+    for q in ["work", "personal"] {
+        let h = lab.tcp(q, "198.18.0.10:80", 3000, true);
+        assert_eq!(h.status, "ok", "{q}: {h:?}");
+        assert_eq!(lab.dns(q, "10.139.1.1").status, "ok", "{q}");
+    }
+    // Rules pushed again from the store fix it.
+    lab.firewall(
+        "untrusted",
+        &["add", "--before", "0", "accept", "proto=tcp", "dstports=80"],
+    );
+    let h = lab.tcp("untrusted", "198.18.0.10:80", 3000, true);
+    assert_eq!(h.status, "ok", "{h:?}");
+    lab.down();
+}
+
+#[test]
+fn restarting_the_firewall_restores_enforcement_from_the_tree() {
+    // For `rust` the service is stopped and started and must rebuild everything from its
+    // configuration file; for `linux` the qubes-firewall agent is restarted (its tables are
+    // deleted and rebuilt from the tree), which is what upstream's service restart does.
+    let Some(lab) = Lab::up() else { return };
+    lab.firewall(
+        "untrusted",
+        &["add", "--before", "0", "accept", "proto=tcp", "dstports=80"],
+    );
+    lab.cmd(&["restart-firewall"], &[]);
+    let h = lab.tcp("untrusted", "198.18.0.10:80", 3000, true);
+    assert_eq!(h.status, "ok", "the tree's rule is lost: {h:?}");
+    let r = lab.tcp("untrusted", "198.18.0.10:22", 3000, false);
+    assert_eq!(r.status, "rejected", "{r:?}");
+    let w = lab.tcp("work", "198.18.0.10:80", 3000, true);
+    assert_eq!(w.status, "ok", "{w:?}");
+    let p = lab.tcp("work", "10.137.0.11:80", 1000, false);
+    assert_eq!(p.status, "timeout", "{p:?}");
+    lab.down();
+}
+
+#[test]
+fn up_prints_the_expected_matrix() {
+    let Some((lab, out)) = Lab::up_with(&[]) else {
+        return;
+    };
+    let matrix = out
+        .split_once("Connectivity checked live")
+        .map(|(_, m)| m)
+        .unwrap_or_else(|| panic!("no matrix in:\n{out}"));
+    let row = |q: &str| -> Vec<bool> {
+        let line = matrix
+            .lines()
+            .find(|l| l.starts_with(&format!("{q} ")))
+            .unwrap_or_else(|| panic!("no row {q} in:\n{out}"));
+        line.chars()
+            .filter(|c| *c == '✓' || *c == '✗')
+            .map(|c| c == '✓')
+            .collect()
+    };
+    // ping, dns, http :80, :443, other qube
+    assert_eq!(row("work"), [true, true, true, true, false], "{out}");
+    assert_eq!(row("personal"), [true, true, true, true, false], "{out}");
+    assert_eq!(row("untrusted"), [false, true, false, true, false], "{out}");
+    assert_eq!(row("vault"), [false; 5], "{out}");
+    lab.down();
+}
+
+#[test]
+fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
+    let Some(lab) = Lab::up() else { return };
+    let status = lab.cmd(&["status"], &[]);
+    assert!(status.contains("serve-http"), "{status}");
+    // A second `up` of the same name replaces the first.
+    lab.cmd(&["up", "--firewall", &kind(), "--no-matrix"], &[]);
+    // A crash that lost the state directory: `up` still finds the old namespaces.
+    std::fs::remove_dir_all(PathBuf::from("/run/qubes-lab").join(&lab.name)).expect("rm state");
+    lab.cmd(&["up", "--firewall", &kind(), "--no-matrix"], &[]);
+    let pids: Vec<u32> = ["world", "sys-firewall"]
+        .iter()
+        .flat_map(|q| {
+            let out = Command::new("ip")
+                .args(["netns", "pids", &lab.ns(q)])
+                .output()
+                .expect("ip netns pids");
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert!(!pids.is_empty());
+    let name = lab.name.clone();
+    lab.down();
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .unwrap_or("gone");
+        assert!(
+            matches!(state, "gone" | "Z" | "X"),
+            "pid {pid} still runs ({state})"
+        );
+    }
+    // `down` again is a no-op.
+    let again = Command::new(LAB)
+        .args(["down", "--name", &name])
+        .output()
+        .expect("down");
+    assert!(again.status.success(), "{}", output_text(&again));
+    // Nothing reached the host's own network namespace.
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(": wan0"), "{links}");
+}
