@@ -15,7 +15,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test"
+echo "== cargo test (the lab runs our sys-firewall service)"
 cargo test --workspace --locked
+echo "== the lab's end-to-end tests again, against the Linux kernel sys-firewall (the baseline)"
+QUBES_LAB_FIREWALL=linux cargo test --locked -p qubes-lab --test lab_e2e
 echo "== benchmarks build"
 cargo bench --workspace --locked --no-run

@@ -236,25 +236,20 @@ pub struct MatchRule {
 pub fn read_rules<'a>(
     entries: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<Vec<AgentRule>, RuleParseError> {
-    let mut map: Vec<(&str, &str)> = Vec::new();
+    // Sorted by key, a later entry with the same key winning, as the Python dict
+    // comprehension and `sorted()` give.
+    let mut map: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
     for (k, v) in entries {
         let key = if k.starts_with('/') {
             k.split('/').nth(3).unwrap_or("")
         } else {
             k
         };
-        // A later entry with the same key wins, as in the Python dict comprehension.
-        if let Some(slot) = map.iter_mut().find(|(mk, _)| *mk == key) {
-            slot.1 = v;
-        } else {
-            map.push((key, v));
-        }
+        map.insert(key, v);
     }
-    let Some(pos) = map.iter().position(|(k, _)| *k == "policy") else {
+    let Some(policy) = map.remove("policy") else {
         return perr("No 'policy' defined");
     };
-    let (_, policy) = map.remove(pos);
-    map.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut rules = Vec::with_capacity(map.len() + 1);
     for (ruleno, rule) in map {
         if ruleno.len() != 4 || !ruleno.bytes().all(|b| b.is_ascii_digit()) {

@@ -188,6 +188,14 @@ const ICMP4_ERROR_MAX: usize = 576;
 /// ICMPv6 errors must fit the IPv6 minimum MTU (RFC 4443 2.4 (c)).
 const ICMP6_ERROR_MAX: usize = 1280;
 
+/// RFC 791's reassembly key: source, destination, protocol, identification.
+type FragKey = (IpAddr, IpAddr, u8, u16);
+
+fn frag_key(ip_header: &[u8]) -> Option<FragKey> {
+    let ip = wire::parse_ipv4_header_only(ip_header).ok()?;
+    Some((ip.src, ip.dst, ip.proto, wire::be16(ip_header, 4)))
+}
+
 #[derive(Debug, Clone)]
 struct NameEntry {
     addrs: Option<Vec<IpAddr>>,
@@ -241,6 +249,9 @@ pub struct Engine {
     local_ports: Vec<u16>,
     /// Events from building the engine, handed out with the first call that has an outbox.
     deferred: Vec<Event>,
+    /// Where each held IPv4 datagram came in (`None`: the uplink; else the client's vif), so
+    /// a reassembly timeout is answered back through that interface and nowhere else.
+    frag_ingress: BTreeMap<FragKey, (Option<String>, u64)>,
     ip_id: u16,
     scratch: Vec<u8>,
     build: Vec<u8>,
@@ -264,6 +275,7 @@ impl Engine {
             uplink_counters: Counters::default(),
             local_ports: Vec::new(),
             deferred: Vec::new(),
+            frag_ingress: BTreeMap::new(),
             ip_id: (config.seed as u16) ^ 0x5a5a,
             scratch: Vec::with_capacity(65_536),
             build: Vec::with_capacity(2048),
@@ -393,7 +405,10 @@ impl Engine {
                         let keep = prev.cfg.ip == cc.ip && prev.cfg.ip6 == cc.ip6;
                         remap.push((o, keep.then_some(new_id)));
                     }
-                    let rules_changed = prev.cfg.rules != cc.rules || prev.cfg.rules6 != cc.rules6;
+                    // A client gaining or losing IPv6 needs its IPv6 rules (re)read too.
+                    let rules_changed = prev.cfg.rules != cc.rules
+                        || prev.cfg.rules6 != cc.rules6
+                        || prev.cfg.ip6 != cc.ip6;
                     prev.cfg = cc.clone();
                     if rules_changed {
                         self.compile(&mut prev, new_id, out);
@@ -618,8 +633,13 @@ impl Engine {
 
     fn expire_frags(&mut self, now: u64, out: &mut Outbox) {
         if self.frags.held_datagrams() == 0 {
+            // Datagrams evicted for space leave their ingress behind; nothing is held now.
+            self.frag_ingress.clear();
             return;
         }
+        let horizon = self.cfg.frag.timeout_ns.saturating_mul(2);
+        self.frag_ingress
+            .retain(|_, (_, seen)| now.saturating_sub(*seen) <= horizon);
         let mut expired_heads: Vec<Vec<u8>> = Vec::new();
         self.frags
             .expire(now, |head| expired_heads.push(head.to_vec()));
@@ -631,14 +651,29 @@ impl Engine {
     /// ICMP "fragment reassembly time exceeded" (RFC 792, type 11 code 1) to whoever sent the
     /// fragments, when they were a client or came from the uplink.
     fn frag_timeout(&mut self, head: &[u8], out: &mut Outbox) {
-        let Ok(ip) = wire::parse_ipv4_header_only(head) else {
+        let Some(key) = frag_key(head) else {
             return;
         };
-        let IpAddr::V4(src) = ip.src else { return };
-        if let Some(&ci) = self.by_ip4.get(&src) {
-            self.icmp4_error(ci as IfaceId + 1, head, 11, 1, 0, out);
-        } else {
-            self.icmp4_error(UPLINK, head, 11, 1, 0, out);
+        let Some((ingress, _)) = self.frag_ingress.remove(&key) else {
+            return;
+        };
+        match ingress {
+            // Back into the vif it came from, if that client is still there with that address.
+            Some(vif) => {
+                let Some(i) = self.clients.iter().position(|c| c.cfg.vif == vif) else {
+                    return;
+                };
+                if IpAddr::V4(self.clients[i].cfg.ip) != key.0 {
+                    return;
+                }
+                self.icmp4_error(i as IfaceId + 1, head, 11, 1, 0, out);
+            }
+            None => {
+                if self.client_by_ip(&key.0).is_some() || Some(key.0) == self.our_ip(false) {
+                    return;
+                }
+                self.icmp4_error(UPLINK, head, 11, 1, 0, out);
+            }
         }
     }
 
@@ -718,19 +753,42 @@ impl Engine {
         out: &mut Outbox,
     ) -> Reason {
         // Spoofed fragments are dropped before they take reassembly memory.
-        if let Some(c) = ci {
-            if ip.src != IpAddr::V4(self.clients[c].cfg.ip) {
-                return Reason::Spoofed;
+        match ci {
+            Some(c) => {
+                if ip.src != IpAddr::V4(self.clients[c].cfg.ip) {
+                    return Reason::Spoofed;
+                }
+            }
+            None => {
+                if self.client_by_ip(&ip.src).is_some() || Some(ip.src) == self.our_ip(false) {
+                    return Reason::Spoofed;
+                }
             }
         }
         // A stale partial datagram must not be completed by a late fragment.
         self.expire_frags(now, out);
-        let datagram = match self.frags.push(now, &frame[ip.off..ip.end()]) {
+        let packet = &frame[ip.off..ip.end()];
+        let key = frag_key(packet);
+        let datagram = match self.frags.push(now, packet) {
             Ok(Some(d)) => d,
-            // Held until the rest arrives: not a drop.
-            Ok(None) => return Reason::Accepted,
-            Err(_) => return Reason::Malformed,
+            Ok(None) => {
+                if let Some(k) = key {
+                    let vif = ci.map(|c| self.clients[c].cfg.vif.clone());
+                    self.frag_ingress.entry(k).or_insert((vif, now));
+                }
+                // Held until the rest arrives: not a drop.
+                return Reason::Accepted;
+            }
+            Err(_) => {
+                if let Some(k) = key {
+                    self.frag_ingress.remove(&k);
+                }
+                return Reason::Malformed;
+            }
         };
+        if let Some(k) = key {
+            self.frag_ingress.remove(&k);
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         buf.extend_from_slice(&frame[..ETH_LEN]);
@@ -1057,6 +1115,10 @@ impl Engine {
             return consumed(Reason::NoFlow);
         };
         let key = self.conntrack.get(flow).key;
+        // An ICMP flow lets back only the reply to the query that opened it.
+        if l4p == Proto4::Icmp && Some(l4.icmp_type) != icmp_reply_type(ip.v6, key.dport) {
+            return consumed(Reason::NoFlow);
+        }
         let Some(ci) = (key.client as usize).checked_sub(1) else {
             return consumed(Reason::NoFlow);
         };
@@ -1671,6 +1733,18 @@ fn is_icmp_query(v6: bool, ty: u8) -> bool {
         ty == 128
     } else {
         matches!(ty, 8 | 13 | 15 | 17)
+    }
+}
+
+/// The reply type to an ICMP query type.
+fn icmp_reply_type(v6: bool, request: u16) -> Option<u8> {
+    match (v6, request) {
+        (false, 8) => Some(0),
+        (false, 13) => Some(14),
+        (false, 15) => Some(16),
+        (false, 17) => Some(18),
+        (true, 128) => Some(129),
+        _ => None,
     }
 }
 
