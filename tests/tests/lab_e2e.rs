@@ -652,3 +652,77 @@ fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert!(!links.contains(": wan0"), "{links}");
 }
+
+#[test]
+fn dsthost_rules_are_resolved_by_the_firewall_itself() {
+    // untrusted may use DNS and port 443 only. A rule naming web.test lets port 80 through once
+    // the firewall has looked the name up (our service: its own DNS query through the uplink
+    // from its own address; Linux: the agent's getaddrinfo in the firewall qube).
+    let Some(lab) = Lab::up() else { return };
+    assert_eq!(
+        lab.tcp("untrusted", "198.18.0.10:80", 3000, true).status,
+        "rejected"
+    );
+    lab.firewall(
+        "untrusted",
+        &["add", "--before", "0", "accept", "web.test", "tcp", "80"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = lab.tcp("untrusted", "198.18.0.10:80", 3000, true);
+    while last.status != "ok" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        last = lab.tcp("untrusted", "198.18.0.10:80", 3000, true);
+    }
+    assert_eq!(last.status, "ok", "web.test was not resolved: {last:?}");
+    // A name that does not resolve: our service fails closed for that accept rule only (it
+    // matches nothing); upstream's agent blocks the whole client.
+    lab.firewall(
+        "untrusted",
+        &[
+            "add",
+            "--before",
+            "0",
+            "accept",
+            "nowhere.test",
+            "tcp",
+            "8080",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let r = lab.tcp("untrusted", "198.18.0.10:8080", 3000, false);
+    assert_eq!(r.status, "rejected", "{r:?}");
+    let web = lab.tcp("untrusted", "198.18.0.10:443", 3000, true);
+    if kind() == "rust" {
+        assert_eq!(web.status, "ok", "{web:?}");
+    } else {
+        assert_ne!(web.status, "ok", "upstream blocks the client: {web:?}");
+    }
+    lab.down();
+}
+
+#[test]
+fn stopping_the_service_leaves_clients_without_forwarding() {
+    if kind() != "rust" {
+        eprintln!("not applicable to the Linux sys-firewall: stopping its agent leaves the kernel forwarding established flows, as upstream");
+        return;
+    }
+    let Some(lab) = Lab::up() else { return };
+    assert_eq!(lab.tcp("work", "198.18.0.10:80", 3000, true).status, "ok");
+    let pid_file = format!("/run/qubes-lab/{}/sys-firewall.pid", lab.name);
+    let pid = std::fs::read_to_string(&pid_file).expect("service pid file");
+    let st = Command::new("kill")
+        .args(["-TERM", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(500));
+    // Fail closed: the kernel does not forward for the clients.
+    let h = lab.tcp("work", "198.18.0.10:80", 1000, true);
+    assert_ne!(
+        h.status, "ok",
+        "traffic still flows with the service stopped: {h:?}"
+    );
+    lab.cmd(&["restart-firewall"], &[]);
+    assert_eq!(lab.tcp("work", "198.18.0.10:80", 3000, true).status, "ok");
+    lab.down();
+}
