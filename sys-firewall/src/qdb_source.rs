@@ -73,6 +73,12 @@ impl QubesDbSource {
         self.to_report.insert(addr.to_string());
     }
 
+    /// Takes every client's current entries as committed on the next [`Self::desired`]: what
+    /// the agent does on SIGHUP (it re-reads all targets).
+    pub fn recommit_all(&mut self) {
+        self.started = false;
+    }
+
     /// The configuration as it stands: the tree with each client's rules as last committed.
     pub fn desired(&mut self) -> Result<Desired, ServiceError> {
         let tree = self.read_tree()?;

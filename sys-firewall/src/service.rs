@@ -367,7 +367,10 @@ impl Service {
         let desired = match &self.opts.source {
             Source::Yaml(p) => load_yaml(p).map_err(|e| e.0)?,
             Source::QubesDb { .. } => match &mut self.qdb {
-                Some(q) => q.desired().map_err(|e| e.0)?,
+                Some(q) => {
+                    q.recommit_all();
+                    q.desired().map_err(|e| e.0)?
+                }
                 None => return Err("no QubesDB connection".into()),
             },
         };

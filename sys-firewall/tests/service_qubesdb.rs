@@ -251,9 +251,22 @@ fn commit_protocol_handled_blocking_and_vifs() {
     wait_handled(&mut c, 2);
     assert!(lab.status().contains("rules 3 "), "{}", lab.status());
 
+    // SIGHUP re-reads every client's rules, committed or not, as the agent's reload does.
+    c.write(
+        &format!("/qubes-firewall/{CLIENT}/0003"),
+        b"action=drop proto=udp",
+    )
+    .expect("write");
+    let pid = lab.service.as_ref().expect("service").id();
+    let _ = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status();
+    wait_handled(&mut c, 3);
+    assert!(lab.status().contains("rules 4 "), "{}", lab.status());
+
     // Rules that do not parse block the client (fail closed).
     push_rules(&mut c, &["proto=tcp".to_string()]);
-    wait_handled(&mut c, 3);
+    wait_handled(&mut c, 4);
     let s = lab.status();
     assert!(s.contains("BLOCKED"), "{s}");
     assert!(s.contains("lack action"), "{s}");
