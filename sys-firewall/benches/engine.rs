@@ -17,7 +17,7 @@
 //!   policy (`drop`). The traffic is accepted by the LAST numbered rule (the one just before the
 //!   policy), `action=accept proto=tcp dst4=198.18.0.0/15 dstports=443-443`, so rule lookup is
 //!   as deep as the rule set goes. Rules are compiled once per client; the 1,000 x 10,000 setup
-//!   is estimated from a 10-client probe first and skipped if it would take over 30 s;
+//!   is estimated from a 10-client probe first and skipped if it would take over 120 s;
 //! - conntrack memory per flow: `ConnTrack::bytes_per_flow`, and the measured RSS growth
 //!   (`/proc/self/statm`) while a fresh engine fills 100,000 flows;
 //! - allocations per packet, counted by a wrapping global allocator (target 0 on the
@@ -100,7 +100,7 @@ const RSS_FLOWS: usize = 100_000;
 /// Bytes restored before every packet: all headers the engine may rewrite.
 const HDR: usize = 64;
 /// Setup budget for a configuration (extrapolated from a probe for the largest one).
-const SETUP_BUDGET: Duration = Duration::from_secs(30);
+const SETUP_BUDGET: Duration = Duration::from_secs(120);
 /// Clients in the probe that estimates the 1,000 x 10,000 setup.
 const PROBE_CLIENTS: usize = 10;
 
@@ -785,14 +785,8 @@ fn run_config(clients: usize, rules: usize) -> Outcome {
             "  {clients} clients x {rules} rules: probe estimates {est:.1}s setup{mem}; building"
         );
     }
+    // Once built, measured, however long the setup took: the figure is what matters.
     let (engine, gen, setup) = build(clients, rules);
-    if gen + setup > SETUP_BUDGET {
-        let t = (gen + setup).as_secs_f64();
-        return Outcome::Skipped(
-            format!("skipped (setup {t:.0}s)"),
-            format!("{clients} clients x {rules} rules: setup took {t:.0} s"),
-        );
-    }
     let mut b = Bench::new(engine, clients);
     b.open_flows();
     let est = measure_established(&mut b);

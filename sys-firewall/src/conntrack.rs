@@ -1667,55 +1667,6 @@ mod tests {
         assert_eq!(ct.create(0, udp(102), None), Ok(FlowId(10)));
     }
 
-    /// Rough cost of the hot path, for a table that fits in cache and for a full default-sized
-    /// one probed in random order (DRAM-latency bound; real traffic revisits hot flows):
-    /// `cargo test --release -p sys-firewall conntrack::tests::perf -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn perf_lookup_update() {
-        for n in [1_024u32, 65_536] {
-            let mut ct = ConnTrack::new(n as usize, 1);
-            let mut keys = Vec::new();
-            for i in 0..n {
-                let k = key(
-                    L4::Tcp,
-                    1 + i % 8,
-                    (i / 8) as u16,
-                    v4(100, (i >> 16) as u8, (i >> 8) as u8, i as u8),
-                    443,
-                );
-                let id = ct.create(0, k, Some(TCP_SYN)).expect("room");
-                keys.push((k, flow(&ct, id).reply_key()));
-            }
-            let mut rng = SplitMix64(3);
-            let order: Vec<usize> = (0..1_000_000).map(|_| rng.below(n) as usize).collect();
-            let mut hits = 0usize;
-            let mut time = |f: &mut dyn FnMut(usize) -> usize| {
-                let t = std::time::Instant::now();
-                for &i in &order {
-                    hits += f(i);
-                }
-                t.elapsed().as_nanos() as f64 / order.len() as f64
-            };
-            time(&mut |i| usize::from(ct.lookup_original(&keys[i].0, 1).is_some()));
-            let lookup = time(&mut |i| usize::from(ct.lookup_original(&keys[i].0, 1).is_some()));
-            let reply = time(&mut |i| usize::from(ct.lookup_reply(&keys[i].1, 1).is_some()));
-            let both = time(&mut |i| match ct.lookup_original(&keys[i].0, 1) {
-                Some(id) => {
-                    ct.update(id, 1, Dir::Original, Some(TCP_ACK));
-                    1
-                }
-                None => 0,
-            });
-            assert_eq!(hits, 4 * order.len());
-            println!(
-                "{n} flows: lookup_original {lookup:.1} ns, lookup_reply {reply:.1} ns, \
-                 lookup_original+update {both:.1} ns; {} bytes/flow",
-                ct.bytes_per_flow()
-            );
-        }
-    }
-
     /// Differential test against a plain `Vec` model with its own (table-shaped) statement of
     /// the semantics: linear scans, no indexes, no heap, no lists.
     mod model {

@@ -39,6 +39,28 @@ pub enum Verdict {
     Consumed,
 }
 
+/// What the kernel left undone on a frame read from an AF_PACKET socket with its virtio_net
+/// header: the engine then forwards it as it is, without recomputing what the kernel will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offload {
+    /// The transport checksum field holds only the pseudo-header sum (`NEEDS_CSUM`); address
+    /// rewrites update that sum, and the receiving side computes the rest.
+    pub partial_csum: bool,
+    /// The kernel already verified the transport checksum (`DATA_VALID`).
+    pub csum_valid: bool,
+    /// A GSO super-frame: segments of this many payload bytes are what go on the wire.
+    pub gso_size: u16,
+}
+
+impl Offload {
+    /// A finished, wire-sized frame: everything is checked.
+    pub const NONE: Offload = Offload {
+        partial_csum: false,
+        csum_valid: false,
+        gso_size: 0,
+    };
+}
+
 /// What became of a frame: the counter it lands in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
@@ -249,6 +271,8 @@ pub struct Engine {
     local_ports: Vec<u16>,
     /// Events from building the engine, handed out with the first call that has an outbox.
     deferred: Vec<Event>,
+    /// The offload state of the frame being handled ([`Engine::handle_offloaded`]).
+    offload: Offload,
     /// Where each held IPv4 datagram came in (`None`: the uplink; else the client's vif), so
     /// a reassembly timeout is answered back through that interface and nowhere else.
     frag_ingress: BTreeMap<FragKey, (Option<String>, u64)>,
@@ -276,6 +300,7 @@ impl Engine {
             local_ports: Vec::new(),
             deferred: Vec::new(),
             frag_ingress: BTreeMap::new(),
+            offload: Offload::NONE,
             ip_id: (config.seed as u16) ^ 0x5a5a,
             scratch: Vec::with_capacity(65_536),
             build: Vec::with_capacity(2048),
@@ -680,6 +705,41 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
     // The packet path
 
+    /// [`Engine::handle`] for a frame whose checksum or segmentation the kernel left undone.
+    /// A forwarded frame keeps its offload state: the shell sends it with the same virtio_net
+    /// header, and the kernel finishes it.
+    pub fn handle_offloaded(
+        &mut self,
+        now: u64,
+        iface: IfaceId,
+        frame: &mut [u8],
+        offload: Offload,
+        out: &mut Outbox,
+    ) -> Verdict {
+        self.offload = offload;
+        let v = self.handle(now, iface, frame, out);
+        self.offload = Offload::NONE;
+        v
+    }
+
+    /// The length the packet has on the wire: a GSO super-frame goes out as segments of
+    /// `gso_size` payload bytes behind its headers.
+    fn wire_len(&self, frame: &[u8], ip: &Ip) -> usize {
+        if self.offload.gso_size == 0 {
+            return ip.len;
+        }
+        let t = ip.l4();
+        let l4h = match ip.proto {
+            wire::PROTO_TCP => frame.get(t + 12).map_or(20, |o| usize::from(o >> 4) * 4),
+            _ => 8,
+        };
+        (ip.hlen + l4h + usize::from(self.offload.gso_size)).min(ip.len)
+    }
+
+    fn verify_csum(&self) -> bool {
+        !(self.offload.partial_csum || self.offload.csum_valid)
+    }
+
     /// Handles one frame that arrived on `iface` at `now` (nanoseconds, monotonic).
     pub fn handle(
         &mut self,
@@ -885,7 +945,7 @@ impl Engine {
         } else if ip.src != IpAddr::V4(client.cfg.ip) {
             return consumed(Reason::Spoofed);
         }
-        let Some(l4) = wire::parse_l4(frame, &ip) else {
+        let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) else {
             return if matches!(
                 ip.proto,
                 wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
@@ -981,7 +1041,8 @@ impl Engine {
                 }
             }
         };
-        if usize::from(self.cfg.uplink.mtu) < ip.len && (ip.df || ip.v6) {
+        let wire_len = self.wire_len(frame, &ip);
+        if usize::from(self.cfg.uplink.mtu) < wire_len && (ip.df || ip.v6) {
             self.icmp_error(id, frame, &ip, IcmpKind::TooBig(self.cfg.uplink.mtu), out);
             return consumed(Reason::TooBig);
         }
@@ -1001,12 +1062,17 @@ impl Engine {
             self.netvm_mac
         };
         wire::set_macs(frame, &dst_mac, &self.cfg.uplink.mac);
-        rewrite_src(frame, &ip, our, nat_port);
+        rewrite_src(frame, &ip, our, nat_port, self.offload.partial_csum);
         decrement_ttl(frame, &ip);
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
         }
-        if usize::from(self.cfg.uplink.mtu) < ip.len {
+        if usize::from(self.cfg.uplink.mtu) < wire_len {
+            if self.offload != Offload::NONE {
+                // Fragments need finished checksums; an offloaded frame this big without DF
+                // is not something a sender's kernel produces.
+                return consumed(Reason::TooBig);
+            }
             // IPv4 without DF, too big: fragment (Linux ip_forward does).
             let end = ip.end();
             let mut buf = std::mem::take(&mut self.scratch);
@@ -1070,7 +1136,7 @@ impl Engine {
         if ip.dst != our {
             return consumed(Reason::NoFlow);
         }
-        let Some(l4) = wire::parse_l4(frame, &ip) else {
+        let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) else {
             return if matches!(
                 ip.proto,
                 wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
@@ -1130,17 +1196,21 @@ impl Engine {
             self.icmp_error(UPLINK, frame, &ip, IcmpKind::TimeExceeded, out);
             return consumed(Reason::TtlExceeded);
         }
-        if usize::from(client_mtu) < ip.len && (ip.df || ip.v6) {
+        let wire_len = self.wire_len(frame, &ip);
+        if usize::from(client_mtu) < wire_len && (ip.df || ip.v6) {
             self.icmp_error(UPLINK, frame, &ip, IcmpKind::TooBig(client_mtu), out);
             return consumed(Reason::TooBig);
         }
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
         self.conntrack.update(flow, now, Dir::Reply, tcp_flags);
         wire::set_macs(frame, &client_mac, &GATEWAY_MAC);
-        rewrite_dst(frame, &ip, key.src, key.sport);
+        rewrite_dst(frame, &ip, key.src, key.sport, self.offload.partial_csum);
         decrement_ttl(frame, &ip);
         let to = key.client;
-        if in_place && usize::from(client_mtu) < ip.len {
+        if in_place && usize::from(client_mtu) < wire_len {
+            if self.offload != Offload::NONE {
+                return consumed(Reason::TooBig);
+            }
             let end = ip.end();
             let mut buf = std::mem::take(&mut self.scratch);
             buf.clear();
@@ -1801,23 +1871,23 @@ fn ndp_lladdr(frame: &[u8], mut from: usize, end: usize, want: u8) -> Option<Mac
 
 /// Source NAT: source address to `addr`, source port (or ICMP query id) to `port`, with
 /// incremental checksum updates (RFC 1624).
-fn rewrite_src(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16) {
+fn rewrite_src(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16, partial: bool) {
     let (a_off, a_len) = if ip.v6 {
         (ip.off + 8, 16)
     } else {
         (ip.off + 12, 4)
     };
-    rewrite(frame, ip, a_off, a_len, addr, true, port);
+    rewrite(frame, ip, a_off, a_len, addr, true, port, partial);
 }
 
 /// Reverse NAT: destination address and port (or ICMP query id) back to the client's.
-fn rewrite_dst(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16) {
+fn rewrite_dst(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16, partial: bool) {
     let (a_off, a_len) = if ip.v6 {
         (ip.off + 24, 16)
     } else {
         (ip.off + 16, 4)
     };
-    rewrite(frame, ip, a_off, a_len, addr, false, port);
+    rewrite(frame, ip, a_off, a_len, addr, false, port, partial);
 }
 
 fn rewrite_dst_addr_only(frame: &mut [u8], ip: &Ip, addr: IpAddr) {
@@ -1850,6 +1920,9 @@ fn copy16(s: &[u8]) -> [u8; 16] {
     b
 }
 
+/// `partial`: the transport checksum field holds only the pseudo-header sum (an offloaded
+/// frame): address changes update that sum, the port change is left to whoever completes it.
+#[allow(clippy::too_many_arguments)]
 fn rewrite(
     frame: &mut [u8],
     ip: &Ip,
@@ -1858,6 +1931,7 @@ fn rewrite(
     addr: IpAddr,
     src: bool,
     port: u16,
+    partial: bool,
 ) {
     let new = addr_bytes(&addr);
     let old = copy16(&frame[a_off..a_off + a_len]);
@@ -1879,9 +1953,17 @@ fn rewrite(
         _ => t + 2,
     };
     let mut c = wire::be16(frame, csum_off);
-    let udp_none = ip.proto == wire::PROTO_UDP && c == 0 && !ip.v6;
     let old_port = wire::be16(frame, port_off);
     wire::put16(frame, port_off, port);
+    if partial {
+        // The field is the (uninverted) pseudo-header sum: RFC 1624 on its complement.
+        if pseudo {
+            let seed = !wire::csum_update(!c, &old[..a_len], &new[..a_len]);
+            wire::put16(frame, csum_off, seed);
+        }
+        return;
+    }
+    let udp_none = ip.proto == wire::PROTO_UDP && c == 0 && !ip.v6;
     if udp_none {
         return;
     }

@@ -44,6 +44,41 @@ impl VnetHdr {
     }
 }
 
+const F_DATA_VALID: u8 = 2;
+
+impl VnetHdr {
+    /// The header as the kernel wants it back: the same offloads (checksum, GSO) still to do.
+    pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
+        let mut b = [0u8; VNET_HDR_LEN];
+        b[0] = self.flags & F_NEEDS_CSUM;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b
+    }
+}
+
+/// The engine's view of a frame's offloads when it can forward the frame as it is: a partial
+/// checksum, a verified one, or a TCP/UDP GSO super-frame (which the kernel segments on the
+/// way out). `None`: an offload we do not forward whole (UFO), finished with [`finish`].
+pub fn pass_through(hdr: &VnetHdr) -> Option<crate::engine::Offload> {
+    let gso = hdr.gso_type & !GSO_ECN;
+    if !matches!(gso, GSO_NONE | GSO_TCPV4 | GSO_TCPV6 | GSO_UDP_L4) {
+        return None;
+    }
+    // GSO without a partial checksum cannot be segmented by the kernel.
+    if gso != GSO_NONE && hdr.flags & F_NEEDS_CSUM == 0 {
+        return None;
+    }
+    Some(crate::engine::Offload {
+        partial_csum: hdr.flags & F_NEEDS_CSUM != 0,
+        csum_valid: hdr.flags & F_DATA_VALID != 0,
+        gso_size: if gso == GSO_NONE { 0 } else { hdr.gso_size },
+    })
+}
+
 /// Why a frame could not be made wire-ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffloadError {

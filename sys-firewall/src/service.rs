@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{self, format_mac, EngineConfig, VifInfo};
 use crate::dns::{self, TYPE_A, TYPE_AAAA};
-use crate::engine::{Engine, Event, IfaceId, Outbox, Reason, Verdict, UPLINK};
+use crate::engine::{Engine, Event, IfaceId, Offload, Outbox, Reason, Verdict, UPLINK};
 use crate::offload::{self, VNET_HDR_LEN};
 use crate::qdb_source::QubesDbSource;
 use crate::replay::{DnsEntry, ReplayConfig};
@@ -483,43 +483,51 @@ impl Service {
             };
             let now = self.now();
             let frame = &mut buf[VNET_HDR_LEN..VNET_HDR_LEN + n];
-            if hdr.gso_type == 0 {
-                // The common case, without copies: finish the checksum if the sender left it
-                // to us, then forward in place.
-                if hdr.flags & 1 != 0
-                    && offload::complete_checksum(
-                        frame,
-                        usize::from(hdr.csum_start),
-                        usize::from(hdr.csum_offset),
-                    )
-                    .is_err()
-                {
-                    continue;
+            let verdict = match offload::pass_through(&hdr) {
+                // Forwarded as it came: the kernel on the other side finishes the checksum and
+                // cuts the segments, as it would have for a kernel router.
+                Some(o) if o == Offload::NONE => {
+                    self.engine.handle(now, iface, frame, &mut self.out)
                 }
-                if let Verdict::Forward(to) = self.engine.handle(now, iface, frame, &mut self.out) {
-                    self.send(to, frame);
+                Some(o) => self
+                    .engine
+                    .handle_offloaded(now, iface, frame, o, &mut self.out),
+                None => {
+                    // A kind of offload we do not forward whole: finish it here.
+                    let engine = &mut self.engine;
+                    let out = &mut self.out;
+                    let mut forwards: Vec<(IfaceId, Vec<u8>)> = Vec::new();
+                    let done = offload::finish(&hdr, frame, seg, |f| {
+                        if let Verdict::Forward(to) = engine.handle(now, iface, f, out) {
+                            forwards.push((to, f.to_vec()));
+                        }
+                    });
+                    if let Err(e) = done {
+                        tracing::debug!(iface = name, error = ?e, "frame with unusable offload header");
+                    }
+                    for (to, f) in &forwards {
+                        self.send(*to, f);
+                    }
+                    Verdict::Consumed
                 }
-                if self.out.frame_count() > 0 || !self.out.events.is_empty() {
-                    self.flush();
-                }
-                continue;
-            }
-            let engine = &mut self.engine;
-            let out = &mut self.out;
-            let mut forwards: Vec<(IfaceId, Vec<u8>)> = Vec::new();
-            let done = offload::finish(&hdr, frame, seg, |f| {
-                if let Verdict::Forward(to) = engine.handle(now, iface, f, out) {
-                    forwards.push((to, f.to_vec()));
-                }
-            });
-            if let Err(e) = done {
-                tracing::debug!(iface = name, error = ?e, "frame with unusable offload header");
-            }
-            for (to, f) in &forwards {
-                self.send(*to, f);
+            };
+            if let Verdict::Forward(to) = verdict {
+                self.send_with(to, &hdr, frame);
             }
             if self.out.frame_count() > 0 || !self.out.events.is_empty() {
                 self.flush();
+            }
+        }
+    }
+
+    /// Sends a forwarded frame with the offload header it came with.
+    fn send_with(&self, to: IfaceId, hdr: &offload::VnetHdr, frame: &[u8]) {
+        let Some(Some(name)) = self.by_id.get(to as usize) else {
+            return;
+        };
+        if let Some(s) = self.sockets.get(name) {
+            if let Err(e) = s.send_vnet(hdr, frame) {
+                tracing::debug!(iface = name.as_str(), error = %e, "send failed");
             }
         }
     }

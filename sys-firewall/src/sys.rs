@@ -164,7 +164,15 @@ impl PacketSocket {
     /// Sends one finished frame (no offloads asked of the kernel). A full socket buffer drops
     /// the frame, as a NIC queue would.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        let hdr = [0u8; VNET_HDR_LEN];
+        self.send_raw(&[0u8; VNET_HDR_LEN], frame)
+    }
+
+    /// Sends a frame with offloads left to the kernel (a partial checksum, GSO).
+    pub fn send_vnet(&self, hdr: &VnetHdr, frame: &[u8]) -> io::Result<()> {
+        self.send_raw(&hdr.to_bytes(), frame)
+    }
+
+    fn send_raw(&self, hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> io::Result<()> {
         let mut iov = [
             libc::iovec {
                 iov_base: hdr.as_ptr() as *mut libc::c_void,

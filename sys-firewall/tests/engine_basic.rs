@@ -172,3 +172,42 @@ fn arp_for_gateway_answered() {
     assert_eq!(&frames[0][22..28], &GATEWAY_MAC, "sender hardware address");
     assert_eq!(&frames[0][28..32], &[10, 137, 0, 6]);
 }
+
+/// A frame whose checksum the sender's kernel left to be finished (`NEEDS_CSUM`): the engine
+/// updates the pseudo-header seed for the NAT rewrite, and finishing it afterwards gives the
+/// right checksum for the rewritten packet.
+#[test]
+fn offloaded_partial_checksum_survives_nat() {
+    use sys_firewall::engine::Offload;
+    use sys_firewall::{offload, wire};
+    let mut e = engine(&[("policy", "drop"), ("0000", "action=accept")]);
+    let mut out = Outbox::new();
+    let mut f = tcp([10, 137, 0, 10], [198, 18, 0, 10], 40000, 80, true, false);
+    // Replace the full checksum by the seed a kernel leaves: the folded pseudo-header sum.
+    let seed = wire::fold(wire::pseudo_sum(
+        &"10.137.0.10".parse().expect("ip"),
+        &"198.18.0.10".parse().expect("ip"),
+        wire::PROTO_TCP,
+        f.len() - 34,
+    ));
+    f[50..52].copy_from_slice(&seed.to_be_bytes());
+    let off = Offload {
+        partial_csum: true,
+        ..Offload::NONE
+    };
+    assert_eq!(
+        e.handle_offloaded(1, 1, &mut f, off, &mut out),
+        Verdict::Forward(UPLINK)
+    );
+    offload::complete_checksum(&mut f, 34, 16).expect("finish");
+    let p = SlicedPacket::from_ethernet(&f).expect("parse");
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) = (&p.net, &p.transport) else {
+        panic!("not tcp");
+    };
+    assert_eq!(ip.header().source_addr().to_string(), "10.137.0.6");
+    let want = t
+        .to_header()
+        .calc_checksum_ipv4(&ip.header().to_header(), t.payload())
+        .expect("csum");
+    assert_eq!(t.checksum(), want);
+}
