@@ -966,22 +966,7 @@ impl Engine {
             // As on Linux: the client's own rules judge first (a refused destination gets
             // admin-prohibited), then new traffic into a vif is dropped silently
             // (`oifgroup 2 drop`).
-            let client = &self.clients[c];
-            let (pp, port) = match ip.proto {
-                wire::PROTO_TCP => (PacketProto::Tcp, l4.dport),
-                wire::PROTO_UDP => (PacketProto::Udp, l4.dport),
-                wire::PROTO_ICMP | wire::PROTO_ICMPV6 => {
-                    (PacketProto::Icmp, u16::from(l4.icmp_type))
-                }
-                p => (PacketProto::Other(p), 0),
-            };
-            let class = if ip.v6 {
-                &client.class6
-            } else {
-                &client.class4
-            };
-            let allowed = client.blocked.is_none()
-                && class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept;
+            let allowed = self.client_accepts(c, &ip, &l4);
             if !allowed {
                 self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
                 return consumed(Reason::RejectedByRule);
@@ -1017,20 +1002,7 @@ impl Engine {
         let flow = match self.conntrack.lookup_original(&key, now) {
             Some(f) => f,
             None => {
-                let client = &self.clients[c];
-                let allowed = client.blocked.is_none() && {
-                    let (pp, port) = match l4p {
-                        Proto4::Tcp => (PacketProto::Tcp, dport),
-                        Proto4::Udp => (PacketProto::Udp, dport),
-                        Proto4::Icmp => (PacketProto::Icmp, u16::from(l4.icmp_type)),
-                    };
-                    let class = if ip.v6 {
-                        &client.class6
-                    } else {
-                        &client.class4
-                    };
-                    class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept
-                };
+                let allowed = self.client_accepts(c, &ip, &l4);
                 if !allowed {
                     self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
                     return consumed(Reason::RejectedByRule);
@@ -1068,21 +1040,51 @@ impl Engine {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
         }
         if usize::from(self.cfg.uplink.mtu) < wire_len {
-            if self.offload != Offload::NONE {
-                // Fragments need finished checksums; an offloaded frame this big without DF
-                // is not something a sender's kernel produces.
-                return consumed(Reason::TooBig);
-            }
-            // IPv4 without DF, too big: fragment (Linux ip_forward does).
-            let end = ip.end();
-            let mut buf = std::mem::take(&mut self.scratch);
-            buf.clear();
-            buf.extend_from_slice(&frame[..end]);
-            self.send_ip(UPLINK, &buf, out);
-            self.scratch = buf;
-            return (Verdict::Consumed, Reason::Accepted);
+            return self.fragment_out(UPLINK, frame, &ip, out);
         }
         (Verdict::Forward(UPLINK), Reason::Accepted)
+    }
+
+    /// An IPv4 packet without DF too big for the next link: fragmented (Linux ip_forward does).
+    fn fragment_out(
+        &mut self,
+        to: IfaceId,
+        frame: &[u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> (Verdict, Reason) {
+        if self.offload != Offload::NONE {
+            // Fragments need finished checksums; an offloaded frame this big without DF is
+            // not something a sender's kernel produces.
+            return (Verdict::Consumed, Reason::TooBig);
+        }
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.extend_from_slice(&frame[..ip.end()]);
+        self.send_ip(to, &buf, out);
+        self.scratch = buf;
+        (Verdict::Consumed, Reason::Accepted)
+    }
+
+    /// Whether client `c`'s rules accept a new flow like this packet (always false for a
+    /// blocked client).
+    fn client_accepts(&self, c: usize, ip: &Ip, l4: &wire::L4) -> bool {
+        let client = &self.clients[c];
+        if client.blocked.is_some() {
+            return false;
+        }
+        let (pp, port) = match ip.proto {
+            wire::PROTO_TCP => (PacketProto::Tcp, l4.dport),
+            wire::PROTO_UDP => (PacketProto::Udp, l4.dport),
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 => (PacketProto::Icmp, u16::from(l4.icmp_type)),
+            p => (PacketProto::Other(p), 0),
+        };
+        let class = if ip.v6 {
+            &client.class6
+        } else {
+            &client.class4
+        };
+        class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept
     }
 
     /// Traffic addressed to the firewall's own address from a client: pings are answered,
@@ -1208,16 +1210,7 @@ impl Engine {
         decrement_ttl(frame, &ip);
         let to = key.client;
         if in_place && usize::from(client_mtu) < wire_len {
-            if self.offload != Offload::NONE {
-                return consumed(Reason::TooBig);
-            }
-            let end = ip.end();
-            let mut buf = std::mem::take(&mut self.scratch);
-            buf.clear();
-            buf.extend_from_slice(&frame[..end]);
-            self.send_ip(to, &buf, out);
-            self.scratch = buf;
-            return (Verdict::Consumed, Reason::Accepted);
+            return self.fragment_out(to, frame, &ip, out);
         }
         (Verdict::Forward(to), Reason::Accepted)
     }
