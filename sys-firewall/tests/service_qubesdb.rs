@@ -264,9 +264,21 @@ fn commit_protocol_handled_blocking_and_vifs() {
     wait_handled(&mut c, 3);
     assert!(lab.status().contains("rules 4 "), "{}", lab.status());
 
+    // `sys-firewall reload` does the same through the control socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_sys-firewall"))
+        .arg("reload")
+        .arg("--control")
+        .arg(lab.path("control.sock"))
+        .output()
+        .expect("reload");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("ok config-generation "), "{text}");
+    wait_handled(&mut c, 4);
+
     // Rules that do not parse block the client (fail closed).
     push_rules(&mut c, &["proto=tcp".to_string()]);
-    wait_handled(&mut c, 4);
+    wait_handled(&mut c, 5);
     let s = lab.status();
     assert!(s.contains("BLOCKED"), "{s}");
     assert!(s.contains("lack action"), "{s}");
