@@ -736,6 +736,21 @@ impl Engine {
         (ip.hlen + l4h + usize::from(self.offload.gso_size)).min(ip.len)
     }
 
+    /// The transport header, checked; a protocol we do not track counts as `other`.
+    fn transport(&self, frame: &[u8], ip: &Ip, other: Reason) -> Result<wire::L4, Reason> {
+        match wire::parse_l4_with(frame, ip, self.verify_csum()) {
+            Some(l4) => Ok(l4),
+            None if matches!(
+                ip.proto,
+                wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
+            ) =>
+            {
+                Err(Reason::Malformed)
+            }
+            None => Err(other),
+        }
+    }
+
     fn verify_csum(&self) -> bool {
         !(self.offload.partial_csum || self.offload.csum_valid)
     }
@@ -945,15 +960,9 @@ impl Engine {
         } else if ip.src != IpAddr::V4(client.cfg.ip) {
             return consumed(Reason::Spoofed);
         }
-        let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) else {
-            return if matches!(
-                ip.proto,
-                wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
-            ) {
-                consumed(Reason::Malformed)
-            } else {
-                consumed(Reason::Unsupported)
-            };
+        let l4 = match self.transport(frame, &ip, Reason::Unsupported) {
+            Ok(l4) => l4,
+            Err(r) => return consumed(r),
         };
         // To the firewall itself.
         if Some(ip.dst) == self.our_ip(ip.v6) {
@@ -1138,15 +1147,9 @@ impl Engine {
         if ip.dst != our {
             return consumed(Reason::NoFlow);
         }
-        let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) else {
-            return if matches!(
-                ip.proto,
-                wire::PROTO_TCP | wire::PROTO_UDP | wire::PROTO_ICMP | wire::PROTO_ICMPV6
-            ) {
-                consumed(Reason::Malformed)
-            } else {
-                consumed(Reason::NoFlow)
-            };
+        let l4 = match self.transport(frame, &ip, Reason::NoFlow) {
+            Ok(l4) => l4,
+            Err(r) => return consumed(r),
         };
         let (l4p, rport, nat_port, icmp_err) = match ip.proto {
             wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport, false),
