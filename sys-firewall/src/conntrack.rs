@@ -471,6 +471,8 @@ pub struct ConnTrack {
     unreplied_head: u32,
     unreplied_tail: u32,
     rng: SplitMix64,
+    /// Live flows per client, for per-client limits (client ids are ours, not a client's).
+    per_client: rustc_hash::FxHashMap<u32, u32>,
 }
 
 impl fmt::Debug for ConnTrack {
@@ -587,6 +589,7 @@ impl ConnTrack {
             unreplied_head: NIL,
             unreplied_tail: NIL,
             rng: SplitMix64(seed),
+            per_client: rustc_hash::FxHashMap::default(),
         }
     }
 
@@ -678,6 +681,7 @@ impl ConnTrack {
         self.sift_up(pos);
         self.list_push_back(id);
         self.len += 1;
+        *self.per_client.entry(key.client).or_insert(0) += 1;
         Ok(FlowId(id))
     }
 
@@ -898,6 +902,11 @@ impl ConnTrack {
         self.len
     }
 
+    /// Live flows of one client (including due ones not yet expired).
+    pub fn client_flows(&self, client: u32) -> usize {
+        self.per_client.get(&client).map_or(0, |&n| n as usize)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -950,6 +959,12 @@ impl ConnTrack {
             self.free_head = id;
         }
         self.len -= 1;
+        if let Some(n) = self.per_client.get_mut(&flow.key.client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&flow.key.client);
+            }
+        }
     }
 
     // --- unreplied list (FIFO by creation) ---
@@ -1091,6 +1106,13 @@ mod tests {
     fn check_invariants(ct: &ConnTrack) {
         let live: Vec<u32> = ct.iter().map(|(id, _)| id.0).collect();
         assert_eq!(live.len(), ct.len());
+        let mut per: std::collections::BTreeMap<u32, usize> = Default::default();
+        for (_, f) in ct.iter() {
+            *per.entry(f.key.client).or_default() += 1;
+        }
+        for (client, n) in per {
+            assert_eq!(ct.client_flows(client), n, "per-client count of {client}");
+        }
         assert_eq!(ct.orig.len(), ct.len());
         assert_eq!(ct.reply.len(), ct.len());
         assert_eq!(ct.timers.len(), ct.len());

@@ -751,6 +751,16 @@ impl Engine {
         }
     }
 
+    /// Most flows one client may hold: the whole table when it is alone, half of it when
+    /// there are others, so that a compromised qube cannot starve the rest.
+    fn per_client_cap(&self) -> usize {
+        if self.clients.len() <= 1 {
+            usize::MAX
+        } else {
+            self.cfg.conntrack_max.div_ceil(2)
+        }
+    }
+
     fn verify_csum(&self) -> bool {
         !(self.offload.partial_csum || self.offload.csum_valid)
     }
@@ -1015,6 +1025,11 @@ impl Engine {
                 if !allowed {
                     self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
                     return consumed(Reason::RejectedByRule);
+                }
+                // One client must not take the whole table from the others: with several
+                // clients each may hold at most half of it.
+                if self.conntrack.client_flows(id) >= self.per_client_cap() {
+                    return consumed(Reason::TableFull);
                 }
                 match self.conntrack.create(now, key, tcp_flags) {
                     Ok(f) => f,

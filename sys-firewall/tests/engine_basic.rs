@@ -211,3 +211,63 @@ fn offloaded_partial_checksum_survives_nat() {
         .expect("csum");
     assert_eq!(t.checksum(), want);
 }
+
+/// With several clients, one may hold at most half of the connection table, so a compromised
+/// qube cannot take it all from the others.
+#[test]
+fn one_client_cannot_take_the_whole_table() {
+    let mut tree: BTreeMap<String, String> = [
+        ("/qubes-ip", "10.137.0.6"),
+        ("/qubes-gateway", "10.137.0.5"),
+        ("/qubes-firewall/10.137.0.10/policy", "accept"),
+        ("/qubes-firewall/10.137.0.11/policy", "accept"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    tree.insert("/qubes-mac".into(), "00:16:3e:5e:6c:06".into());
+    let vifs = [
+        VifInfo {
+            name: "vif3.0".into(),
+            ip: "10.137.0.10".parse().expect("ip"),
+            ip6: None,
+            mac: CLIENT_MAC,
+        },
+        VifInfo {
+            name: "vif4.0".into(),
+            ip: "10.137.0.11".parse().expect("ip"),
+            ip6: None,
+            mac: CLIENT_MAC,
+        },
+    ];
+    let mut cfg = from_tree(&tree, &vifs, "eth0", 1500).expect("config");
+    cfg.conntrack_max = 4;
+    let mut e = Engine::new(cfg).expect("engine");
+    let mut out = Outbox::new();
+    let mut send = |e: &mut Engine, iface: u32, src: [u8; 4], sport: u16| {
+        let mut f = tcp(src, [198, 18, 0, 10], sport, 80, true, false);
+        out.clear();
+        e.handle(1, iface, &mut f, &mut out)
+    };
+    assert_eq!(
+        send(&mut e, 1, [10, 137, 0, 10], 1),
+        Verdict::Forward(UPLINK)
+    );
+    assert_eq!(
+        send(&mut e, 1, [10, 137, 0, 10], 2),
+        Verdict::Forward(UPLINK)
+    );
+    assert_eq!(send(&mut e, 1, [10, 137, 0, 10], 3), Verdict::Consumed);
+    assert_eq!(e.counters(1).expect("c").get(Reason::TableFull), 1);
+    // The other client still gets its share.
+    assert_eq!(
+        send(&mut e, 2, [10, 137, 0, 11], 1),
+        Verdict::Forward(UPLINK)
+    );
+    assert_eq!(
+        send(&mut e, 2, [10, 137, 0, 11], 2),
+        Verdict::Forward(UPLINK)
+    );
+    assert_eq!(e.conntrack().client_flows(1), 2);
+    assert_eq!(e.conntrack().client_flows(2), 2);
+}
