@@ -21,6 +21,15 @@ impl fmt::Display for RuleParseError {
 
 impl std::error::Error for RuleParseError {}
 
+impl RuleParseError {
+    /// The agent's log line and desktop notification when a client's rules cannot be parsed
+    /// (qubes-core-agent-linux `qubesagent/firewall.py`, `FirewallWorker.handle_addr`):
+    /// `Failed to parse rules for {addr} ({err}), blocking traffic`. Both data planes say it.
+    pub fn blocking_message(&self, addr: &str) -> String {
+        format!("Failed to parse rules for {addr} ({self}), blocking traffic")
+    }
+}
+
 fn perr<T>(msg: impl Into<String>) -> Result<T, RuleParseError> {
     Err(RuleParseError(msg.into()))
 }

@@ -23,6 +23,7 @@ pub mod py;
 pub mod rule;
 pub mod store;
 pub mod xml;
+#[cfg(feature = "yaml")]
 pub mod yaml;
 
 pub use agent::{AgentRule, MatchDst, MatchRule, RuleParseError};

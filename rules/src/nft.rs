@@ -520,7 +520,7 @@ pub fn fallback_rules() -> Vec<AgentRule> {
 /// The log line and desktop notification of `handle_addr` on a [`RuleParseError`]:
 /// `Failed to parse rules for {addr} ({err}), blocking traffic` (reference 3.2).
 pub fn parse_failure_message(addr: &str, err: &RuleParseError) -> String {
-    format!("Failed to parse rules for {addr} ({err}), blocking traffic")
+    err.blocking_message(addr)
 }
 
 #[cfg(test)]

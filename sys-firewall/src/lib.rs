@@ -1,18 +1,9 @@
-//! sys-firewall: the router/firewall engine of the Qubes service qubes, and its shells.
+//! sys-firewall: each client qube's Qubes firewall rules, NAT and anti-spoofing, as the
+//! shared engine ([`qubes_engine`]) does them, in two shells:
 //!
-//! The heart is [`engine::Engine`], a deterministic packet processor with no I/O and no clock
-//! of its own: it is handed a frame, the interface it arrived on and the time, and says what to
-//! send. Everything else (the daemon loop, pcap replay, benchmarks, fuzzing) is a thin shell
-//! around it, so a replay test is exact and the same code runs everywhere.
+//! - [`service`]: `sys-firewall run`, the engine on real interfaces (vif-backend devices,
+//!   the shared runtime's configuration sources, control socket and host stack);
+//! - [`replay`]: `sys-firewall replay`, a pcapng capture through the engine, byte-exact.
 
-pub mod config;
-pub mod conntrack;
-pub mod dns;
-pub mod engine;
-pub mod frag;
-pub mod offload;
-pub mod qdb_source;
 pub mod replay;
 pub mod service;
-pub mod sys;
-pub mod wire;

@@ -11,7 +11,7 @@
 //!
 //! # Configuration file
 //!
-//! YAML, every field but `qubesdb` optional, unknown fields rejected:
+//! The services' YAML format (`qubes_service_runtime::config_file`), with `seed` and `steps`:
 //!
 //! ```yaml
 //! uplink:                 # the interface toward the netvm
@@ -59,32 +59,18 @@
 //! After every engine call, each `Event::Resolve` is answered at once from `dns` (once per name
 //! and call) and the frames that produces are written next.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
-use std::time::Duration;
 
-use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
-use pcap_file::pcapng::blocks::interface_description::{
-    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+use qubes_engine::engine::Counters;
+use qubes_engine::{Engine, Event, IfaceId, Instant, Outbox, Verdict};
+pub use qubes_service_runtime::config_file::{
+    ConfigFile as ReplayConfig, DnsEntry, Step, UplinkSection, VifEntry,
 };
-use pcap_file::pcapng::blocks::section_header::SectionHeaderBlock;
-use pcap_file::pcapng::{Block, PcapNgParser, PcapNgWriter};
-use pcap_file::{DataLink, Endianness, PcapError};
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use qubes_service_runtime::ConfigError;
 
-use crate::config::{self, EngineConfig, Mac, VifInfo, DEFAULT_QUBE_MAC};
-use crate::engine::{Counters, Engine, Event, IfaceId, Outbox, Verdict};
-
-/// The NAT seed when neither `--seed` nor the configuration gives one, so a capture replays the
-/// same way every time.
 pub const DEFAULT_SEED: u64 = 0x5eed;
-
-/// Snapshot length written in the output's interface descriptions.
-pub const SNAPLEN: u32 = 65_535;
 
 /// Most name lookups answered for one engine call (a guard against an engine that keeps asking).
 const MAX_RESOLVES_PER_CALL: usize = 1024;
@@ -133,6 +119,16 @@ impl ReplayError {
         Self::new(ErrorKind::Output, msg)
     }
 
+    /// A configuration file error, keeping the file it names.
+    pub fn from_config(e: ConfigError) -> Self {
+        let file = e.file().map(|f| f.display().to_string());
+        ReplayError {
+            kind: ErrorKind::Config,
+            file,
+            msg: e.message(),
+        }
+    }
+
     /// Names the file the error is about.
     pub fn in_file(mut self, file: &Path) -> Self {
         self.file = Some(file.display().to_string());
@@ -157,257 +153,6 @@ impl fmt::Display for ReplayError {
 }
 
 impl std::error::Error for ReplayError {}
-
-fn default_uplink_name() -> String {
-    "eth0".to_string()
-}
-
-fn default_mtu() -> u16 {
-    1500
-}
-
-fn default_ttl() -> u32 {
-    300
-}
-
-fn default_mac() -> Mac {
-    DEFAULT_QUBE_MAC
-}
-
-/// The `uplink` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UplinkSection {
-    #[serde(default = "default_uplink_name")]
-    pub name: String,
-    #[serde(default = "default_mtu")]
-    pub mtu: u16,
-}
-
-impl Default for UplinkSection {
-    fn default() -> Self {
-        UplinkSection {
-            name: default_uplink_name(),
-            mtu: default_mtu(),
-        }
-    }
-}
-
-/// One entry of `vifs`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VifEntry {
-    pub name: String,
-    pub ip: Ipv4Addr,
-    #[serde(default)]
-    pub ip6: Option<Ipv6Addr>,
-    #[serde(default = "default_mac", deserialize_with = "de_mac")]
-    pub mac: Mac,
-    #[serde(default)]
-    pub mtu: Option<u16>,
-}
-
-/// One entry of `dns`: the answer to a name.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DnsEntry {
-    pub addrs: Vec<IpAddr>,
-    /// Seconds.
-    #[serde(default = "default_ttl")]
-    pub ttl: u32,
-}
-
-/// One entry of `steps`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Step {
-    /// Done just before this input packet (0-based); the packet count means after the last.
-    pub at_packet: usize,
-    /// QubesDB keys to set (a value) or remove (null).
-    #[serde(default, deserialize_with = "de_qdb_changes")]
-    pub qubesdb: BTreeMap<String, Option<String>>,
-    /// Runs the engine's timers at this time (ns, the capture's clock).
-    #[serde(default)]
-    pub tick_ns: Option<u64>,
-}
-
-/// A replay configuration (see the module documentation for the file format).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplayConfig {
-    #[serde(default)]
-    pub uplink: UplinkSection,
-    #[serde(deserialize_with = "de_qdb")]
-    pub qubesdb: BTreeMap<String, String>,
-    #[serde(default)]
-    pub vifs: Vec<VifEntry>,
-    #[serde(default)]
-    pub dns: BTreeMap<String, DnsEntry>,
-    #[serde(default)]
-    pub conntrack_max: Option<usize>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub steps: Vec<Step>,
-}
-
-/// A QubesDB value: YAML scalars of any type are taken as their text.
-struct QdbValue(Option<String>);
-
-impl<'de> Deserialize<'de> for QdbValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = QdbValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a QubesDB value (a string, number or boolean; null to remove a key)")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<QdbValue, E> {
-                Ok(QdbValue(Some(v.to_string())))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<QdbValue, E> {
-                Ok(QdbValue(Some(v.to_string())))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<QdbValue, E> {
-                Ok(QdbValue(Some(v.to_string())))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<QdbValue, E> {
-                Ok(QdbValue(Some(v.to_string())))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<QdbValue, E> {
-                Ok(QdbValue(Some(v.to_string())))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<QdbValue, E> {
-                Ok(QdbValue(None))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<QdbValue, E> {
-                Ok(QdbValue(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-fn check_qdb_key<E: de::Error>(k: &str) -> Result<(), E> {
-    if k.starts_with('/') {
-        Ok(())
-    } else {
-        Err(E::custom(format!(
-            "QubesDB key {k:?} does not start with '/'"
-        )))
-    }
-}
-
-fn de_qdb<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw = BTreeMap::<String, QdbValue>::deserialize(d)?;
-    let mut map = BTreeMap::new();
-    for (k, v) in raw {
-        check_qdb_key(&k)?;
-        match v.0 {
-            Some(v) => map.insert(k, v),
-            None => {
-                return Err(de::Error::custom(format!(
-                    "QubesDB key {k} has no value (write \"\" for an empty one; null only \
-                     removes keys in steps)"
-                )))
-            }
-        };
-    }
-    Ok(map)
-}
-
-fn de_qdb_changes<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, Option<String>>, D::Error> {
-    let raw = BTreeMap::<String, QdbValue>::deserialize(d)?;
-    let mut map = BTreeMap::new();
-    for (k, v) in raw {
-        check_qdb_key(&k)?;
-        map.insert(k, v.0);
-    }
-    Ok(map)
-}
-
-fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
-    let s = String::deserialize(d)?;
-    config::parse_mac(&s).map_err(de::Error::custom)
-}
-
-impl ReplayConfig {
-    /// Parses a configuration from YAML text.
-    pub fn from_yaml(text: &str) -> Result<Self, ReplayError> {
-        let cfg: ReplayConfig =
-            serde_yaml::from_str(text).map_err(|e| ReplayError::config(e.to_string()))?;
-        cfg.check()?;
-        Ok(cfg)
-    }
-
-    /// Reads a configuration file; errors name the file.
-    pub fn load(path: &Path) -> Result<Self, ReplayError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ReplayError::config(format!("cannot read: {e}")).in_file(path))?;
-        Self::from_yaml(&text).map_err(|e| e.in_file(path))
-    }
-
-    fn check(&self) -> Result<(), ReplayError> {
-        for (i, s) in self.steps.iter().enumerate() {
-            if s.qubesdb.is_empty() && s.tick_ns.is_none() {
-                return Err(ReplayError::config(format!(
-                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb or tick_ns",
-                    s.at_packet
-                )));
-            }
-        }
-        if self.conntrack_max == Some(0) {
-            return Err(ReplayError::config("conntrack_max must be at least 1"));
-        }
-        for (name, d) in &self.dns {
-            if name.is_empty() {
-                return Err(ReplayError::config("dns: empty name"));
-            }
-            if d.addrs.is_empty() {
-                return Err(ReplayError::config(format!(
-                    "dns: {name} has no addrs (leave a name out to make it fail to resolve)"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// The vif list as XenStore would give it.
-    pub fn vif_infos(&self) -> Vec<VifInfo> {
-        self.vifs
-            .iter()
-            .map(|v| VifInfo {
-                name: v.name.clone(),
-                ip: v.ip,
-                ip6: v.ip6,
-                mac: v.mac,
-            })
-            .collect()
-    }
-
-    /// The engine configuration for a QubesDB tree (the configured one, or one changed by steps).
-    pub fn engine_config(
-        &self,
-        tree: &BTreeMap<String, String>,
-        seed: u64,
-    ) -> Result<EngineConfig, ReplayError> {
-        let mut cfg =
-            config::from_tree(tree, &self.vif_infos(), &self.uplink.name, self.uplink.mtu)
-                .map_err(|e| ReplayError::config(e.0))?;
-        for (client, vif) in cfg.clients.iter_mut().zip(&self.vifs) {
-            if let Some(mtu) = vif.mtu {
-                client.mtu = mtu;
-            }
-        }
-        if let Some(max) = self.conntrack_max {
-            cfg.conntrack_max = max;
-        }
-        cfg.seed = seed;
-        Ok(cfg)
-    }
-}
 
 /// A frame the engine emitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -454,10 +199,12 @@ pub struct Replayer {
 impl Replayer {
     /// A fresh engine for this configuration. `seed` overrides the configuration's.
     pub fn new(cfg: &ReplayConfig, seed: Option<u64>) -> Result<Self, ReplayError> {
-        cfg.check()?;
+        cfg.check().map_err(ReplayError::from_config)?;
         let seed = seed.or(cfg.seed).unwrap_or(DEFAULT_SEED);
-        let engine = Engine::new(cfg.engine_config(&cfg.qubesdb, seed)?)
-            .map_err(|e| ReplayError::config(e.0))?;
+        let ec = cfg
+            .engine_config(&cfg.qubesdb, seed)
+            .map_err(ReplayError::from_config)?;
+        let engine = Engine::new(ec).map_err(|e| ReplayError::config(e.to_string()))?;
         let ifaces = engine.ifaces();
         let mut steps: Vec<(usize, Step)> = cfg.steps.iter().cloned().enumerate().collect();
         steps.sort_by_key(|(_, s)| s.at_packet);
@@ -542,7 +289,7 @@ impl Replayer {
 
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        self.engine.tick(now, &mut out);
+        self.engine.tick(Instant::from_nanos(now), &mut out);
         let r = self.collect(&mut out, ts_ns, cause, None);
         self.out = out;
         r?;
@@ -550,7 +297,9 @@ impl Replayer {
         let mut frame = data.to_vec();
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let verdict = self.engine.handle(now, iface, &mut frame, &mut out);
+        let verdict = self
+            .engine
+            .handle(Instant::from_nanos(now), iface, &mut frame, &mut out);
         let fwd = match verdict {
             Verdict::Forward(to) => Some((to, frame)),
             Verdict::Consumed => None,
@@ -595,12 +344,12 @@ impl Replayer {
                 let cfg = self
                     .cfg
                     .engine_config(&self.tree, self.seed)
-                    .map_err(|e| ReplayError::config(format!("steps[{i}]: {}", e.msg)))?;
+                    .map_err(|e| ReplayError::config(format!("steps[{i}]: {}", e.message())))?;
                 let now = self.now.max(ts_ns);
                 self.now = now;
                 let mut out = std::mem::take(&mut self.out);
                 out.clear();
-                let applied = self.engine.apply(now, cfg, &mut out);
+                let applied = self.engine.apply(Instant::from_nanos(now), cfg, &mut out);
                 let r = match applied {
                     Ok(()) => self.collect(&mut out, ts_ns, cause, None),
                     Err(e) => Err(ReplayError::config(format!(
@@ -620,7 +369,7 @@ impl Replayer {
                 self.now = t;
                 let mut out = std::mem::take(&mut self.out);
                 out.clear();
-                self.engine.tick(t, &mut out);
+                self.engine.tick(Instant::from_nanos(t), &mut out);
                 let r = self.collect(&mut out, t, cause, None);
                 self.out = out;
                 r?;
@@ -665,7 +414,8 @@ impl Replayer {
             }
             let answer = self.cfg.dns.get(&name).map(|d| (d.addrs.clone(), d.ttl));
             out.clear();
-            self.engine.dns_answer(self.now, &name, answer, out);
+            self.engine
+                .dns_answer(Instant::from_nanos(self.now), &name, answer, out);
             answered.push(name);
             self.take(out, ts_ns, cause, &mut pending)?;
         }
@@ -717,180 +467,11 @@ impl Replayer {
                 data: &f.data,
             });
         }
-        write_capture(&names, &packets)
+        write_capture(&names, &packets).map_err(|e| ReplayError::output(e.to_string()))
     }
 }
 
-/// One packet of an input capture.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InputPacket {
-    /// Nanoseconds since the Unix epoch.
-    pub ts_ns: u64,
-    /// The interface name it was captured on.
-    pub if_name: String,
-    pub data: Vec<u8>,
-}
-
-/// One packet to write with [`write_capture`].
-#[derive(Debug, Clone, Copy)]
-pub struct CapturePacket<'a> {
-    /// Index into the interface list.
-    pub iface: u32,
-    pub ts_ns: u64,
-    pub data: &'a [u8],
-}
-
-fn pcap_err(e: PcapError) -> String {
-    match e {
-        PcapError::IncompleteBuffer => "the file is cut short".to_string(),
-        e => e.to_string(),
-    }
-}
-
-/// Converts a raw pcapng timestamp to ns with the interface's `if_tsresol` and `if_tsoffset`.
-fn timestamp_ns(raw: u128, tsresol: u8, offset_s: u64) -> Option<u64> {
-    let ns: u128 = if tsresol & 0x80 == 0 {
-        let exp = u32::from(tsresol);
-        if exp <= 9 {
-            raw.checked_mul(10u128.pow(9 - exp))?
-        } else if exp - 9 <= 38 {
-            raw / 10u128.pow(exp - 9)
-        } else {
-            0
-        }
-    } else {
-        let n = u32::from(tsresol & 0x7f);
-        raw.checked_mul(1_000_000_000)? >> n
-    };
-    let ns = ns.checked_add(u128::from(offset_s) * 1_000_000_000)?;
-    u64::try_from(ns).ok()
-}
-
-/// Reads a pcapng capture: every Enhanced Packet Block with its interface name and time.
-pub fn read_capture(bytes: &[u8]) -> Result<Vec<InputPacket>, ReplayError> {
-    if bytes.len() >= 4 {
-        let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
-        if matches!(
-            magic,
-            [0xd4, 0xc3, 0xb2, 0xa1]
-                | [0xa1, 0xb2, 0xc3, 0xd4]
-                | [0x4d, 0x3c, 0xb2, 0xa1]
-                | [0xa1, 0xb2, 0x3c, 0x4d]
-        ) {
-            return Err(ReplayError::input(
-                "this is a classic pcap file; replay needs pcapng with interface names \
-                 (e.g. editcap -F pcapng, then name the interfaces)",
-            ));
-        }
-    }
-    let (mut rest, mut parser) = PcapNgParser::new(bytes)
-        .map_err(|e| ReplayError::input(format!("not a pcapng capture: {}", pcap_err(e))))?;
-    let mut packets = Vec::new();
-    let mut block_no = 1usize;
-    while !rest.is_empty() {
-        let (r, block) = parser
-            .next_block(rest)
-            .map_err(|e| ReplayError::input(format!("block {block_no}: {}", pcap_err(e))))?;
-        rest = r;
-        match block {
-            Block::EnhancedPacket(epb) => {
-                let idb = parser
-                    .interfaces()
-                    .get(epb.interface_id as usize)
-                    .ok_or_else(|| {
-                        ReplayError::input(format!(
-                        "block {block_no}: packet on interface {} but the section describes {} \
-                         interface(s)",
-                        epb.interface_id,
-                        parser.interfaces().len()
-                    ))
-                    })?;
-                let mut name = None;
-                let mut tsresol = 6u8;
-                let mut offset = 0u64;
-                for opt in &idb.options {
-                    match opt {
-                        InterfaceDescriptionOption::IfName(n) => name = Some(n.to_string()),
-                        InterfaceDescriptionOption::IfTsResol(r) => tsresol = *r,
-                        InterfaceDescriptionOption::IfTsOffset(o) => offset = *o,
-                        _ => {}
-                    }
-                }
-                let name = name.ok_or_else(|| {
-                    ReplayError::input(format!(
-                        "block {block_no}: interface {} has no name (if_name option); the name \
-                         says where the packet arrived",
-                        epb.interface_id
-                    ))
-                })?;
-                if idb.linktype != DataLink::ETHERNET {
-                    return Err(ReplayError::input(format!(
-                        "block {block_no}: interface {name} has link type {:?}; only Ethernet \
-                         is supported",
-                        idb.linktype
-                    )));
-                }
-                let ts_ns =
-                    timestamp_ns(epb.timestamp.as_nanos(), tsresol, offset).ok_or_else(|| {
-                        ReplayError::input(format!("block {block_no}: timestamp out of range"))
-                    })?;
-                packets.push(InputPacket {
-                    ts_ns,
-                    if_name: name,
-                    data: epb.data.into_owned(),
-                });
-            }
-            Block::SimplePacket(_) | Block::Packet(_) => {
-                return Err(ReplayError::input(format!(
-                    "block {block_no}: simple and obsolete packet blocks are not supported \
-                     (they lack the interface or the time); use enhanced packet blocks"
-                )));
-            }
-            _ => {}
-        }
-        block_no += 1;
-    }
-    Ok(packets)
-}
-
-/// Writes a pcapng capture: one little-endian section, one Ethernet interface per name (with
-/// `if_name` and `if_tsresol` 9), and the packets. Byte-for-byte deterministic.
-pub fn write_capture(
-    ifaces: &[String],
-    packets: &[CapturePacket<'_>],
-) -> Result<Vec<u8>, ReplayError> {
-    let err = |e: PcapError| ReplayError::output(pcap_err(e));
-    let section = SectionHeaderBlock {
-        endianness: Endianness::Little,
-        ..Default::default()
-    };
-    let mut w = PcapNgWriter::with_section_header(Vec::new(), section).map_err(err)?;
-    for name in ifaces {
-        let idb = InterfaceDescriptionBlock {
-            linktype: DataLink::ETHERNET,
-            snaplen: SNAPLEN,
-            options: vec![
-                InterfaceDescriptionOption::IfName(Cow::Borrowed(name.as_str())),
-                InterfaceDescriptionOption::IfTsResol(9),
-            ],
-        };
-        w.write_block(&Block::InterfaceDescription(idb))
-            .map_err(err)?;
-    }
-    for p in packets {
-        let len = u32::try_from(p.data.len())
-            .map_err(|_| ReplayError::output("a frame longer than 4 GiB"))?;
-        let epb = EnhancedPacketBlock {
-            interface_id: p.iface,
-            timestamp: Duration::from_nanos(p.ts_ns),
-            original_len: len,
-            data: Cow::Borrowed(p.data),
-            options: vec![],
-        };
-        w.write_block(&Block::EnhancedPacket(epb)).map_err(err)?;
-    }
-    Ok(w.into_inner())
-}
+pub use vif_backend::pcap::{read_capture, write_capture, CapturePacket, InputPacket, SNAPLEN};
 
 /// Everything a replay produced.
 #[derive(Debug, Clone)]
@@ -915,7 +496,7 @@ pub fn replay_capture(
     input: &[u8],
     seed: Option<u64>,
 ) -> Result<ReplayOutput, ReplayError> {
-    let packets = read_capture(input)?;
+    let packets = read_capture(input).map_err(|e| ReplayError::input(e.to_string()))?;
     let mut r = Replayer::new(cfg, seed)?;
     for (n, p) in packets.iter().enumerate() {
         let iface = r.iface_by_name(&p.if_name).ok_or_else(|| {
@@ -951,7 +532,7 @@ pub fn replay_files(
     output: &Path,
     seed: Option<u64>,
 ) -> Result<ReplayOutput, ReplayError> {
-    let cfg = ReplayConfig::load(config)?;
+    let cfg = ReplayConfig::load(config).map_err(ReplayError::from_config)?;
     let bytes = std::fs::read(input)
         .map_err(|e| ReplayError::input(format!("cannot read: {e}")).in_file(input))?;
     let out = replay_capture(&cfg, &bytes, seed).map_err(|e| match e.kind {
@@ -1096,15 +677,6 @@ dns:
         assert_eq!(back[1].if_name, "eth0");
         assert_eq!(back[1].ts_ns, 1_704_067_200_123_456_789);
         assert_eq!(back[1].data, b);
-    }
-
-    #[test]
-    fn timestamps_follow_tsresol() {
-        assert_eq!(timestamp_ns(5, 6, 0), Some(5_000));
-        assert_eq!(timestamp_ns(5, 9, 0), Some(5));
-        assert_eq!(timestamp_ns(5_000, 12, 0), Some(5));
-        assert_eq!(timestamp_ns(1 << 20, 0x80 | 20, 1), Some(2_000_000_000));
-        assert_eq!(timestamp_ns(u128::from(u64::MAX), 0, 0), None);
     }
 
     proptest::proptest! {

@@ -20,8 +20,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use sys_firewall::config::{format_mac, parse_mac};
-use sys_firewall::engine::{Event, Reason};
+use qubes_engine::config::{format_mac, parse_mac};
+use qubes_engine::engine::{Event, Reason};
 use sys_firewall::replay::ReplayOutput;
 
 use super::frame::{canonical_flags, decode, Decoded};

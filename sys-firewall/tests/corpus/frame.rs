@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{ArpOperation, ArpPacket, Ethernet2Header, Ipv4Header, Ipv6Header, TcpHeader};
-use sys_firewall::config::format_mac;
+use qubes_engine::config::format_mac;
 
 /// A decoded frame (or, for `inner`, the packet quoted in an ICMP error).
 #[derive(Debug, Clone, Default)]

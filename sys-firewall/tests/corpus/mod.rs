@@ -571,7 +571,7 @@ pub fn summary(out: &ReplayOutput) -> String {
     }
     s.push_str("\nevents:");
     for e in &out.events {
-        if !matches!(e.event, sys_firewall::engine::Event::Dropped { .. }) {
+        if !matches!(e.event, qubes_engine::engine::Event::Dropped { .. }) {
             let _ = write!(s, " {:?};", e.event);
         }
     }

@@ -7,7 +7,7 @@ use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Ethernet2Header, IpNumber, Ipv4Header,
     Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
 };
-use sys_firewall::config::{parse_mac, Mac, GATEWAY_MAC};
+use qubes_engine::config::{parse_mac, Mac, GATEWAY_MAC};
 
 use super::frame::{checksum, l4_checksum, Decoded};
 

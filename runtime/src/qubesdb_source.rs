@@ -2,7 +2,7 @@
 //!
 //! dom0 changes a client's rules by removing `/qubes-firewall/<ip>/`, writing the new entries
 //! and then writing the base key `/qubes-firewall/<ip>` (empty): that last write is the commit
-//! signal; writes below it are ignored until then (reference qubes-networking.md 1.7, 3.2).
+//! signal; writes below it are ignored until then (qubes-core-admin `qubes/firewall.py`, qubes-core-agent-linux `qubesagent/firewall.py`).
 //! After applying, the service increments `/qubes-firewall-handled/<ip>`, as the Linux agent
 //! does. Everything else in the tree (our addresses, DNS, the vif list) applies when written.
 //!
@@ -14,10 +14,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
+use qubes_engine::config::{parse_mac, EngineConfig, VifInfo};
 use qubesdb::client::Client;
 
-use crate::config::{parse_mac, EngineConfig, VifInfo};
-use crate::service::{Desired, ServiceError};
+use crate::error::ServiceError;
+use crate::source::Desired;
 
 /// `/qubes-vif/<name>/`: ip, mac, ip6, mtu as read.
 type VifKeys = (Option<String>, Option<String>, Option<String>, Option<u16>);
@@ -34,14 +35,25 @@ pub struct QubesDbSource {
     started: bool,
 }
 
-fn err(e: impl std::fmt::Display) -> ServiceError {
-    ServiceError(format!("QubesDB: {e}"))
+fn err(what: &str, e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::QubesDb {
+        what: what.to_string(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn bad(msg: String) -> ServiceError {
+    ServiceError::Config(crate::error::ConfigError::Invalid {
+        file: None,
+        error: msg,
+    })
 }
 
 impl QubesDbSource {
     pub fn connect(socket: &Path, uplink: &str) -> Result<Self, ServiceError> {
-        let mut client = Client::connect(socket).map_err(err)?;
-        client.watch("/").map_err(err)?;
+        let mut client = Client::connect(socket)
+            .map_err(|e| err(&format!("connect {}", socket.display()), e))?;
+        client.watch("/").map_err(|e| err("watch /", e))?;
         Ok(QubesDbSource {
             client,
             uplink: uplink.to_string(),
@@ -55,7 +67,7 @@ impl QubesDbSource {
         Ok(self
             .client
             .multiread("/")
-            .map_err(err)?
+            .map_err(|e| err("read /", e))?
             .into_iter()
             .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
             .collect())
@@ -125,15 +137,15 @@ impl QubesDbSource {
         let mut list = Vec::new();
         for (name, (ip, mac, ip6, mtu)) in vifs {
             let ip = ip
-                .ok_or_else(|| err(format!("/qubes-vif/{name}/ip is missing")))?
+                .ok_or_else(|| bad(format!("/qubes-vif/{name}/ip is missing")))?
                 .parse()
-                .map_err(|_| err(format!("/qubes-vif/{name}/ip is not an IPv4 address")))?;
+                .map_err(|_| bad(format!("/qubes-vif/{name}/ip is not an IPv4 address")))?;
             let mac = parse_mac(mac.as_deref().unwrap_or("00:16:3e:5e:6c:00"))
-                .map_err(|e| err(format!("/qubes-vif/{name}/mac: {e}")))?;
+                .map_err(|e| bad(format!("/qubes-vif/{name}/mac: {e}")))?;
             let ip6 =
                 match ip6 {
                     Some(s) => Some(s.parse().map_err(|_| {
-                        err(format!("/qubes-vif/{name}/ip6 is not an IPv6 address"))
+                        bad(format!("/qubes-vif/{name}/ip6 is not an IPv6 address"))
                     })?),
                     None => None,
                 };
@@ -165,7 +177,11 @@ impl QubesDbSource {
     pub fn poll_watches(&mut self) -> Result<bool, ServiceError> {
         let mut changed = false;
         let mut commits = Vec::new();
-        while let Some(path) = self.client.read_watch(Some(Duration::ZERO)).map_err(err)? {
+        while let Some(path) = self
+            .client
+            .read_watch(Some(Duration::ZERO))
+            .map_err(|e| err("read watch", e))?
+        {
             if path.starts_with("/qubes-firewall-handled/") || path.starts_with("/dns/") {
                 continue;
             }

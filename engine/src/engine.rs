@@ -22,9 +22,17 @@ use rustc_hash::FxHashMap;
 use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, GATEWAY_MAC};
 use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
 use crate::frag::{self, Reassembler};
+use crate::time::Instant;
 use crate::wire::{self, Ip, IpError, ETH_LEN};
 
-/// An interface: 0 is the uplink, 1.. are the client vifs in configuration order.
+/// An interface: 0 is the uplink; a client vif has a stable id of its own.
+///
+/// A vif keeps its id for as long as it is in the configuration, wherever it sits in the vif
+/// list, and flows belong to that id: qubes starting and stopping around it never disturb it.
+/// Ids are never reused: a vif that goes away and comes back (a restarted qube, which in
+/// Qubes comes back with a new domid and so a new `vifN.0` name anyway) gets a fresh one, so
+/// nothing of the old one (flows, fragments) can reach it. The first configuration's vifs
+/// get 1, 2, ... in list order.
 pub type IfaceId = u32;
 
 /// The uplink's interface id.
@@ -150,13 +158,6 @@ pub enum Event {
     ClientBlocked { iface: IfaceId, error: String },
     /// Flows cut because new rules refuse them.
     FlowsCut { iface: IfaceId, count: usize },
-    /// A UDP datagram for one of the firewall's own ports ([`Engine::open_local_port`]).
-    LocalUdp {
-        src: IpAddr,
-        sport: u16,
-        dport: u16,
-        payload: Vec<u8>,
-    },
 }
 
 /// Frames and events produced by one engine call. Reused across calls, so it stops allocating
@@ -165,6 +166,7 @@ pub enum Event {
 pub struct Outbox {
     data: Vec<u8>,
     frames: Vec<(IfaceId, usize, usize)>,
+    local: Vec<(usize, usize)>,
     pub events: Vec<Event>,
 }
 
@@ -176,7 +178,20 @@ impl Outbox {
     pub fn clear(&mut self) {
         self.data.clear();
         self.frames.clear();
+        self.local.clear();
         self.events.clear();
+    }
+
+    /// Appends an IP packet for the service's host stack ([`Engine::bind_local`]).
+    pub fn push_local(&mut self, packet: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(packet);
+        self.local.push((start, packet.len()));
+    }
+
+    /// The IP packets (no Ethernet header) delivered to the host stack, in order.
+    pub fn local_packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.local.iter().map(|&(s, l)| &self.data[s..s + l])
     }
 
     /// Appends a frame to send.
@@ -197,6 +212,35 @@ impl Outbox {
         self.frames.len()
     }
 }
+
+/// Why [`Engine::send_local`] refused a packet from the host stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalSendError {
+    /// Not a whole IPv4 or IPv6 packet (bad header, lengths, a fragment).
+    Malformed,
+    /// Its source is not our address of that family (or we have none).
+    NotOurAddress,
+    /// A TCP or UDP source port the host stack did not bind.
+    PortNotBound,
+    /// Addressed to a client qube: the service's own traffic goes to the uplink only.
+    ToClient,
+    /// Bigger than the uplink's MTU and not fragmentable.
+    TooBig,
+}
+
+impl std::fmt::Display for LocalSendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LocalSendError::Malformed => "not a whole, unfragmented IP packet",
+            LocalSendError::NotOurAddress => "its source is not the service's own address",
+            LocalSendError::PortNotBound => "its source port is not bound for local use",
+            LocalSendError::ToClient => "it is addressed to a client qube",
+            LocalSendError::TooBig => "it does not fit the uplink's MTU",
+        })
+    }
+}
+
+impl std::error::Error for LocalSendError {}
 
 /// How long a failed name lookup waits before it is retried.
 const RESOLVE_RETRY_NS: u64 = 30_000_000_000;
@@ -228,6 +272,8 @@ struct NameEntry {
 
 #[derive(Debug)]
 struct Client {
+    /// Its stable interface id.
+    id: IfaceId,
     cfg: ClientConfig,
     /// Why the client is blocked, if its rules could not be used.
     blocked: Option<String>,
@@ -239,9 +285,10 @@ struct Client {
 
 impl Client {
     /// A client with no rules compiled yet (everything refused).
-    fn new(cfg: ClientConfig) -> Self {
+    fn new(id: IfaceId, cfg: ClientConfig) -> Self {
         let none = |_: &str| None;
         Client {
+            id,
             cfg,
             blocked: None,
             class4: Classifier::compile(&[], &[], &none, UnresolvedPolicy::SkipAccept),
@@ -257,6 +304,10 @@ impl Client {
 pub struct Engine {
     cfg: EngineConfig,
     clients: Vec<Client>,
+    /// Client interface id to its index in `clients`.
+    by_id: FxHashMap<IfaceId, usize>,
+    /// The next client interface id to hand out.
+    next_id: IfaceId,
     by_ip4: FxHashMap<Ipv4Addr, usize>,
     by_ip6: FxHashMap<Ipv6Addr, usize>,
     conntrack: ConnTrack,
@@ -268,14 +319,13 @@ pub struct Engine {
     netvm_mac6_known: bool,
     names: BTreeMap<String, NameEntry>,
     uplink_counters: Counters,
-    local_ports: Vec<u16>,
     /// Events from building the engine, handed out with the first call that has an outbox.
     deferred: Vec<Event>,
     /// The offload state of the frame being handled ([`Engine::handle_offloaded`]).
     offload: Offload,
-    /// Where each held IPv4 datagram came in (`None`: the uplink; else the client's vif), so
+    /// Where each held IPv4 datagram came in (`None`: the uplink; else the client), so
     /// a reassembly timeout is answered back through that interface and nowhere else.
-    frag_ingress: BTreeMap<FragKey, (Option<String>, u64)>,
+    frag_ingress: BTreeMap<FragKey, (Option<IfaceId>, u64)>,
     ip_id: u16,
     scratch: Vec<u8>,
     build: Vec<u8>,
@@ -288,6 +338,8 @@ impl Engine {
             frags: Reassembler::new(config.frag),
             cfg: config.clone(),
             clients: Vec::new(),
+            by_id: FxHashMap::default(),
+            next_id: 1,
             by_ip4: FxHashMap::default(),
             by_ip6: FxHashMap::default(),
             netvm_mac: GATEWAY_MAC,
@@ -297,7 +349,6 @@ impl Engine {
             netvm_mac6_known: false,
             names: BTreeMap::new(),
             uplink_counters: Counters::default(),
-            local_ports: Vec::new(),
             deferred: Vec::new(),
             frag_ingress: BTreeMap::new(),
             offload: Offload::NONE,
@@ -318,8 +369,8 @@ impl Engine {
         }
         self.clients
             .iter()
-            .position(|c| c.cfg.vif == name)
-            .map(|i| i as IfaceId + 1)
+            .find(|c| c.cfg.vif == name)
+            .map(|c| c.id)
     }
 
     /// Name of an interface id.
@@ -333,8 +384,8 @@ impl Engine {
     /// All interfaces, uplink first.
     pub fn ifaces(&self) -> Vec<(IfaceId, String)> {
         let mut v = vec![(UPLINK, self.cfg.uplink.name.clone())];
-        for (i, c) in self.clients.iter().enumerate() {
-            v.push((i as IfaceId + 1, c.cfg.vif.clone()));
+        for c in &self.clients {
+            v.push((c.id, c.cfg.vif.clone()));
         }
         v
     }
@@ -375,9 +426,7 @@ impl Engine {
     }
 
     fn client(&self, id: IfaceId) -> Option<&Client> {
-        (id as usize)
-            .checked_sub(1)
-            .and_then(|i| self.clients.get(i))
+        self.by_id.get(&id).map(|&i| &self.clients[i])
     }
 
     // ---------------------------------------------------------------------------------------
@@ -387,7 +436,7 @@ impl Engine {
     /// flows that the new rules refuse are cut; flows of clients that are gone are dropped.
     pub fn apply(
         &mut self,
-        _now: u64,
+        _now: Instant,
         config: EngineConfig,
         out: &mut Outbox,
     ) -> Result<(), ConfigError> {
@@ -398,6 +447,7 @@ impl Engine {
         }
         if config.conntrack_max != self.cfg.conntrack_max {
             let mut ct = ConnTrack::new(config.conntrack_max, config.seed);
+            ct.inherit_reservations(&self.conntrack);
             std::mem::swap(&mut ct, &mut self.conntrack);
         }
         self.install(config, out)
@@ -414,21 +464,14 @@ impl Engine {
         let mut by_vif: BTreeMap<String, Client> =
             old.into_iter().map(|c| (c.cfg.vif.clone(), c)).collect();
         let mut clients = Vec::with_capacity(config.clients.len());
-        let mut remap: Vec<(u32, Option<u32>)> = Vec::new();
-        for (i, cc) in config.clients.iter().enumerate() {
-            let new_id = i as u32 + 1;
+        // Flows of clients that are gone, or whose address changed (a different client to
+        // its flows), are cut; everyone else keeps their id and their flows.
+        let mut cut: rustc_hash::FxHashSet<IfaceId> = rustc_hash::FxHashSet::default();
+        for cc in &config.clients {
             match by_vif.remove(&cc.vif) {
                 Some(mut prev) => {
-                    let old_id = self
-                        .cfg
-                        .clients
-                        .iter()
-                        .position(|o| o.vif == cc.vif)
-                        .map(|p| p as u32 + 1);
-                    if let Some(o) = old_id {
-                        // A client whose address changed is a different client to its flows.
-                        let keep = prev.cfg.ip == cc.ip && prev.cfg.ip6 == cc.ip6;
-                        remap.push((o, keep.then_some(new_id)));
+                    if prev.cfg.ip != cc.ip || prev.cfg.ip6 != cc.ip6 {
+                        cut.insert(prev.id);
                     }
                     // A client gaining or losing IPv6 needs its IPv6 rules (re)read too.
                     let rules_changed = prev.cfg.rules != cc.rules
@@ -436,25 +479,39 @@ impl Engine {
                         || prev.cfg.ip6 != cc.ip6;
                     prev.cfg = cc.clone();
                     if rules_changed {
-                        self.compile(&mut prev, new_id, out);
+                        self.compile(&mut prev, out);
                     }
                     clients.push(prev);
                 }
                 None => {
-                    let mut c = Client::new(cc.clone());
-                    self.compile(&mut c, new_id, out);
+                    let id = self.next_id;
+                    self.next_id = self.next_id.checked_add(1).unwrap_or(1).max(1);
+                    let mut c = Client::new(id, cc.clone());
+                    self.compile(&mut c, out);
                     clients.push(c);
                 }
             }
         }
-        // Clients that are gone lose their flows; the rest follow their new interface id.
-        for (_, gone) in by_vif {
-            if let Some(o) = self.cfg.clients.iter().position(|c| c.vif == gone.cfg.vif) {
-                remap.push((o as u32 + 1, None));
-            }
+        for gone in by_vif.into_values() {
+            cut.insert(gone.id);
         }
         self.cfg = config;
         self.clients = clients;
+        self.reindex();
+        if !cut.is_empty() {
+            self.conntrack.retain(|f| !cut.contains(&f.key.client));
+        }
+        self.cut_refused(out);
+        Ok(())
+    }
+
+    fn reindex(&mut self) {
+        self.by_id = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id, i))
+            .collect();
         self.by_ip4 = self
             .clients
             .iter()
@@ -467,20 +524,11 @@ impl Engine {
             .enumerate()
             .filter_map(|(i, c)| c.cfg.ip6.map(|a| (a, i)))
             .collect();
-        if remap.iter().any(|&(o, n)| Some(o) != n) {
-            let map: FxHashMap<u32, Option<u32>> = remap.into_iter().collect();
-            // Flows are keyed by interface id; rather than rewrite keys, cut the flows of
-            // clients that moved or went away. A vif list change is rare (a qube starts or
-            // stops), and a moved client reconnects.
-            self.conntrack
-                .retain(|f| map.get(&f.key.client).copied().flatten() == Some(f.key.client));
-        }
-        self.cut_refused(out);
-        Ok(())
     }
 
     /// (Re)builds a client's classifiers from its QubesDB rule entries.
-    fn compile(&mut self, c: &mut Client, id: IfaceId, out: &mut Outbox) {
+    fn compile(&mut self, c: &mut Client, out: &mut Outbox) {
+        let id = c.id;
         c.blocked = None;
         c.names.clear();
         let mut rules: [Vec<MatchRule>; 2] = [Vec::new(), Vec::new()];
@@ -505,7 +553,7 @@ impl Engine {
                     } else {
                         c.cfg.ip6.map(|a| a.to_string()).unwrap_or_default()
                     };
-                    let msg = qubes_rules::nft::parse_failure_message(&addr, &e);
+                    let msg = e.blocking_message(&addr);
                     c.blocked = Some(msg.clone());
                     out.events.push(Event::ClientBlocked {
                         iface: id,
@@ -558,12 +606,10 @@ impl Engine {
     /// Cuts flows that their client's current rules refuse.
     fn cut_refused(&mut self, out: &mut Outbox) {
         let clients = &self.clients;
+        let by_id = &self.by_id;
         let mut cut: BTreeMap<u32, usize> = BTreeMap::new();
         self.conntrack.retain(|f| {
-            let Some(c) = (f.key.client as usize)
-                .checked_sub(1)
-                .and_then(|i| clients.get(i))
-            else {
+            let Some(c) = by_id.get(&f.key.client).map(|&i| &clients[i]) else {
                 return false;
             };
             let ok = c.blocked.is_none() && {
@@ -594,11 +640,12 @@ impl Engine {
     /// asked about. Clients using the name are recompiled; flows the new answer refuses are cut.
     pub fn dns_answer(
         &mut self,
-        now: u64,
+        now: Instant,
         name: &str,
         answer: Option<(Vec<IpAddr>, u32)>,
         out: &mut Outbox,
     ) {
+        let now = now.as_nanos();
         self.undefer(out);
         let entry = self.names.entry(name.to_string()).or_insert(NameEntry {
             addrs: None,
@@ -626,9 +673,9 @@ impl Engine {
             .map(|(i, _)| i)
             .collect();
         for i in users {
-            let placeholder = Client::new(self.clients[i].cfg.clone());
+            let placeholder = Client::new(self.clients[i].id, self.clients[i].cfg.clone());
             let mut c = std::mem::replace(&mut self.clients[i], placeholder);
-            self.compile(&mut c, i as IfaceId + 1, out);
+            self.compile(&mut c, out);
             self.clients[i] = c;
         }
         self.cut_refused(out);
@@ -637,7 +684,8 @@ impl Engine {
     /// Timer work due at `now`: idle flows expire, stale fragments are dropped (with ICMP time
     /// exceeded when the first fragment had come), names whose TTL ran out are re-resolved, and
     /// the netvm's MAC is asked for while unknown.
-    pub fn tick(&mut self, now: u64, out: &mut Outbox) {
+    pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
+        let now = now.as_nanos();
         self.undefer(out);
         self.conntrack.expire(now);
         self.expire_frags(now, out);
@@ -684,14 +732,14 @@ impl Engine {
         };
         match ingress {
             // Back into the vif it came from, if that client is still there with that address.
-            Some(vif) => {
-                let Some(i) = self.clients.iter().position(|c| c.cfg.vif == vif) else {
+            Some(id) => {
+                let Some(&i) = self.by_id.get(&id) else {
                     return;
                 };
                 if IpAddr::V4(self.clients[i].cfg.ip) != key.0 {
                     return;
                 }
-                self.icmp4_error(i as IfaceId + 1, head, 11, 1, 0, out);
+                self.icmp4_error(self.clients[i].id, head, 11, 1, 0, out);
             }
             None => {
                 if self.client_by_ip(&key.0).is_some() || Some(key.0) == self.our_ip(false) {
@@ -710,7 +758,7 @@ impl Engine {
     /// header, and the kernel finishes it.
     pub fn handle_offloaded(
         &mut self,
-        now: u64,
+        now: Instant,
         iface: IfaceId,
         frame: &mut [u8],
         offload: Offload,
@@ -768,18 +816,19 @@ impl Engine {
     /// Handles one frame that arrived on `iface` at `now` (nanoseconds, monotonic).
     pub fn handle(
         &mut self,
-        now: u64,
+        now: Instant,
         iface: IfaceId,
         frame: &mut [u8],
         out: &mut Outbox,
     ) -> Verdict {
+        let now = now.as_nanos();
         self.undefer(out);
         let ci = if iface == UPLINK {
             None
         } else {
-            match (iface as usize).checked_sub(1) {
-                Some(i) if i < self.clients.len() => Some(i),
-                _ => return Verdict::Consumed,
+            match self.by_id.get(&iface) {
+                Some(&i) => Some(i),
+                None => return Verdict::Consumed,
             }
         };
         let (verdict, reason) = self.dispatch(now, ci, frame, out);
@@ -858,7 +907,7 @@ impl Engine {
             Ok(Some(d)) => d,
             Ok(None) => {
                 if let Some(k) = key {
-                    let vif = ci.map(|c| self.clients[c].cfg.vif.clone());
+                    let vif = ci.map(|c| self.clients[c].id);
                     self.frag_ingress.entry(k).or_insert((vif, now));
                 }
                 // Held until the rest arrives: not a drop.
@@ -949,7 +998,7 @@ impl Engine {
         out: &mut Outbox,
         in_place: bool,
     ) -> (Verdict, Reason) {
-        let id = c as IfaceId + 1;
+        let id = self.clients[c].id;
         let consumed = |r| (Verdict::Consumed, r);
         let client = &self.clients[c];
         if ip.v6 {
@@ -1122,7 +1171,7 @@ impl Engine {
         l4: &wire::L4,
         out: &mut Outbox,
     ) -> Reason {
-        let id = c as IfaceId + 1;
+        let id = self.clients[c].id;
         let echo_req = if ip.v6 { 128 } else { 8 };
         if matches!(ip.proto, wire::PROTO_ICMP | wire::PROTO_ICMPV6) {
             if l4.icmp_type == echo_req {
@@ -1189,14 +1238,10 @@ impl Engine {
             nat_port,
         };
         let Some(flow) = self.conntrack.lookup_reply(&rkey, now) else {
-            if l4p == Proto4::Udp && self.local_ports.contains(&nat_port) {
-                out.events.push(Event::LocalUdp {
-                    src: ip.src,
-                    sport: rport,
-                    dport: nat_port,
-                    payload: frame[ip.l4() + 8..ip.end()].to_vec(),
-                });
-                return consumed(Reason::Local);
+            if l4p != Proto4::Icmp && self.conntrack.is_reserved(l4p, nat_port) {
+                // For the service's own endpoints: the host stack takes it from here.
+                out.push_local(&frame[ip.off..ip.end()]);
+                return consumed(Reason::Accepted);
             }
             return consumed(Reason::NoFlow);
         };
@@ -1205,10 +1250,7 @@ impl Engine {
         if l4p == Proto4::Icmp && Some(l4.icmp_type) != icmp_reply_type(ip.v6, key.dport) {
             return consumed(Reason::NoFlow);
         }
-        let Some(ci) = (key.client as usize).checked_sub(1) else {
-            return consumed(Reason::NoFlow);
-        };
-        let Some(client) = self.clients.get(ci) else {
+        let Some(client) = self.client(key.client) else {
             return consumed(Reason::NoFlow);
         };
         let (client_mac, client_mtu) = (client.cfg.mac, client.cfg.mtu);
@@ -1279,10 +1321,7 @@ impl Engine {
             return Reason::NoFlow;
         };
         let key = self.conntrack.get(flow).key;
-        let Some(client) = (key.client as usize)
-            .checked_sub(1)
-            .and_then(|i| self.clients.get(i))
-        else {
+        let Some(client) = self.client(key.client) else {
             return Reason::NoFlow;
         };
         if ip.ttl <= 1 {
@@ -1316,89 +1355,106 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
     // The firewall's own traffic
 
-    /// Lets UDP replies to `port` on our address reach the shell ([`Event::LocalUdp`]) when
-    /// they belong to no forwarded flow. Used for the firewall's own DNS lookups.
-    pub fn open_local_port(&mut self, port: u16) {
-        if !self.local_ports.contains(&port) {
-            self.local_ports.push(port);
-        }
+    /// Delivers packets to `port` of our own address (protocol `l4`) that belong to no
+    /// forwarded flow to the host stack ([`Outbox::local_packets`]), and keeps NAT off that
+    /// port. The service's own endpoints (its DNS lookups, a DHCP client) bind this way.
+    pub fn bind_local(&mut self, l4: crate::conntrack::L4, port: u16) {
+        self.conntrack.reserve_port(l4, port);
     }
 
-    pub fn close_local_port(&mut self, port: u16) {
-        self.local_ports.retain(|&p| p != port);
+    /// Undoes [`Engine::bind_local`].
+    pub fn unbind_local(&mut self, l4: crate::conntrack::L4, port: u16) {
+        self.conntrack.release_port(l4, port);
     }
 
-    /// Sends a UDP datagram from our own address on the uplink (the firewall's own traffic,
-    /// e.g. DNS lookups for `dsthost` rules). Returns false when we have no address of the
-    /// destination's family or the datagram does not fit the uplink.
-    pub fn send_local_udp(
+    /// Sends an IP packet the host stack built (the service's own traffic: its DNS
+    /// lookups, its DHCP client) out of the uplink, toward the netvm. The packet must come
+    /// from our address and, for TCP and UDP, from a port bound with [`Engine::bind_local`],
+    /// so the host stack can never speak for a client or take a client's NAT port. A packet
+    /// bigger than the uplink's MTU is fragmented (IPv4 without DF) or refused.
+    pub fn send_local(
+        &mut self,
+        now: Instant,
+        packet: &[u8],
+        out: &mut Outbox,
+    ) -> Result<(), LocalSendError> {
+        let now = now.as_nanos();
+        self.undefer(out);
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.extend_from_slice(&[0u8; ETH_LEN]);
+        f.extend_from_slice(packet);
+        let r = self.send_local_frame(now, &mut f, out);
+        self.build = f;
+        r
+    }
+
+    fn send_local_frame(
         &mut self,
         now: u64,
-        dst: IpAddr,
-        sport: u16,
-        dport: u16,
-        payload: &[u8],
+        f: &mut [u8],
         out: &mut Outbox,
-    ) -> bool {
-        let Some(src) = self.our_ip(dst.is_ipv6()) else {
-            return false;
+    ) -> Result<(), LocalSendError> {
+        let v6 = match f.get(ETH_LEN).map(|b| b >> 4) {
+            Some(4) => false,
+            Some(6) => true,
+            _ => return Err(LocalSendError::Malformed),
         };
-        let hlen = if dst.is_ipv6() { 40 } else { 20 };
-        let ulen = 8 + payload.len();
-        if hlen + ulen > usize::from(self.cfg.uplink.mtu) {
-            return false;
+        wire::put16(
+            f,
+            12,
+            if v6 {
+                wire::ETHERTYPE_IPV6
+            } else {
+                wire::ETHERTYPE_IPV4
+            },
+        );
+        let ip = match if v6 {
+            wire::parse_ipv6(f, ETH_LEN)
+        } else {
+            wire::parse_ipv4(f, ETH_LEN)
+        } {
+            Ok(ip) if ip.end() == f.len() => ip,
+            _ => return Err(LocalSendError::Malformed),
+        };
+        if Some(ip.src) != self.our_ip(v6) {
+            return Err(LocalSendError::NotOurAddress);
+        }
+        if ip.fragment {
+            return Err(LocalSendError::Malformed);
+        }
+        let l4 = match ip.proto {
+            wire::PROTO_TCP => Some(Proto4::Tcp),
+            wire::PROTO_UDP => Some(Proto4::Udp),
+            _ => None,
+        };
+        if let Some(l4) = l4 {
+            let sport = f
+                .get(ip.l4()..ip.l4() + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .ok_or(LocalSendError::Malformed)?;
+            if !self.conntrack.is_reserved(l4, sport) {
+                return Err(LocalSendError::PortNotBound);
+            }
+        }
+        if self.client_by_ip(&ip.dst).is_some() {
+            return Err(LocalSendError::ToClient);
+        }
+        let mtu = usize::from(self.cfg.uplink.mtu);
+        if ip.len > mtu && (v6 || ip.df) {
+            return Err(LocalSendError::TooBig);
         }
         if !self.netvm_mac_known && self.arp_sent_at.is_none() {
             self.send_arp_request(now, out);
         }
-        let id = self.next_ip_id();
-        let mut f = std::mem::take(&mut self.build);
-        f.clear();
-        f.resize(ETH_LEN + hlen + ulen, 0);
-        wire::set_macs(&mut f, &self.netvm_mac, &self.cfg.uplink.mac);
-        let o = ETH_LEN;
-        match (src, dst) {
-            (IpAddr::V4(s4), IpAddr::V4(d4)) => {
-                wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
-                f[o] = 0x45;
-                wire::put16(&mut f, o + 2, (hlen + ulen) as u16);
-                wire::put16(&mut f, o + 4, id);
-                f[o + 6] = 0x40;
-                f[o + 8] = 64;
-                f[o + 9] = wire::PROTO_UDP;
-                f[o + 12..o + 16].copy_from_slice(&s4.octets());
-                f[o + 16..o + 20].copy_from_slice(&d4.octets());
-                let hc = wire::checksum(&f[o..o + 20]);
-                wire::put16(&mut f, o + 10, hc);
-            }
-            (IpAddr::V6(s6), IpAddr::V6(d6)) => {
-                wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
-                f[o] = 0x60;
-                wire::put16(&mut f, o + 4, ulen as u16);
-                f[o + 6] = wire::PROTO_UDP;
-                f[o + 7] = 64;
-                f[o + 8..o + 24].copy_from_slice(&s6.octets());
-                f[o + 24..o + 40].copy_from_slice(&d6.octets());
-            }
-            _ => {
-                self.build = f;
-                return false;
-            }
-        }
-        let u = o + hlen;
-        wire::put16(&mut f, u, sport);
-        wire::put16(&mut f, u + 2, dport);
-        wire::put16(&mut f, u + 4, ulen as u16);
-        f[u + 8..].copy_from_slice(payload);
-        let acc = wire::pseudo_sum(&src, &dst, wire::PROTO_UDP, ulen);
-        let mut c = !wire::fold(wire::sum(&f[u..], acc));
-        if c == 0 {
-            c = 0xffff;
-        }
-        wire::put16(&mut f, u + 6, c);
-        out.push_frame(UPLINK, &f);
-        self.build = f;
-        true
+        let dst_mac = if v6 && self.netvm_mac6_known {
+            self.netvm_mac6
+        } else {
+            self.netvm_mac
+        };
+        wire::set_macs(f, &dst_mac, &self.cfg.uplink.mac);
+        self.send_ip(UPLINK, f, out);
+        Ok(())
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1435,7 +1491,7 @@ impl Engine {
                     return Reason::Unsupported;
                 }
                 let (mac, ip) = (client.mac, client.ip);
-                self.arp_reply(c as IfaceId + 1, GATEWAY_MAC, tpa, mac, ip, out);
+                self.arp_reply(self.clients[c].id, GATEWAY_MAC, tpa, mac, ip, out);
                 Reason::Accepted
             }
             None => {
@@ -1525,7 +1581,7 @@ impl Engine {
             return Some(Reason::Spoofed);
         }
         let mac = client.mac;
-        self.neighbour_advert(c as IfaceId + 1, GATEWAY_MAC, target, mac, src, out);
+        self.neighbour_advert(self.clients[c].id, GATEWAY_MAC, target, mac, src, out);
         Some(Reason::Accepted)
     }
 

@@ -34,11 +34,12 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sys_firewall::config::{
+use qubes_engine::config::{
     ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, DEFAULT_CONNTRACK_MAX, GATEWAY_MAC,
     VIRTUAL_DNS,
 };
-use sys_firewall::engine::{Engine, IfaceId, Outbox, Verdict, UPLINK};
+use qubes_engine::engine::{Engine, IfaceId, Outbox, Verdict, UPLINK};
+use qubes_engine::Instant as EngineInstant;
 
 // -------------------------------------------------------------------------------------------
 // Counting allocator
@@ -390,7 +391,12 @@ impl Bench {
 
     fn handle(&mut self, iface: IfaceId, frame: &mut [u8]) -> Verdict {
         self.out.clear();
-        let v = self.engine.handle(self.now, iface, frame, &mut self.out);
+        let v = self.engine.handle(
+            EngineInstant::from_nanos(self.now),
+            iface,
+            frame,
+            &mut self.out,
+        );
         self.now += 1;
         v
     }
@@ -503,7 +509,12 @@ impl FrameSet {
             let w = &mut self.work[j * self.size..(j + 1) * self.size];
             w[..HDR].copy_from_slice(&self.pristine[j]);
             b.out.clear();
-            let v = b.engine.handle(b.now, self.ifaces[j], w, &mut b.out);
+            let v = b.engine.handle(
+                EngineInstant::from_nanos(b.now),
+                self.ifaces[j],
+                w,
+                &mut b.out,
+            );
             b.now += 1;
             assert_eq!(v, Verdict::Forward(self.to[j]), "flow {j} forwarded");
             assert_eq!(b.out.frame_count(), 0, "nothing else sent");
@@ -522,7 +533,12 @@ impl FrameSet {
         for (j, w) in self.work.chunks_exact_mut(self.size).enumerate() {
             w[..HDR].copy_from_slice(&self.pristine[j]);
             b.out.clear();
-            let v = b.engine.handle(b.now, self.ifaces[j], w, &mut b.out);
+            let v = b.engine.handle(
+                EngineInstant::from_nanos(b.now),
+                self.ifaces[j],
+                w,
+                &mut b.out,
+            );
             b.now += 1;
             ok += usize::from(black_box(v) == Verdict::Forward(self.to[j]));
         }
@@ -647,7 +663,12 @@ fn measure_new_flows(b: &mut Bench) -> NewFlows {
         for (k, f) in frames.chunks_exact(64).enumerate() {
             work.copy_from_slice(f);
             b.out.clear();
-            let v = b.engine.handle(b.now, ifaces[k], &mut work, &mut b.out);
+            let v = b.engine.handle(
+                EngineInstant::from_nanos(b.now),
+                ifaces[k],
+                &mut work,
+                &mut b.out,
+            );
             b.now += 1;
             ok += usize::from(black_box(v) == Verdict::Forward(UPLINK));
         }
@@ -662,7 +683,7 @@ fn measure_new_flows(b: &mut Bench) -> NewFlows {
         // Untimed: the SYN_SENT flows time out (120 s), the established ones stay.
         b.now += 121 * SEC;
         b.out.clear();
-        b.engine.tick(b.now, &mut b.out);
+        b.engine.tick(EngineInstant::from_nanos(b.now), &mut b.out);
         assert_eq!(b.engine.conntrack().len(), base, "new flows expired");
     }
     NewFlows {

@@ -38,7 +38,7 @@
 //! --test engine_prop`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -46,10 +46,11 @@ use etherparse::{ArpOperation, ArpPacketSlice, Ethernet2Slice, Ipv4Slice, Ipv6Sl
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-use sys_firewall::config::{
+use qubes_engine::config::{
     ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, GATEWAY_MAC,
 };
-use sys_firewall::engine::{Engine, IfaceId, Outbox, Reason, Verdict, UPLINK};
+use qubes_engine::engine::{Engine, IfaceId, Outbox, Reason, Verdict, UPLINK};
+use qubes_engine::Instant;
 
 // -------------------------------------------------------------------------------------------
 // Addresses
@@ -1077,6 +1078,10 @@ struct Model {
     specs: Vec<ClientSpec>,
     /// Scenario indices of the clients in the configuration, in vif order.
     present: Vec<usize>,
+    /// The engine's interface id of each present client: stable while it is present, fresh
+    /// (never reused) when it comes back, as the engine promises.
+    ids: BTreeMap<usize, IfaceId>,
+    next_id: IfaceId,
     uplink6: bool,
     uplink_mtu: u16,
     names: Names,
@@ -1236,6 +1241,10 @@ impl Model {
         Model {
             specs: sc.clients.clone(),
             present: (0..sc.clients.len()).collect(),
+            ids: (0..sc.clients.len())
+                .map(|i| (i, i as IfaceId + 1))
+                .collect(),
+            next_id: sc.clients.len() as IfaceId + 1,
             uplink6: sc.uplink6,
             uplink_mtu: sc.uplink_mtu,
             names: Names::default(),
@@ -1285,16 +1294,29 @@ impl Model {
     }
 
     fn iface_of(&self, spec: usize) -> Option<IfaceId> {
-        self.present
-            .iter()
-            .position(|&i| i == spec)
-            .map(|p| p as IfaceId + 1)
+        self.ids.get(&spec).copied()
     }
 
     fn spec_of(&self, iface: IfaceId) -> Option<usize> {
-        (iface as usize)
-            .checked_sub(1)
-            .and_then(|p| self.present.get(p).copied())
+        self.ids
+            .iter()
+            .find(|(_, &id)| id == iface)
+            .map(|(&spec, _)| spec)
+    }
+
+    /// The client at position `at` of the vif list goes away.
+    fn unplug(&mut self, at: usize) {
+        let spec = self.present.remove(at);
+        self.ids.remove(&spec);
+    }
+
+    /// Clients come (back), each with a fresh interface id.
+    fn replug(&mut self, specs: Vec<usize>) {
+        for spec in specs {
+            self.present.push(spec);
+            self.ids.insert(spec, self.next_id);
+            self.next_id += 1;
+        }
     }
 
     fn source_of(&self, iface: IfaceId) -> Option<Source> {
@@ -1642,14 +1664,16 @@ impl Model {
             }
         }
         out.clear();
-        let verdict = catch_unwind(AssertUnwindSafe(|| e.handle(now, iface, &mut frame, out)))
-            .map_err(|p| {
-                format!(
-                    "engine panicked in handle: {}\n  input on iface {iface}: {}",
-                    panic_text(&p),
-                    hex(&orig)
-                )
-            })?;
+        let verdict = catch_unwind(AssertUnwindSafe(|| {
+            e.handle(Instant::from_nanos(now), iface, &mut frame, out)
+        }))
+        .map_err(|p| {
+            format!(
+                "engine panicked in handle: {}\n  input on iface {iface}: {}",
+                panic_text(&p),
+                hex(&orig)
+            )
+        })?;
         let mut emitted: Vec<(IfaceId, Vec<u8>, bool)> = Vec::new();
         if let Verdict::Forward(to) = verdict {
             if frame.len() != orig.len() {
@@ -1679,7 +1703,7 @@ impl Model {
 
     fn tick(&mut self, e: &mut Engine, out: &mut Outbox, now: u64) -> Result<(), String> {
         out.clear();
-        catch_unwind(AssertUnwindSafe(|| e.tick(now, out)))
+        catch_unwind(AssertUnwindSafe(|| e.tick(Instant::from_nanos(now), out)))
             .map_err(|p| format!("engine panicked in tick: {}", panic_text(&p)))?;
         let emitted: Vec<(IfaceId, Vec<u8>, bool)> =
             out.frames().map(|(i, f)| (i, f.to_vec(), false)).collect();
@@ -2443,7 +2467,7 @@ fn step_action(
             }
             m.stats.rules_changes += 1;
             out.clear();
-            e.apply(*now, m.config(), out)
+            e.apply(Instant::from_nanos(*now), m.config(), out)
                 .map_err(|x| format!("apply refused: {x}"))?;
             if m.present.contains(&spec)
                 && m.specs[spec].blocked() != e.blocked(m.iface_of(spec).unwrap_or(0)).is_some()
@@ -2466,9 +2490,9 @@ fn step_action(
                 return Ok(());
             }
             let at = usize::from(*who) % m.present.len();
-            m.present.remove(at);
+            m.unplug(at);
             out.clear();
-            e.apply(*now, m.config(), out)
+            e.apply(Instant::from_nanos(*now), m.config(), out)
                 .map_err(|x| format!("apply refused: {x}"))?;
             let o = std::mem::take(out);
             let r = m.control_output(&o);
@@ -2480,9 +2504,9 @@ fn step_action(
             if missing.is_empty() {
                 return Ok(());
             }
-            m.present.extend(missing);
+            m.replug(missing);
             out.clear();
-            e.apply(*now, m.config(), out)
+            e.apply(Instant::from_nanos(*now), m.config(), out)
                 .map_err(|x| format!("apply refused: {x}"))?;
             let o = std::mem::take(out);
             let r = m.control_output(&o);
@@ -2496,7 +2520,12 @@ fn step_action(
                 .map(|v| v.iter().map(|&s| any_addr(s)).collect());
             m.names.0[n] = addrs.clone().filter(|v| !v.is_empty());
             out.clear();
-            e.dns_answer(*now, NAMES[n], addrs.map(|a| (a, *ttl)), out);
+            e.dns_answer(
+                Instant::from_nanos(*now),
+                NAMES[n],
+                addrs.map(|a| (a, *ttl)),
+                out,
+            );
             let o = std::mem::take(out);
             let r = m.control_output(&o);
             *out = o;
@@ -2643,11 +2672,11 @@ fn uplink_fragment_with_a_client_source_is_not_answered_into_the_client() {
     let mut out = Outbox::new();
     let mut f = first_fragment(client_ip(0), OUR_IP, OUR_MAC, NETVM_MAC);
     assert_eq!(
-        e.handle(1_000_000_000, UPLINK, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_000_000_000), UPLINK, &mut f, &mut out),
         Verdict::Consumed
     );
     out.clear();
-    e.tick(32_000_000_000, &mut out);
+    e.tick(Instant::from_nanos(32_000_000_000), &mut out);
     let to_client: Vec<_> = frames_of(&out)
         .into_iter()
         .filter(|(i, _)| *i != UPLINK)
@@ -2667,11 +2696,11 @@ fn uplink_fragment_with_our_source_is_not_answered_to_ourselves() {
     let mut out = Outbox::new();
     let mut f = first_fragment(OUR_IP, OUR_IP, OUR_MAC, NETVM_MAC);
     assert_eq!(
-        e.handle(1_000_000_000, UPLINK, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_000_000_000), UPLINK, &mut f, &mut out),
         Verdict::Consumed
     );
     out.clear();
-    e.tick(32_000_000_000, &mut out);
+    e.tick(Instant::from_nanos(32_000_000_000), &mut out);
     let sent = frames_of(&out);
     assert!(
         sent.is_empty(),
@@ -2689,14 +2718,15 @@ fn fragment_of_a_departed_client_is_not_quoted_to_the_uplink() {
     let mut out = Outbox::new();
     let mut f = first_fragment(client_ip(0), REMOTE4[0], GATEWAY_MAC, client_mac(0));
     assert_eq!(
-        e.handle(1_000_000_000, 1, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_000_000_000), 1, &mut f, &mut out),
         Verdict::Consumed
     );
-    m.present.remove(0);
+    m.unplug(0);
     out.clear();
-    e.apply(2_000_000_000, m.config(), &mut out).expect("apply");
+    e.apply(Instant::from_nanos(2_000_000_000), m.config(), &mut out)
+        .expect("apply");
     out.clear();
-    e.tick(32_000_000_000, &mut out);
+    e.tick(Instant::from_nanos(32_000_000_000), &mut out);
     let up: Vec<_> = frames_of(&out)
         .into_iter()
         .filter(|(i, _)| *i == UPLINK)
@@ -2725,7 +2755,7 @@ fn icmp_flow_lets_back_only_its_own_reply_type() {
         &ip_packet(c, r, 1, 64, false, 1, &req),
     );
     assert_eq!(
-        e.handle(1_000_000_000, 1, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_000_000_000), 1, &mut f, &mut out),
         Verdict::Forward(UPLINK)
     );
     let nat = be16(&f, 14 + 20 + 4);
@@ -2742,7 +2772,7 @@ fn icmp_flow_lets_back_only_its_own_reply_type() {
     );
     out.clear();
     assert_eq!(
-        e.handle(1_001_000_000, UPLINK, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_001_000_000), UPLINK, &mut f, &mut out),
         Verdict::Forward(1)
     );
     // ... but an echo reply, which answers no request the client made, must not.
@@ -2754,7 +2784,7 @@ fn icmp_flow_lets_back_only_its_own_reply_type() {
         &ip_packet(r, our, 1, 60, false, 3, &wrong),
     );
     out.clear();
-    let v = e.handle(1_002_000_000, UPLINK, &mut f, &mut out);
+    let v = e.handle(Instant::from_nanos(1_002_000_000), UPLINK, &mut f, &mut out);
     assert_eq!(
         v,
         Verdict::Consumed,
@@ -2787,10 +2817,11 @@ fn client_gaining_ipv6_gets_its_ipv6_rules() {
     let (mut m, mut e) = small_engine_with(true, accept_all);
     let mut out = Outbox::new();
     m.specs[0].ip6 = true;
-    e.apply(1_000_000_000, m.config(), &mut out).expect("apply");
+    e.apply(Instant::from_nanos(1_000_000_000), m.config(), &mut out)
+        .expect("apply");
     let mut f = syn_from_client0(REMOTE6[0].into());
     out.clear();
-    let v = e.handle(1_001_000_000, 1, &mut f, &mut out);
+    let v = e.handle(Instant::from_nanos(1_001_000_000), 1, &mut f, &mut out);
     assert_eq!(
         v,
         Verdict::Forward(UPLINK),
@@ -2817,7 +2848,8 @@ fn client_gaining_ipv6_with_unparseable_ipv6_rules_is_blocked() {
         "no IPv6 address yet: its IPv6 rules are not read"
     );
     m.specs[0].ip6 = true;
-    e.apply(1_000_000_000, m.config(), &mut out).expect("apply");
+    e.apply(Instant::from_nanos(1_000_000_000), m.config(), &mut out)
+        .expect("apply");
     assert!(
         e.blocked(1).is_some(),
         "client with unparseable IPv6 rules {:?} not blocked",
@@ -2826,7 +2858,7 @@ fn client_gaining_ipv6_with_unparseable_ipv6_rules_is_blocked() {
     let mut f = syn_from_client0(REMOTE4[0].into());
     out.clear();
     assert_eq!(
-        e.handle(1_001_000_000, 1, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_001_000_000), 1, &mut f, &mut out),
         Verdict::Consumed
     );
 }
@@ -2842,7 +2874,7 @@ fn forwarded_syn() -> (Model, Vec<u8>, Vec<u8>) {
     let input = syn_from_client0(REMOTE4[0].into());
     let mut f = input.clone();
     assert_eq!(
-        e.handle(1_000_000_000, 1, &mut f, &mut out),
+        e.handle(Instant::from_nanos(1_000_000_000), 1, &mut f, &mut out),
         Verdict::Forward(UPLINK)
     );
     (m, input, f)

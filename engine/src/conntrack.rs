@@ -473,6 +473,9 @@ pub struct ConnTrack {
     rng: SplitMix64,
     /// Live flows per client, for per-client limits (client ids are ours, not a client's).
     per_client: rustc_hash::FxHashMap<u32, u32>,
+    /// Ports of our own address that the service's host stack uses (`(protocol, port)`),
+    /// never handed out as NAT ports, whatever the remote.
+    reserved: rustc_hash::FxHashSet<(L4, u16)>,
 }
 
 impl fmt::Debug for ConnTrack {
@@ -590,7 +593,30 @@ impl ConnTrack {
             unreplied_tail: NIL,
             rng: SplitMix64(seed),
             per_client: rustc_hash::FxHashMap::default(),
+            reserved: rustc_hash::FxHashSet::default(),
         }
+    }
+
+    /// Keeps `port` of protocol `l4` for the service's own use: NAT never picks it, so a
+    /// client flow can never be handed an answer meant for the service (its DNS lookups, its
+    /// DHCP client). Flows already on the port keep it until they end.
+    pub fn reserve_port(&mut self, l4: L4, port: u16) {
+        self.reserved.insert((l4, port));
+    }
+
+    /// Takes over the reserved ports of `old` (a table being replaced by a bigger one).
+    pub fn inherit_reservations(&mut self, old: &ConnTrack) {
+        self.reserved.clone_from(&old.reserved);
+    }
+
+    /// Gives a reserved port back to NAT.
+    pub fn release_port(&mut self, l4: L4, port: u16) {
+        self.reserved.remove(&(l4, port));
+    }
+
+    /// Whether the service holds `port` of `l4`.
+    pub fn is_reserved(&self, l4: L4, port: u16) -> bool {
+        !self.reserved.is_empty() && self.reserved.contains(&(l4, port))
     }
 
     fn live_slot(&self, id: u32) -> Option<&Slot> {
@@ -727,16 +753,19 @@ impl ConnTrack {
             },
             nat_port: 0,
         };
+        let free = |ct: &Self, rk: &ReplyKey| {
+            !ct.reply.contains_key(rk) && !ct.is_reserved(rk.l4, rk.nat_port)
+        };
         for _ in 0..NAT_RANDOM_TRIES {
             rk.nat_port = (lo + self.rng.below(n)) as u16;
-            if !self.reply.contains_key(&rk) {
+            if free(self, &rk) {
                 return Ok(rk.nat_port);
             }
         }
         let start = self.rng.below(n);
         for i in 0..n {
             rk.nat_port = (lo + (start + i) % n) as u16;
-            if !self.reply.contains_key(&rk) {
+            if free(self, &rk) {
                 return Ok(rk.nat_port);
             }
         }

@@ -1,0 +1,309 @@
+//! The configuration file of the service qubes (and of `replay`): YAML, one schema.
+//!
+//! Every field but `qubesdb` is optional; unknown fields are rejected:
+//!
+//! ```yaml
+//! uplink:                 # the interface toward the netvm
+//!   name: eth0            # default eth0
+//!   mtu: 1500             # default 1500
+//! qubesdb:                # the qube's QubesDB keys, as dom0 writes them
+//!   /qubes-ip: 10.137.0.6
+//!   /qubes-gateway: 10.137.0.5
+//!   /qubes-netvm-primary-dns: 10.139.1.1
+//!   /qubes-firewall/10.137.0.10: ""
+//!   /qubes-firewall/10.137.0.10/policy: drop
+//!   /qubes-firewall/10.137.0.10/0000: action=accept
+//! vifs:                   # the client vifs (XenStore's list, in Qubes)
+//!   - name: vif3.0
+//!     ip: 10.137.0.10
+//!     ip6: fd09:24ef:4179::a89:a     # optional
+//!     mac: 00:16:3e:5e:6c:0a         # default 00:16:3e:5e:6c:00
+//!     mtu: 1500                      # optional, default 1500
+//! dns:                    # static answers to the engine's name lookups
+//!   web.example: {addrs: [198.18.0.10], ttl: 300}   # ttl in seconds, default 300
+//! conntrack_max: 65536    # optional bound on tracked flows
+//! seed: 1                 # replay only: the NAT seed (the --seed option wins over it)
+//! steps:                  # replay only: changes during the capture
+//!   - at_packet: 3        # before input packet 3 (0-based; the packet count = after the last)
+//!     qubesdb:            # keys to set, or to remove with null
+//!       /qubes-firewall/10.137.0.10/0000: action=drop
+//!   - at_packet: 5
+//!     tick_ns: 1704067230000000000   # run the engine's timers at this time (ns, capture clock)
+//! ```
+//!
+//! In a running service, names missing from `dns` are looked up through the uplink; in a
+//! replay they fail to resolve. serde_yaml is used only here, so it can be swapped for a
+//! maintained fork without touching callers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use qubes_engine::config::{self, EngineConfig, Mac, VifInfo, DEFAULT_QUBE_MAC};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        file: None,
+        error: msg.into(),
+    }
+}
+
+fn default_uplink_name() -> String {
+    "eth0".to_string()
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+fn default_ttl() -> u32 {
+    300
+}
+
+fn default_mac() -> Mac {
+    DEFAULT_QUBE_MAC
+}
+
+/// The `uplink` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSection {
+    #[serde(default = "default_uplink_name")]
+    pub name: String,
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+impl Default for UplinkSection {
+    fn default() -> Self {
+        UplinkSection {
+            name: default_uplink_name(),
+            mtu: default_mtu(),
+        }
+    }
+}
+
+/// One entry of `vifs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VifEntry {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(default = "default_mac", deserialize_with = "de_mac")]
+    pub mac: Mac,
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+/// One entry of `dns`: the answer to a name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsEntry {
+    pub addrs: Vec<IpAddr>,
+    /// Seconds.
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+}
+
+/// One entry of `steps`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Done just before this input packet (0-based); the packet count means after the last.
+    pub at_packet: usize,
+    /// QubesDB keys to set (a value) or remove (null).
+    #[serde(default, deserialize_with = "de_qdb_changes")]
+    pub qubesdb: BTreeMap<String, Option<String>>,
+    /// Runs the engine's timers at this time (ns, the capture's clock).
+    #[serde(default)]
+    pub tick_ns: Option<u64>,
+}
+
+/// The configuration file of a service, and of a replay (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub uplink: UplinkSection,
+    #[serde(deserialize_with = "de_qdb")]
+    pub qubesdb: BTreeMap<String, String>,
+    #[serde(default)]
+    pub vifs: Vec<VifEntry>,
+    #[serde(default)]
+    pub dns: BTreeMap<String, DnsEntry>,
+    #[serde(default)]
+    pub conntrack_max: Option<usize>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// A QubesDB value: YAML scalars of any type are taken as their text.
+struct QdbValue(Option<String>);
+
+impl<'de> Deserialize<'de> for QdbValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = QdbValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a QubesDB value (a string, number or boolean; null to remove a key)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<QdbValue, E> {
+                Ok(QdbValue(Some(v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<QdbValue, E> {
+                Ok(QdbValue(Some(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<QdbValue, E> {
+                Ok(QdbValue(Some(v.to_string())))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<QdbValue, E> {
+                Ok(QdbValue(Some(v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<QdbValue, E> {
+                Ok(QdbValue(Some(v.to_string())))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<QdbValue, E> {
+                Ok(QdbValue(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<QdbValue, E> {
+                Ok(QdbValue(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn check_qdb_key<E: de::Error>(k: &str) -> Result<(), E> {
+    if k.starts_with('/') {
+        Ok(())
+    } else {
+        Err(E::custom(format!(
+            "QubesDB key {k:?} does not start with '/'"
+        )))
+    }
+}
+
+fn de_qdb<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, QdbValue>::deserialize(d)?;
+    let mut map = BTreeMap::new();
+    for (k, v) in raw {
+        check_qdb_key(&k)?;
+        match v.0 {
+            Some(v) => map.insert(k, v),
+            None => {
+                return Err(de::Error::custom(format!(
+                    "QubesDB key {k} has no value (write \"\" for an empty one; null only \
+                     removes keys in steps)"
+                )))
+            }
+        };
+    }
+    Ok(map)
+}
+
+fn de_qdb_changes<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Option<String>>, D::Error> {
+    let raw = BTreeMap::<String, QdbValue>::deserialize(d)?;
+    let mut map = BTreeMap::new();
+    for (k, v) in raw {
+        check_qdb_key(&k)?;
+        map.insert(k, v.0);
+    }
+    Ok(map)
+}
+
+fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
+    let s = String::deserialize(d)?;
+    config::parse_mac(&s).map_err(de::Error::custom)
+}
+
+impl ConfigFile {
+    /// Parses a configuration from YAML text.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: ConfigFile = serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: None,
+            error: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads a configuration file; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_path_buf(),
+            error: format!("cannot read: {e}"),
+        })?;
+        Self::from_yaml(&text).map_err(|e| e.in_file(path))
+    }
+
+    /// Checks what the schema cannot say.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for (i, s) in self.steps.iter().enumerate() {
+            if s.qubesdb.is_empty() && s.tick_ns.is_none() {
+                return Err(invalid(format!(
+                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb or tick_ns",
+                    s.at_packet
+                )));
+            }
+        }
+        if self.conntrack_max == Some(0) {
+            return Err(invalid("conntrack_max must be at least 1"));
+        }
+        for (name, d) in &self.dns {
+            if name.is_empty() {
+                return Err(invalid("dns: empty name"));
+            }
+            if d.addrs.is_empty() {
+                return Err(invalid(format!(
+                    "dns: {name} has no addrs (leave a name out to make it fail to resolve)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The vif list as XenStore would give it.
+    pub fn vif_infos(&self) -> Vec<VifInfo> {
+        self.vifs
+            .iter()
+            .map(|v| VifInfo {
+                name: v.name.clone(),
+                ip: v.ip,
+                ip6: v.ip6,
+                mac: v.mac,
+            })
+            .collect()
+    }
+
+    /// The engine configuration for a QubesDB tree (the configured one, or one changed by steps).
+    pub fn engine_config(
+        &self,
+        tree: &BTreeMap<String, String>,
+        seed: u64,
+    ) -> Result<EngineConfig, ConfigError> {
+        let mut cfg =
+            config::from_tree(tree, &self.vif_infos(), &self.uplink.name, self.uplink.mtu)?;
+        for (client, vif) in cfg.clients.iter_mut().zip(&self.vifs) {
+            if let Some(mtu) = vif.mtu {
+                client.mtu = mtu;
+            }
+        }
+        if let Some(max) = self.conntrack_max {
+            cfg.conntrack_max = max;
+        }
+        cfg.seed = seed;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,148 @@
+//! Packet devices for the Qubes service qubes: the one place that touches the operating
+//! system's packet interfaces, and the one crate of the project with `unsafe` code.
+//!
+//! Every service (sys-firewall, sys-net, sys-whonix) moves frames through the [`Device`]
+//! trait and never sees what is behind it:
+//!
+//! | module | device |
+//! |---|---|
+//! | [`afpacket`] | an AF_PACKET socket on a kernel netdev (a vif, the uplink), with the virtio_net header |
+//! | [`tap`] | a TAP device with `IFF_VNET_HDR` (QEMU's side of a NIC, or a test's) |
+//! | [`pcap`] | a pcap/pcapng file read as input and written as output |
+//! | [`memory`] | an in-memory pair of devices for tests |
+//!
+//! and beside them:
+//!
+//! | module | job |
+//! |---|---|
+//! | [`offload`] | receive metadata ([`Offload`]) and the virtio_net header it comes from; finishing checksums and segmenting GSO super-frames |
+//! | [`link`] | netlink link events (appear, change, disappear; MTU and carrier) through netlink-packet-route |
+//! | [`sys`] | the few other system calls the services need: `poll(2)`, interface indexes, kernel knobs |
+//!
+//! Devices move bursts of frames ([`RxBurst`], [`Device::send_burst`]) rather than one frame
+//! a call, so batching system calls (recvmmsg, PACKET_MMAP rings, Xen rings) fits behind the
+//! same trait.
+
+pub mod afpacket;
+pub mod link;
+pub mod memory;
+pub mod offload;
+pub mod pcap;
+pub mod sys;
+pub mod tap;
+
+use std::io;
+use std::os::fd::RawFd;
+
+pub use offload::{Csum, Gso, GsoKind, Offload};
+
+/// The largest frame a device hands out (64 KiB GSO super-frames plus the Ethernet header).
+pub const MAX_FRAME: usize = 65_550;
+
+/// Received frames: one contiguous buffer, each frame with its offload metadata. Reused
+/// across calls, so receiving does not allocate once warmed up.
+#[derive(Debug, Default)]
+pub struct RxBurst {
+    data: Vec<u8>,
+    frames: Vec<(usize, usize, Offload)>,
+}
+
+impl RxBurst {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.frames.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Appends a received frame.
+    pub fn push(&mut self, frame: &[u8], offload: Offload) {
+        let start = self.data.len();
+        self.data.extend_from_slice(frame);
+        self.frames.push((start, frame.len(), offload));
+    }
+
+    /// Space for one frame of at most `max` bytes at the end of the buffer, to be filled in
+    /// place and then committed with [`RxBurst::commit`] (so a socket reads straight into it).
+    pub fn reserve(&mut self, max: usize) -> &mut [u8] {
+        let start = self.data.len();
+        self.data.resize(start + max, 0);
+        &mut self.data[start..]
+    }
+
+    /// Keeps the first `len` bytes of the space [`RxBurst::reserve`] gave as a frame.
+    pub fn commit(&mut self, len: usize, offload: Offload) {
+        let start = self.frames.last().map_or(0, |&(s, l, _)| s + l);
+        self.data.truncate(start + len);
+        self.frames.push((start, len, offload));
+    }
+
+    /// Gives back the space of a [`RxBurst::reserve`] that received nothing.
+    pub fn unreserve(&mut self) {
+        let end = self.frames.last().map_or(0, |&(s, l, _)| s + l);
+        self.data.truncate(end);
+    }
+
+    /// Frame `i`, mutable (the engine rewrites forwarded frames in place).
+    pub fn frame_mut(&mut self, i: usize) -> Option<(&mut [u8], Offload)> {
+        let &(s, l, o) = self.frames.get(i)?;
+        Some((&mut self.data[s..s + l], o))
+    }
+
+    pub fn frame(&self, i: usize) -> Option<(&[u8], Offload)> {
+        let &(s, l, o) = self.frames.get(i)?;
+        Some((&self.data[s..s + l], o))
+    }
+}
+
+/// A frame to send, with the offloads still to do on it (as it was received, for a forwarded
+/// frame; [`Offload::NONE`] for one the service built).
+#[derive(Debug, Clone, Copy)]
+pub struct TxFrame<'a> {
+    pub frame: &'a [u8],
+    pub offload: Offload,
+}
+
+/// A packet device: a vif, an uplink, a capture file, a test's peer.
+pub trait Device: std::fmt::Debug {
+    /// The interface name (`vif3.0`, `eth0`), as Qubes names it.
+    fn name(&self) -> &str;
+
+    /// Receives up to `max` waiting frames into `burst` (appending); returns how many. Never
+    /// blocks: 0 means nothing is waiting now.
+    fn recv_burst(&mut self, burst: &mut RxBurst, max: usize) -> io::Result<usize>;
+
+    /// Sends frames; returns how many were taken. A full queue drops frames, as a NIC would;
+    /// that is not an error.
+    fn send_burst(&mut self, frames: &[TxFrame<'_>]) -> io::Result<usize>;
+
+    /// Sends one finished frame.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.send_burst(&[TxFrame {
+            frame,
+            offload: Offload::NONE,
+        }])
+        .map(|_| ())
+    }
+
+    /// Largest IP packet the link carries, if the device knows it.
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
+
+    /// A descriptor that is readable when frames are waiting, for `poll(2)`; `None` for
+    /// devices that are always ready or never are (files, memory).
+    fn raw_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
