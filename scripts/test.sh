@@ -11,6 +11,25 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Tests that cannot run here (no root, no nft, ...) fail under CI; elsewhere they print
+# `NOT RUN: <test>: <why>` and append a line to this file (testkit/src/lib.rs), counted at the end.
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+TESTKIT_NOT_RUN_FILE="$(cd "$target_dir" && pwd)/not-run.txt"
+export TESTKIT_NOT_RUN_FILE
+: >"$TESTKIT_NOT_RUN_FILE"
+report_not_run() {
+  local n
+  n=$(wc -l <"$TESTKIT_NOT_RUN_FILE" 2>/dev/null || echo 0)
+  if [ "$n" -gt 0 ]; then
+    echo "== $n tests did not run (binary, test: why):"
+    sed 's/^/  /' "$TESTKIT_NOT_RUN_FILE"
+  else
+    echo "== no test reported that it did not run"
+  fi
+}
+trap report_not_run EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"

@@ -349,6 +349,26 @@ mod tests {
     }
 
     #[test]
+    fn chain_names_keep_the_address_text() {
+        // Upstream replaces '.' and ':' in the QubesDB text and nothing else: no
+        // compression, no case folding, so each spelling of one address names its own chain.
+        for (addr, chain) in [
+            ("fd09:24ef:4179:0000::3", "qbs-fd09-24ef-4179-0000--3"),
+            ("fd09:24ef:4179::3", "qbs-fd09-24ef-4179--3"),
+            ("fd09:24ef:4179::a89:3", "qbs-fd09-24ef-4179--a89-3"),
+            ("FD09:24EF:4179::A89:3", "qbs-FD09-24EF-4179--A89-3"),
+            (
+                "fd09:24ef:4179:0:0:0:a89:3",
+                "qbs-fd09-24ef-4179-0-0-0-a89-3",
+            ),
+            ("::ffff:10.137.0.5", "qbs---ffff-10-137-0-5"),
+            ("10.137.0.5", "qbs-10-137-0-5"),
+        ] {
+            assert_eq!(chain_for_addr(addr), chain, "{addr}");
+        }
+    }
+
+    #[test]
     fn prepare_rules_checks() {
         let r = AgentRule::from_pairs([("action", "accept"), ("dpi", "NO")]);
         assert_eq!(

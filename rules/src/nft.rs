@@ -838,6 +838,12 @@ table ip6 qubes-firewall {\n\
              chain qubes-forward {\n    ip6 saddr fd09:24ef:4179:0000::3 jump \
              qbs-fd09-24ef-4179-0000--3\n  }\n}\n"
         );
+        // The address text is used verbatim in both the chain name and the saddr match.
+        assert_eq!(
+            create_chain_text("FD09::A89:3", Family::V6),
+            "table ip6 qubes-firewall {\n  chain qbs-FD09--A89-3 {\n  }\n  \
+             chain qubes-forward {\n    ip6 saddr FD09::A89:3 jump qbs-FD09--A89-3\n  }\n}\n"
+        );
     }
 
     #[test]

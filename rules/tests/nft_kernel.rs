@@ -6,8 +6,8 @@
 //! ruleset is never read or changed. The assertions are on what `nft list` prints back, which
 //! is nft's normalised form, not the input text (checked against nftables 1.0.6).
 //!
-//! Needs root, `ip` (iproute2) and `nft` (nftables). Without them the tests print
-//! `SKIPPED: <reason>` and pass, unless the `CI` environment variable is set, where they fail.
+//! Needs root, `ip` (iproute2) and `nft` (nftables). Without them the tests fail under CI and
+//! otherwise report `NOT RUN: <test>: <reason>` (`testkit`).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -64,39 +64,19 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The effective uid, from `/proc/self/status` (`Uid: real effective saved fs`).
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// Why this machine cannot run the kernel tests, if it cannot.
-fn unavailable() -> Result<(PathBuf, PathBuf), String> {
-    match effective_uid() {
-        Some(0) => {}
-        Some(uid) => return Err(format!("needs root (running as uid {uid})")),
-        None => return Err("cannot read the effective uid from /proc/self/status".into()),
+/// A fresh namespace for `test`, or `None` when the machine cannot provide one (reported by
+/// `testkit`: a failure under CI, `NOT RUN` otherwise).
+fn netns(test: &str) -> Option<Netns> {
+    if !testkit::require_root(test) {
+        return None;
     }
-    let ip = find_tool("ip").ok_or("`ip` (iproute2) not found")?;
-    let nft = find_tool("nft").ok_or("`nft` (nftables) not found")?;
-    Ok((ip, nft))
-}
-
-fn skip_or_fail(reason: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("nft kernel test cannot run under CI: {reason}");
-    }
-    // Straight to the process's stderr: libtest captures `eprintln!`, and a skip must show.
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
-}
-
-/// A fresh namespace, or `None` (after printing why) when the machine cannot provide one.
-fn netns() -> Option<Netns> {
-    let (ip, nft) = match unavailable() {
+    let tools = find_tool("ip")
+        .ok_or("`ip` (iproute2) not found")
+        .and_then(|ip| Ok((ip, find_tool("nft").ok_or("`nft` (nftables) not found")?)));
+    let (ip, nft) = match tools {
         Ok(tools) => tools,
         Err(reason) => {
-            skip_or_fail(&reason);
+            testkit::not_run(test, reason);
             return None;
         }
     };
@@ -110,10 +90,13 @@ fn netns() -> Option<Netns> {
         .output()
         .expect("run ip netns add");
     if !out.status.success() {
-        skip_or_fail(&format!(
-            "`ip netns add {name}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        testkit::not_run(
+            test,
+            &format!(
+                "`ip netns add {name}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        );
         return None;
     }
     Some(Netns { name, ip, nft })
@@ -318,7 +301,9 @@ fn lines(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn whole_session_in_one_transaction() {
-    let Some(ns) = netns() else { return };
+    let Some(ns) = netns("whole_session_in_one_transaction") else {
+        return;
+    };
     let v4_chain = chain_for_addr(V4_CLIENT);
     let v6_chain = chain_for_addr(V6_CLIENT);
     let mut text = init_text();
@@ -394,7 +379,9 @@ fn whole_session_in_one_transaction() {
 /// `dns-addr` set, not append to them.
 #[test]
 fn agent_sequence_replaces_rules_on_reload() {
-    let Some(ns) = netns() else { return };
+    let Some(ns) = netns("agent_sequence_replaces_rules_on_reload") else {
+        return;
+    };
     let v4_chain = chain_for_addr(V4_CLIENT);
     let v6_chain = chain_for_addr(V6_CLIENT);
     ns.load(&init_text());
@@ -526,7 +513,9 @@ fn agent_sequence_replaces_rules_on_reload() {
 /// reports `RuleApplyError` and falls back to drop-all), never silently half-applied.
 #[test]
 fn nft_refuses_bad_values_atomically() {
-    let Some(ns) = netns() else { return };
+    let Some(ns) = netns("nft_refuses_bad_values_atomically") else {
+        return;
+    };
     let v4_chain = chain_for_addr(V4_CLIENT);
     ns.load(&init_text());
     ns.load(&create_chain_text(V4_CLIENT, Family::V4));

@@ -122,6 +122,50 @@ table ip qubes-firewall {
 }
 
 #[test]
+fn nft_names_the_chain_from_the_ip_text_as_given() {
+    // The agent (qubesagent/firewall.py `chain_for_addr`) uses the QubesDB key text
+    // verbatim: only '.' and ':' become '-'; no compression, no case folding.
+    for (ip, family, chain) in [
+        ("fd09:24ef:4179:0000::3", "6", "qbs-fd09-24ef-4179-0000--3"),
+        ("fd09:24ef:4179::a89:3", "6", "qbs-fd09-24ef-4179--a89-3"),
+        ("FD09:24EF:4179::A89:3", "6", "qbs-FD09-24EF-4179--A89-3"),
+        (
+            "fd09:24ef:4179:0:0:0:a89:3",
+            "6",
+            "qbs-fd09-24ef-4179-0-0-0-a89-3",
+        ),
+        ("10.137.0.5", "4", "qbs-10-137-0-5"),
+    ] {
+        let (out, err, code) = qubes_rules(
+            &["nft", "--family", family, "--ip", ip],
+            "policy drop\n0000 action=accept dpi=NO\n",
+        );
+        assert_eq!(code, 1, "{ip}: {err}");
+        assert!(
+            out.contains(&format!("  chain {chain} {{\n")),
+            "{ip}: {out}"
+        );
+        let p = if family == "4" { "ip" } else { "ip6" };
+        assert!(
+            out.contains(&format!("flush chain {p} qubes-firewall {chain}\n")),
+            "{ip}: {out}"
+        );
+        // The parse failure message names the client by the same text.
+        assert!(
+            err.starts_with(&format!("Failed to parse rules for {ip} (")),
+            "{ip}: {err}"
+        );
+    }
+}
+
+#[test]
+fn nft_ip_must_be_an_address() {
+    let (_, err, code) = qubes_rules(&["nft", "--family", "6", "--ip", "fd09::g"], "");
+    assert_eq!(code, 2);
+    assert!(err.contains("\"fd09::g\" is not an IP address"), "{err}");
+}
+
+#[test]
 fn nft_blocks_the_client_when_rules_do_not_parse() {
     for (input, why) in [
         ("0000 action=accept\n", "No 'policy' defined"),

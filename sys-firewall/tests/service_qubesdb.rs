@@ -14,40 +14,6 @@ use qubesdb::tree::Tree;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Why this test cannot run here, if it cannot.
-fn cannot_run() -> Option<String> {
-    if !Path::new("/proc/self/ns/net").exists() {
-        return Some("no network namespaces".into());
-    }
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
-        return Some("needs root (network namespaces, AF_PACKET)".into());
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("needs iproute2 (`ip`)".into());
-    }
-    None
-}
-
-macro_rules! require_root {
-    () => {
-        if let Some(why) = cannot_run() {
-            if std::env::var_os("CI").is_some() {
-                panic!("cannot run in CI: {why}");
-            }
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
-}
-
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
@@ -213,7 +179,9 @@ fn wait_handled(c: &mut Client, want: u64) -> Duration {
 
 #[test]
 fn commit_protocol_handled_blocking_and_vifs() {
-    require_root!();
+    if !testkit::require_root("commit_protocol_handled_blocking_and_vifs") {
+        return;
+    }
     let mut lab = Lab::new();
     let sock = lab.path("qubesdb.sock");
     let server = Server::bind(&sock)
@@ -304,7 +272,9 @@ fn commit_protocol_handled_blocking_and_vifs() {
 
 #[test]
 fn commit_to_enforced_latency() {
-    require_root!();
+    if !testkit::require_root("commit_to_enforced_latency") {
+        return;
+    }
     let mut lab = Lab::new();
     let sock = lab.path("qubesdb.sock");
     let server = Server::bind(&sock)

@@ -3,7 +3,8 @@
 //!
 //! The sys-firewall under test is `$QUBES_LAB_FIREWALL` (`rust` or `linux`; default `rust`),
 //! so the same tests judge the Linux kernel and our service. They need root (network
-//! namespaces): without it they print `SKIPPED: need root`, and fail when `CI` is set.
+//! namespaces): without it they fail under CI and otherwise report `NOT RUN: <test>: <why>`
+//! (`testkit`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -15,28 +16,10 @@ use std::time::{Duration, Instant};
 const LAB: &str = env!("CARGO_BIN_EXE_qubes-lab");
 const WEB: &str = "198.18.0.10";
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Whether the test can run; prints the skip, and fails the test under CI.
+/// Whether the test can run; if not, `testkit` fails it under CI and reports it as not run
+/// otherwise. libtest runs each test on a thread named after it, which names the test here.
 fn can_run() -> bool {
-    if is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED: need root (the lab creates network namespaces)");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI is set: the lab tests must run (as root)"
-    );
-    false
+    testkit::require_root(std::thread::current().name().unwrap_or("lab_e2e"))
 }
 
 /// The sys-firewall kind under test.

@@ -77,9 +77,11 @@ enum Cmd {
         /// Chain name, e.g. qbs-10-137-0-5. Default: derived from --ip.
         #[arg(long, required_unless_present = "ip")]
         chain: Option<String>,
-        /// The client's address (names the chain when --chain is not given).
-        #[arg(long, value_name = "ADDR")]
-        ip: Option<IpAddr>,
+        /// The client's address as dom0 wrote it in QubesDB (names the chain when --chain is
+        /// not given). The text is kept as given, like the agent does: `fd09:24ef:4179:0000::3`
+        /// names `qbs-fd09-24ef-4179-0000--3`, not the chain of its compressed form.
+        #[arg(long, value_name = "ADDR", value_parser = parse_addr_text)]
+        ip: Option<String>,
         /// The netvm's DNS servers (specialtarget=dns); only those of --family are used.
         /// Without any, the agent's set stays empty and DNS rules match nothing.
         #[arg(long, value_name = "ADDR[,ADDR]", value_delimiter = ',')]
@@ -100,6 +102,15 @@ enum Format {
 
 fn parse_family(s: &str) -> Result<Family, String> {
     Family::parse(s).ok_or_else(|| format!("address family must be 4 or 6, not {s:?}"))
+}
+
+/// An IP address, kept as the text given. The agent (qubes-core-agent-linux
+/// qubesagent/firewall.py, `chain_for_addr`) builds chain names from the QubesDB key text
+/// verbatim, so reformatting it (dropping `0000` groups, lower-casing) would name another chain.
+fn parse_addr_text(s: &str) -> Result<String, String> {
+    s.parse::<IpAddr>()
+        .map(|_| s.to_string())
+        .map_err(|_| format!("{s:?} is not an IP address"))
 }
 
 fn parse_resolve(s: &str) -> Result<(String, IpAddr), String> {
@@ -232,9 +243,9 @@ fn main() -> ExitCode {
             dns,
             resolve,
         } => {
-            let label = ip.map(|a| a.to_string()).or_else(|| chain.clone());
+            let label = ip.clone().or_else(|| chain.clone());
             let chain = chain
-                .or_else(|| ip.map(|a| chain_for_addr(&a.to_string())))
+                .or_else(|| ip.as_deref().map(chain_for_addr))
                 .unwrap_or_default();
             nft_cmd(family, chain, label.unwrap_or_default(), &dns, resolve)
         }
