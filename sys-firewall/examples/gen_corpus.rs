@@ -4,11 +4,13 @@
 //! cargo run -p sys-firewall --example gen_corpus -- [--bless] [SCENARIO...]
 //! ```
 //!
-//! Writes each scenario's config.yaml, in.pcapng and expect.txt (only files whose bytes change).
-//! With `--bless` it also replays the written files and writes out.pcapng, then checks
-//! expect.txt against it. `--show` writes nothing and lists the stored in.pcapng and
-//! out.pcapng frame by frame. SCENARIO selects scenarios by name or a prefix of it (`07`,
-//! `07-ndp`); none means all.
+//! First builds every selected scenario and checks it: its expect.txt must state a positive
+//! fact, and every fact must hold on the replay of the files it would write. If anything fails
+//! it prints each problem (scenario, fact, expected and seen), writes nothing for any scenario
+//! and exits 1. Otherwise it writes each scenario's config.yaml, in.pcapng and expect.txt, and
+//! with `--bless` out.pcapng (only files whose bytes change). `--show` writes nothing and lists
+//! the stored in.pcapng and out.pcapng frame by frame. SCENARIO selects scenarios by name or a
+//! prefix of it (`07`, `07-ndp`); none means all.
 
 #[path = "../tests/corpus/mod.rs"]
 mod corpus;
@@ -26,8 +28,9 @@ fn main() -> ExitCode {
             "-h" | "--help" => {
                 println!(
                     "usage: gen_corpus [--bless | --show] [SCENARIO...]\n\n\
-                     Writes tests/pcap/<scenario>/{{config.yaml,in.pcapng,expect.txt}};\n\
-                     --bless also writes out.pcapng from a replay and checks expect.txt;\n\
+                     Checks every selected scenario's facts on a replay, then writes\n\
+                     tests/pcap/<scenario>/{{config.yaml,in.pcapng,expect.txt}};\n\
+                     --bless also writes out.pcapng. If any fact fails, nothing is written.\n\
                      --show lists the stored captures instead of writing anything.\n\
                      SCENARIO: a scenario name or a prefix of it (e.g. 07)."
                 );
@@ -70,35 +73,8 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let mut failed = 0;
-    for sc in &selected {
-        let built = match corpus::build(sc) {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("FAILED {}\n  {}", sc.name, e.replace('\n', "\n  "));
-                failed += 1;
-                continue;
-            }
-        };
-        match corpus::write(&built, bless) {
-            Ok(r) => {
-                for w in &r.written {
-                    println!("wrote {w}");
-                }
-                if !r.failures.is_empty() {
-                    failed += 1;
-                    eprintln!("EXPECTATIONS FAILED {}", sc.name);
-                    for f in &r.failures {
-                        eprintln!("  {f}");
-                    }
-                }
-            }
-            Err(e) => {
-                eprintln!("FAILED {}\n  {}", sc.name, e.replace('\n', "\n  "));
-                failed += 1;
-            }
-        }
-    }
+    let selected: Vec<corpus::Scenario> = selected.into_iter().copied().collect();
+    let result = corpus::generate(&selected, &corpus::corpus_dir(), bless);
     if let Ok(dir) = std::fs::read_dir(corpus::corpus_dir()) {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -107,19 +83,41 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!(
-        "{} scenario(s), {} failed{}",
-        selected.len(),
-        failed,
-        if bless {
-            ""
-        } else {
-            " (inputs only; --bless writes out.pcapng)"
+    match result {
+        Ok(written) => {
+            for w in &written {
+                println!("wrote {w}");
+            }
+            println!(
+                "{} scenario(s) verified, {} file(s) written{}",
+                selected.len(),
+                written.len(),
+                if bless {
+                    ""
+                } else {
+                    " (inputs only; --bless writes out.pcapng)"
+                }
+            );
+            ExitCode::SUCCESS
         }
-    );
-    if failed > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("REFUSED {}", p.replace('\n', "\n  "));
+            }
+            let failing = selected
+                .iter()
+                .filter(|s| {
+                    problems
+                        .iter()
+                        .any(|p| p.starts_with(&format!("{}:", s.name)))
+                })
+                .count();
+            eprintln!(
+                "gen_corpus: {} problem(s) in {failing} of {} scenario(s): nothing written",
+                problems.len(),
+                selected.len()
+            );
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The pcap corpus (tests/pcap/ at the top of the workspace): every scenario replays to exactly
-//! its stored output, its expectations hold, and its stored inputs are what the generator builds.
+//! its stored output, its expectations hold and include a positive fact, and its stored inputs
+//! are what the generator builds; the generator refuses to write a scenario whose facts fail.
 //!
 //! Regenerate with `cargo run -p sys-firewall --example gen_corpus -- --bless`; see
 //! tests/pcap/README.md.
@@ -8,7 +9,7 @@ mod corpus;
 
 use std::path::PathBuf;
 
-use corpus::{corpus_dir, expect, scenarios};
+use corpus::{corpus_dir, expect, packets, scenarios, Cfg, Scenario, Script, R};
 
 /// The issue asks for at least this many scenarios.
 const MIN_SCENARIOS: usize = 40;
@@ -107,6 +108,146 @@ fn every_scenario_replays_to_its_expected_output() {
         dirs.len(),
         failures.join("\n\n")
     );
+}
+
+#[test]
+fn every_scenario_pins_a_positive_fact() {
+    let mut failures = Vec::new();
+    for dir in scenario_dirs() {
+        let text = std::fs::read_to_string(dir.join("expect.txt")).unwrap_or_default();
+        let r = expect::parse(&text).and_then(|e| expect::require_positive(&e));
+        if let Err(m) = r {
+            failures.push(format!("{}: {m}", name_of(&dir)));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// Scenarios for the generator's own tests: one whose facts hold, one with a false fact, one
+// with only negative facts. A client ARPs for its gateway (Qubes answers with the Xen netback
+// MAC fe:ff:ff:ff:ff:ff).
+
+fn gateway_arp(s: &mut Script) -> R {
+    s.about("A client ARPs for its gateway");
+    s.config(Cfg::new().client(&scenarios::C3))?;
+    s.send(
+        "vif3.0",
+        packets::arp_request(scenarios::C3.mac, scenarios::C3.ip, corpus::FW_IP),
+    )
+}
+
+fn true_facts(s: &mut Script) -> R {
+    gateway_arp(s)?;
+    s.expect("frame 0 on vif3.0: arp-reply sha fe:ff:ff:ff:ff:ff spa 10.137.0.6");
+    Ok(())
+}
+
+fn a_false_fact(s: &mut Script) -> R {
+    gateway_arp(s)?;
+    s.expect("no ip frames on eth0");
+    s.expect("frame 0 on vif3.0: arp-reply sha 00:16:3e:5e:6c:00 spa 10.137.0.6");
+    Ok(())
+}
+
+fn only_negative_facts(s: &mut Script) -> R {
+    gateway_arp(s)?;
+    s.expect("no ip frames on eth0");
+    s.expect("no ip frames on vif3.0");
+    Ok(())
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(files_under(&p));
+        } else {
+            let bytes = std::fs::read(&p).expect("read");
+            v.push((p, bytes));
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn the_generator_refuses_to_bless_a_false_fact() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let good = Scenario {
+        name: "01-good",
+        build: true_facts,
+    };
+    let bad = Scenario {
+        name: "02-false-fact",
+        build: a_false_fact,
+    };
+    let problems =
+        corpus::generate(&[good, bad], tmp.path(), true).expect_err("a false fact is refused");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    let p = &problems[0];
+    for want in [
+        "02-false-fact",
+        "frame 0 on vif3.0: arp-reply sha 00:16:3e:5e:6c:00 spa 10.137.0.6",
+        "expected sha 00:16:3e:5e:6c:00",
+        "seen sha fe:ff:ff:ff:ff:ff",
+    ] {
+        assert!(p.contains(want), "{want:?} not in {p}");
+    }
+    assert!(
+        files_under(tmp.path()).is_empty(),
+        "nothing may be written, not even for the good scenario: {:?}",
+        files_under(tmp.path())
+    );
+
+    // Only negative facts: refused too, and the stored files stay as they were.
+    let written = corpus::generate(&[good], tmp.path(), true).expect("good scenario");
+    let before = files_under(tmp.path());
+    let names: Vec<String> = before.iter().map(|(p, _)| name_of(p)).collect();
+    assert_eq!(
+        names,
+        ["config.yaml", "expect.txt", "in.pcapng", "out.pcapng"],
+        "{written:?}"
+    );
+    let neg = Scenario {
+        name: "01-good",
+        build: only_negative_facts,
+    };
+    let problems = corpus::generate(&[neg], tmp.path(), true).expect_err("no positive fact");
+    assert!(
+        problems.len() == 1 && problems[0].contains("01-good: no positive fact"),
+        "{problems:#?}"
+    );
+    assert_eq!(files_under(tmp.path()), before, "nothing may be rewritten");
+}
+
+#[test]
+fn positive_facts_are_frames_with_fields_or_drop_counters() {
+    let positive = |line: &str| {
+        let e = expect::parse(&format!("# x\n{line}\n")).expect(line);
+        expect::is_positive(&e.facts[0].fact)
+    };
+    for yes in [
+        "frame 0 on vif3.0: arp-reply spa 10.137.0.6",
+        "ip frame 1 on eth0: ipv4 sport $p",
+        "counter spoofed on vif3.0 = 2",
+        "counter no-flow on eth0 >= 1",
+    ] {
+        assert!(positive(yes), "{yes}");
+    }
+    for no in [
+        "no frames on vif3.0",
+        "ip frames on eth0 = 1",
+        "frame 0 on vif3.0: arp-reply",
+        "counter spoofed on vif3.0 = 0",
+        "counter spoofed on vif3.0 <= 2",
+        "counter no-flow on eth0 >= 0",
+        "counter accepted on vif3.0 = 1",
+        "event client-blocked on vif3.0 >= 1",
+        "resolve web.example >= 1",
+    ] {
+        assert!(!positive(no), "{no}");
+    }
 }
 
 #[test]

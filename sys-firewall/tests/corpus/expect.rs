@@ -158,13 +158,23 @@ pub enum Fact {
     Distinct(Vec<String>),
 }
 
+/// A fact as the file states it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stated {
+    /// Line number (1-based).
+    pub line: usize,
+    /// The line as written (trimmed).
+    pub text: String,
+    pub fact: Fact,
+}
+
 /// A parsed expect.txt.
 #[derive(Debug, Clone, Default)]
 pub struct Expectations {
     /// The first comment.
     pub about: String,
-    /// Facts with their line numbers (1-based).
-    pub facts: Vec<(usize, Fact)>,
+    /// The facts, in file order.
+    pub facts: Vec<Stated>,
 }
 
 /// Canonical form of a predicate value, by key.
@@ -374,7 +384,11 @@ pub fn parse(text: &str) -> Result<Expectations, String> {
             continue;
         }
         let fact = parse_line(line).map_err(|m| format!("line {}: {m}: {line}", i + 1))?;
-        e.facts.push((i + 1, fact));
+        e.facts.push(Stated {
+            line: i + 1,
+            text: line.to_string(),
+            fact,
+        });
     }
     if e.about.is_empty() {
         return Err("the first line must be a '# description' comment".into());
@@ -407,7 +421,7 @@ pub fn match_preds(
             cur = cur
                 .inner
                 .as_deref()
-                .ok_or("no quoted packet (not an ICMP error)")?;
+                .ok_or("expected a quoted packet, seen none (not an ICMP error)")?;
             at = "inner: ";
         }
         r.map_err(|m| format!("{at}{m}"))?;
@@ -427,7 +441,7 @@ fn match_pred(
             Pred::Inner => {}
             Pred::Kind(k) => {
                 if !has_kind(cur, k) {
-                    return Err(format!("not {k}"));
+                    return Err(format!("expected {k}, seen not {k}"));
                 }
             }
             Pred::Field(k, want) => {
@@ -438,7 +452,7 @@ fn match_pred(
                         "hlim" => cur.get("ttl"),
                         _ => None,
                     })
-                    .ok_or_else(|| format!("no {k}"))?;
+                    .ok_or_else(|| format!("expected {k} {want}, seen no {k}"))?;
                 if let Some(name) = want.strip_prefix('$') {
                     let bound = vars
                         .get(name)
@@ -446,13 +460,15 @@ fn match_pred(
                         .or_else(|| bind.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()));
                     match bound {
                         Some(v) if v != got => {
-                            return Err(format!("{k} {got}, but ${name} is {v}"));
+                            return Err(format!(
+                                "expected {k} ${name} (bound to {v}), seen {k} {got}"
+                            ));
                         }
                         Some(_) => {}
                         None => bind.push((name.to_string(), got.to_string())),
                     }
                 } else if want != got {
-                    return Err(format!("{k} {got}, want {want}"));
+                    return Err(format!("expected {k} {want}, seen {k} {got}"));
                 }
             }
         }
@@ -478,10 +494,48 @@ fn iface_id(out: &ReplayOutput, iface: &str) -> Result<u32, String> {
         .iter()
         .position(|n| n == iface)
         .map(|i| i as u32)
-        .ok_or_else(|| format!("no interface {iface} (have {})", out.ifaces.join(", ")))
+        .ok_or_else(|| {
+            format!(
+                "expected an interface {iface}, seen only {}",
+                out.ifaces.join(", ")
+            )
+        })
 }
 
-/// Checks the facts against a replay; returns what failed (empty: all hold).
+/// Whether a fact is positive: it pins something that happened, not only something that did
+/// not. A frame that comes out, with at least one key field (`frame I on IFACE: ... key value`),
+/// or a drop counter other than `accepted` that must be at least 1 (`counter spoofed on vif3.0 =
+/// 2`, `... >= 1`): the reason nothing came out. Counts, `no ... frames`, events, lookups and
+/// `distinct` are not.
+pub fn is_positive(f: &Fact) -> bool {
+    match f {
+        Fact::Frame { preds, .. } => preds.iter().any(|p| matches!(p, Pred::Field(..))),
+        Fact::Counter { reason, op, n, .. } => {
+            reason != "accepted" && *n >= 1 && matches!(op, Op::Eq | Op::Ge)
+        }
+        _ => false,
+    }
+}
+
+/// Fails unless the expectations state at least one positive fact ([`is_positive`]).
+pub fn require_positive(e: &Expectations) -> Result<(), String> {
+    if e.facts.iter().any(|s| is_positive(&s.fact)) {
+        return Ok(());
+    }
+    Err(format!(
+        "no positive fact: only {}; state a frame that comes out (`frame I on IFACE: KEY VALUE \
+         ...`) or, if nothing may, the drop counter that explains it (`counter REASON on IFACE = \
+         N`, N >= 1, not `accepted`)",
+        e.facts
+            .iter()
+            .map(|s| format!("`{}`", s.text))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// Checks the facts against a replay; returns what failed (empty: all hold), one line each:
+/// `line N: FACT: expected ..., seen ...`.
 pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
     let mut fails = Vec::new();
     let mut vars = BTreeMap::new();
@@ -490,24 +544,27 @@ pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
         if !d.problems.is_empty() {
             let iface = out.ifaces.get(f.iface as usize).map_or("?", String::as_str);
             fails.push(format!(
-                "output frame {i} on {iface} is not well-formed: {}",
+                "output frame {i} on {iface}: expected a well-formed frame, seen {}",
                 d.describe()
             ));
         }
     }
-    for (line, fact) in &e.facts {
-        let r: Result<(), String> = (|| match fact {
+    let compare = |op: Op, got: u64, n: u64| {
+        if op.holds(got, n) {
+            Ok(())
+        } else {
+            Err(format!("expected {} {n}, seen {got}", op.sym()))
+        }
+    };
+    for st in &e.facts {
+        let r: Result<(), String> = (|| match &st.fact {
             Fact::Count { kind, iface, op, n } => {
                 iface_id(out, iface)?;
                 let got = frames_on(out, iface)
                     .iter()
                     .filter(|(_, d)| kind.as_deref().is_none_or(|k| has_kind(d, k)))
                     .count() as u64;
-                if op.holds(got, *n) {
-                    Ok(())
-                } else {
-                    Err(format!("there are {got}, want {} {n}", op.sym()))
-                }
+                compare(*op, got, *n)
             }
             Fact::Frame {
                 kind,
@@ -520,10 +577,14 @@ pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
                     .into_iter()
                     .filter(|(_, d)| kind.as_deref().is_none_or(|k| has_kind(d, k)))
                     .collect();
-                let (_, d) = list
-                    .get(*index)
-                    .ok_or_else(|| format!("there are only {} such frames", list.len()))?;
-                match_preds(d, preds, &mut vars).map_err(|m| format!("{m}: {}", d.describe()))
+                let (_, d) = list.get(*index).ok_or_else(|| {
+                    format!(
+                        "expected a frame {index}, seen only {} such frame(s)",
+                        list.len()
+                    )
+                })?;
+                match_preds(d, preds, &mut vars)
+                    .map_err(|m| format!("{m} (frame: {})", d.describe()))
             }
             Fact::Counter {
                 reason,
@@ -536,12 +597,7 @@ pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
                     .iter()
                     .find(|r| r.name() == reason)
                     .ok_or("unknown reason")?;
-                let got = out.counters.get(id).map_or(0, |c| c.get(*r));
-                if op.holds(got, *n) {
-                    Ok(())
-                } else {
-                    Err(format!("it is {got}"))
-                }
+                compare(*op, out.counters.get(id).map_or(0, |c| c.get(*r)), *n)
             }
             Fact::Event { what, iface, op, n } => {
                 let id = iface_id(out, iface)?;
@@ -556,11 +612,7 @@ pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
                         _ => 0,
                     })
                     .sum();
-                if op.holds(got, *n) {
-                    Ok(())
-                } else {
-                    Err(format!("it is {got}"))
-                }
+                compare(*op, got, *n)
             }
             Fact::Resolve { name, op, n } => {
                 let got = out
@@ -568,52 +620,27 @@ pub fn check(e: &Expectations, out: &ReplayOutput) -> Vec<String> {
                     .iter()
                     .filter(|ev| matches!(&ev.event, Event::Resolve { name: x } if x == name))
                     .count() as u64;
-                if op.holds(got, *n) {
-                    Ok(())
-                } else {
-                    Err(format!("it is {got}"))
-                }
+                compare(*op, got, *n)
             }
             Fact::Distinct(names) => {
-                let mut seen: Vec<&str> = Vec::new();
+                let mut seen: Vec<(&str, &str)> = Vec::new();
                 for v in names {
-                    let val = vars
-                        .get(&v[1..])
-                        .ok_or_else(|| format!("{v} is not bound"))?;
-                    if seen.contains(&val.as_str()) {
-                        return Err(format!("{v} = {val} is not distinct"));
+                    let val = vars.get(&v[1..]).ok_or_else(|| {
+                        format!("expected {v} bound by an earlier frame fact, seen it unbound")
+                    })?;
+                    if let Some((other, _)) = seen.iter().find(|(_, x)| *x == val.as_str()) {
+                        return Err(format!(
+                            "expected distinct values, seen {other} = {v} = {val}"
+                        ));
                     }
-                    seen.push(val);
+                    seen.push((v, val));
                 }
                 Ok(())
             }
         })();
         if let Err(m) = r {
-            fails.push(format!("line {line}: {}: {m}", describe_fact(fact)));
+            fails.push(format!("line {}: {}: {m}", st.line, st.text));
         }
     }
     fails
-}
-
-fn describe_fact(f: &Fact) -> String {
-    let k = |k: &Option<String>| k.as_ref().map(|k| format!("{k} ")).unwrap_or_default();
-    match f {
-        Fact::Count { kind, iface, op, n } => {
-            format!("{}frames on {iface} {} {n}", k(kind), op.sym())
-        }
-        Fact::Frame {
-            kind, index, iface, ..
-        } => format!("{}frame {index} on {iface}", k(kind)),
-        Fact::Counter {
-            reason,
-            iface,
-            op,
-            n,
-        } => format!("counter {reason} on {iface} {} {n}", op.sym()),
-        Fact::Event { what, iface, op, n } => {
-            format!("event {what} on {iface} {} {n}", op.sym())
-        }
-        Fact::Resolve { name, op, n } => format!("resolve {name} {} {n}", op.sym()),
-        Fact::Distinct(v) => format!("distinct {}", v.join(" ")),
-    }
 }

@@ -640,51 +640,94 @@ pub fn diff_captures(expected: &[u8], got: &[u8]) -> String {
     out
 }
 
-/// What the generator did with one scenario.
-#[derive(Debug, Default)]
-pub struct WriteReport {
-    /// Files written (changed).
-    pub written: Vec<String>,
-    /// Expectations that failed on the blessed output.
-    pub failures: Vec<String>,
+/// Replays a built scenario from the bytes the generator would write (config.yaml and
+/// in.pcapng), as the test replays the stored files.
+pub fn replay_built(b: &Built) -> R<ReplayOutput> {
+    let cfg = ReplayConfig::from_yaml(&b.config_yaml)
+        .map_err(|e| format!("{}: config.yaml: {e}", b.name))?;
+    replay_capture(&cfg, &b.in_pcapng, None).map_err(|e| format!("{}: {e}", b.name))
 }
 
-fn write_if_changed(path: &Path, bytes: &[u8], report: &mut WriteReport) -> R {
+/// Everything that keeps a built scenario from being blessed, each line naming the scenario:
+/// its expect.txt must parse and state a positive fact ([`expect::require_positive`]), the
+/// replay of its files must be the generator's own run, and every fact must hold on that
+/// replay. On success, the replay (whose capture is the scenario's out.pcapng).
+pub fn verify(b: &Built) -> Result<ReplayOutput, Vec<String>> {
+    let e =
+        expect::parse(&b.expect_txt).map_err(|m| vec![format!("{}: expect.txt: {m}", b.name)])?;
+    let mut problems = Vec::new();
+    if let Err(m) = expect::require_positive(&e) {
+        problems.push(format!("{}: {m}", b.name));
+    }
+    let out = replay_built(b).map_err(|m| vec![m])?;
+    if out.pcapng != b.out.pcapng {
+        problems.push(format!(
+            "{}: replaying the generated files differs from the generator's own run:\n{}",
+            b.name,
+            diff_captures(&b.out.pcapng, &out.pcapng)
+        ));
+    }
+    for f in expect::check(&e, &out) {
+        problems.push(format!("{}: {f}", b.name));
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8], written: &mut Vec<String>) -> R {
     if std::fs::read(path).ok().as_deref() == Some(bytes) {
         return Ok(());
     }
     std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    report.written.push(path.display().to_string());
+    written.push(path.display().to_string());
     Ok(())
 }
 
-/// Writes a scenario's files; with `bless`, replays the written files and writes out.pcapng.
-pub fn write(b: &Built, bless: bool) -> R<WriteReport> {
-    let dir = corpus_dir().join(&b.name);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut report = WriteReport::default();
-    write_if_changed(
-        &dir.join("config.yaml"),
-        b.config_yaml.as_bytes(),
-        &mut report,
-    )?;
-    write_if_changed(&dir.join("in.pcapng"), &b.in_pcapng, &mut report)?;
-    write_if_changed(
-        &dir.join("expect.txt"),
-        b.expect_txt.as_bytes(),
-        &mut report,
-    )?;
-    if bless {
-        let out = replay_dir(&dir)?;
-        if out.pcapng != b.out.pcapng {
-            return Err(format!(
-                "{}: replaying the written files differs from the generator's own run:\n{}",
-                b.name,
-                diff_captures(&b.out.pcapng, &out.pcapng)
-            ));
+/// The generator: builds every scenario, verifies every one ([`verify`]), and only if all of
+/// them pass writes each one's config.yaml, in.pcapng and expect.txt under `dir/<name>/` (and
+/// with `bless` its out.pcapng), only files whose bytes change. Returns the files written; on
+/// any problem, writes nothing at all and returns every problem found, one per line, each
+/// naming its scenario (a failing fact with what was expected and what was seen).
+pub fn generate(
+    scenarios: &[Scenario],
+    dir: &Path,
+    bless: bool,
+) -> Result<Vec<String>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut ready = Vec::new();
+    for sc in scenarios {
+        match build(sc) {
+            Err(e) => problems.push(e),
+            Ok(b) => match verify(&b) {
+                Ok(out) => ready.push((b, out)),
+                Err(p) => problems.extend(p),
+            },
         }
-        write_if_changed(&dir.join("out.pcapng"), &out.pcapng, &mut report)?;
-        report.failures = check_expectations(&b.expect_txt, &out);
     }
-    Ok(report)
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut written = Vec::new();
+    let mut write_all = || -> R {
+        for (b, out) in &ready {
+            let d = dir.join(&b.name);
+            std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            write_if_changed(
+                &d.join("config.yaml"),
+                b.config_yaml.as_bytes(),
+                &mut written,
+            )?;
+            write_if_changed(&d.join("in.pcapng"), &b.in_pcapng, &mut written)?;
+            write_if_changed(&d.join("expect.txt"), b.expect_txt.as_bytes(), &mut written)?;
+            if bless {
+                write_if_changed(&d.join("out.pcapng"), &out.pcapng, &mut written)?;
+            }
+        }
+        Ok(())
+    };
+    write_all().map_err(|e| vec![e])?;
+    Ok(written)
 }
