@@ -171,6 +171,15 @@ impl NetvmConfig {
             .insert(format!("/qubes-firewall/{ip}"), String::new());
     }
 
+    /// Adds a client vif (replacing one of the same name), keeping the list in the order a
+    /// QubesDB listing gives (our service reads `/qubes-vif/<name>/` in QubesDB mode): sorted
+    /// by name as strings, so `vif10.0` comes before `vif3.0`.
+    pub fn insert_vif(&mut self, vif: Vif) {
+        self.vifs.retain(|v| v.name != vif.name);
+        self.vifs.push(vif);
+        self.vifs.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.qubesdb.get(key).map(String::as_str)
     }
@@ -247,7 +256,7 @@ pub fn build(
             .insert(format!("/mapped-ip/{ip_s}/visible-gateway"), own_ip.clone());
         let rules = rules_of(c)?;
         cfg.set_firewall(&ip_s, &rule_entries(&rules));
-        cfg.vifs.push(Vif {
+        cfg.insert_vif(Vif {
             name: vif,
             ip,
             mac: c.mac.clone(),
@@ -363,5 +372,28 @@ mod tests {
             ]
         );
         assert_eq!(cfg.firewall_entries("10.137.0.11").len(), 1);
+    }
+
+    #[test]
+    fn vifs_are_kept_sorted_as_strings() {
+        let mut cfg = NetvmConfig {
+            uplink: Uplink {
+                name: "eth0".into(),
+                mtu: 1500,
+            },
+            qubesdb: BTreeMap::new(),
+            vifs: vec![],
+        };
+        let vif = |name: &str, last: u8| Vif {
+            name: name.to_string(),
+            ip: Ipv4Addr::new(10, 137, 0, last),
+            mac: format!("00:16:3e:5e:6c:{last:02x}"),
+        };
+        cfg.insert_vif(vif("vif3.0", 10));
+        cfg.insert_vif(vif("vif5.0", 12));
+        cfg.insert_vif(vif("vif10.0", 11));
+        cfg.insert_vif(vif("vif5.0", 12));
+        let names: Vec<&str> = cfg.vifs.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vif10.0", "vif3.0", "vif5.0"]);
     }
 }

@@ -1,5 +1,5 @@
 //! The lab commands: up, down, status, exec, firewall, matrix, restart-firewall and the
-//! QubesDB helper.
+//! QubesDB helper (start and stop are in `lifecycle`).
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -62,6 +62,9 @@ pub fn up(o: &UpOptions) -> Result<()> {
         name: o.name.clone(),
         firewall: o.firewall,
         namespaces: topo.namespaces(),
+        next_domid: Some(topo.qubes.iter().map(|q| q.domid).max().unwrap_or(0) + 1),
+        domids: Default::default(),
+        halted: Default::default(),
         topology: spec,
     }
     .write(&paths)?;
@@ -205,13 +208,13 @@ fn depth(topo: &Topology, q: &Qube) -> usize {
     d
 }
 
-fn gateway(topo: &Topology, q: &Qube) -> Result<Ipv4Addr> {
+pub(crate) fn gateway(topo: &Topology, q: &Qube) -> Result<Ipv4Addr> {
     topo.netvm_of(q)
         .and_then(|n| n.ip)
         .ok_or_else(|| Error(format!("{} has no netvm with an address", q.name)))
 }
 
-fn agent_log(paths: &Paths, netvm: &Qube) -> AgentLog {
+pub(crate) fn agent_log(paths: &Paths, netvm: &Qube) -> AgentLog {
     AgentLog {
         path: paths.log(&format!("{}-agent", netvm.name)),
     }
@@ -302,6 +305,11 @@ fn qube_table(topo: &Topology, kind: FirewallKind, present: Option<&[String]>) -
             Role::App => "app qube".to_string(),
             Role::Isolated => "no network".to_string(),
         };
+        let runs = if q.running {
+            runs
+        } else {
+            format!("HALTED ({runs})")
+        };
         let mut ns = q.ns.clone();
         if let Some(p) = present {
             if !p.contains(&q.ns) {
@@ -317,10 +325,12 @@ fn qube_table(topo: &Topology, kind: FirewallKind, present: Option<&[String]>) -
                 .unwrap_or_else(|| "-".into()),
             q.vif()
                 .map(|v| {
-                    format!(
-                        "{v} in {}",
-                        topo.netvm_of(q).map(|n| n.name.as_str()).unwrap_or("?")
-                    )
+                    let netvm = topo.netvm_of(q).map(|n| n.name.as_str()).unwrap_or("?");
+                    if q.running {
+                        format!("{v} in {netvm}")
+                    } else {
+                        format!("- (was {v} in {netvm})")
+                    }
                 })
                 .unwrap_or_else(|| "-".into()),
             if q.role == Role::Isolated {
@@ -499,7 +509,7 @@ pub fn down(name: &str, verbose: bool) -> Result<()> {
     }
 }
 
-fn load(name: &str) -> Result<(LabState, Topology, Paths)> {
+pub(crate) fn load(name: &str) -> Result<(LabState, Topology, Paths)> {
     check_lab_name(name)?;
     let paths = Paths::new(name);
     let state = LabState::read(&paths)?;
@@ -512,9 +522,10 @@ pub fn status(name: &str) -> Result<()> {
     let (state, topo, paths) = load(name)?;
     let existing = existing_namespaces()?;
     println!(
-        "lab {name}: sys-firewall {}, state in {}",
+        "lab {name}: sys-firewall {}, state in {}, next domid {}",
         state.firewall.as_str(),
-        paths.dir.display()
+        paths.dir.display(),
+        state.next_domid()?
     );
     print!("{}", qube_table(&topo, state.firewall, Some(&existing)));
     println!("\nprocesses:");
@@ -590,10 +601,13 @@ pub fn exec(name: &str, qube: &str, cmd: &[String]) -> Result<i32> {
 /// `firewall QUBE ARGS...`: qvm-firewall on the lab's store; when the rules changed, they are
 /// pushed to the netvm that enforces them. Returns qvm-firewall's exit status.
 pub fn firewall(name: &str, qube: &str, args: &[String]) -> Result<i32> {
-    let (state, topo, paths) = load(name)?;
-    let q = topo.get(qube)?;
+    let (_, topo, paths) = load(name)?;
+    topo.get(qube)?;
     let qvm = procs::workspace_binary("qvm-firewall", "QUBES_LAB_QVM_FIREWALL")?;
     let _lock = state::lock(&paths)?;
+    // Again under the lock: a `start` or `stop` may have run meanwhile.
+    let (state, topo, paths) = load(name)?;
+    let q = topo.get(qube)?;
     let xml = paths
         .store()
         .join("appvms")
@@ -611,7 +625,16 @@ pub fn firewall(name: &str, qube: &str, args: &[String]) -> Result<i32> {
         return Ok(status.code().unwrap_or(1));
     }
     if fs::read(&xml).ok() != before {
-        push(&topo, &paths, state.firewall, q)?;
+        if q.running {
+            push(&topo, &paths, state.firewall, q)?;
+        } else if topo.netvm_of(q).is_some() {
+            // dom0's firewall-changed handler reloads only running qubes; domain-pre-spawn
+            // pushes the rules when it starts.
+            eprintln!(
+                "qubes-lab: {} is halted: its rules are stored and reach its netvm when it                  starts (`qubes-lab start {}`)",
+                q.name, q.name
+            );
+        }
     }
     Ok(0)
 }

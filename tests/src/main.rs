@@ -4,6 +4,7 @@ mod cmd;
 mod config;
 mod dns;
 mod lab;
+mod lifecycle;
 mod matrix;
 mod netvm;
 mod probe;
@@ -28,7 +29,9 @@ The Qubes default netvm chain in Linux network namespaces: sys-net, sys-firewall
 qubes work, personal and untrusted, vault without network, and a world of 198.18.0.0/24
 behind sys-net (a web server at 198.18.0.10, a DNS server at 198.18.0.53 that knows
 web.test). Each qube is a namespace <name>-<qube>; each vif a veth pair named as Qubes
-names them. Needs root. See docs/lab.md.";
+names them. `stop QUBE` and `start QUBE` halt and start a qube as dom0 does: a restarted
+qube comes back with the next domid, so a new vifN.0, with the same address, MAC and rules.
+Needs root. See docs/lab.md.";
 
 #[derive(Debug, Parser)]
 #[command(name = "qubes-lab", version, about = "The Qubes netvm chain in network namespaces", long_about = ABOUT)]
@@ -72,6 +75,32 @@ struct ExecArgs {
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
+
+#[derive(Debug, Args)]
+struct QubeArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// The qube (one that provides no network: work, personal, untrusted, vault)
+    qube: String,
+}
+
+const STOP_HELP: &str = "\
+As qvm-shutdown: the qube's processes are stopped; its backend vif vifD.0 disappears from its
+netvm's namespace (the veth pair is deleted, so the qube keeps only lo); a Linux netvm runs
+vif-route-qubes offline (conntrack purge, anti-spoofing set elements), our service lets go
+of the vif; the vif leaves the netvm's vif list. Like dom0, the lab leaves the netvm's
+QubesDB tree as it is (/connected-ips lists every client, running or not; the
+/qubes-firewall/<ip> entries stay). The namespace stays: `start` brings the qube back.
+Netvms cannot be stopped.";
+
+const START_HELP: &str = "\
+As qvm-start: the qube gets the next domid (Qubes' Xen never reuses one), so a new backend
+vif vif<domid>.0, with the same address and MAC as before. Before the vif appears, the netvm's
+tree is written as dom0's domain-pre-spawn does (/connected-ips, /mapped-ip/<ip>/..., and the
+qube's rules from the store, committed with the empty write of /qubes-firewall/<ip>); then the
+vif is created and brought online (vif-route-qubes online in a Linux netvm; our service
+attaches it, and the command waits until its status lists the new vif), and the qube's eth0 is
+configured (setup-ip). Rules changed with `firewall` while the qube was halted apply now.";
 
 #[derive(Debug, Args)]
 struct FirewallArgs {
@@ -175,6 +204,12 @@ enum Command {
     Matrix(NameArg),
     /// Restart the sys-firewall (the service, or the Linux qubes-firewall agent)
     RestartFirewall(NameArg),
+    /// Halt a qube as qvm-shutdown does: its vif disappears from its netvm
+    #[command(after_long_help = STOP_HELP)]
+    Stop(QubeArgs),
+    /// Start a halted qube as qvm-start does: the next domid, a new vifN.0, same IP, MAC, rules
+    #[command(after_long_help = START_HELP)]
+    Start(QubeArgs),
     /// Write a raw key into a client's netvm's QubesDB tree (tests)
     #[command(hide = true)]
     QubesdbWrite(QubesdbWriteArgs),
@@ -212,6 +247,8 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
         Command::Firewall(a) => lab::firewall(&a.name.name, &a.qube, &a.args).map(code),
         Command::Matrix(a) => lab::matrix(&a.name).map(|_| ExitCode::SUCCESS),
         Command::RestartFirewall(a) => lab::restart_firewall(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::Stop(a) => lifecycle::stop(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
+        Command::Start(a) => lifecycle::start(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
         Command::QubesdbWrite(a) => {
             let value =
                 if a.delete {

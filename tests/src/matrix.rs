@@ -152,10 +152,20 @@ fn ping_cell(ns: &str, addr: Ipv4Addr) -> Cell {
 /// address.
 fn other_qube<'a>(topo: &'a Topology, q: &Qube) -> Option<&'a Qube> {
     topo.end_qubes()
-        .find(|o| o.name != q.name && o.ip.is_some())
+        .find(|o| o.name != q.name && o.ip.is_some() && o.running)
 }
 
 fn row(topo: &Topology, q: &Qube, exe: &Path) -> Row {
+    if !q.running {
+        let halted = Cell {
+            reached: false,
+            text: "✗ halted".into(),
+        };
+        return Row {
+            qube: q.name.clone(),
+            cells: vec![halted; COLUMNS.len()],
+        };
+    }
     let t = TIMEOUT_MS.to_string();
     let web = |port: u16| {
         vec![

@@ -20,7 +20,7 @@ use qubes_rules::rule::Family;
 
 use crate::cmd::{err, in_path, io_err, Cmd, Error, Result};
 use crate::config::{NetvmConfig, Vif};
-use crate::topology::BACKEND_MAC;
+use crate::topology::{BACKEND_MAC, MAX_DOMID};
 
 /// `/etc/qubes/qubes-antispoof.nft` (reference 4.5), verbatim.
 pub const ANTISPOOF_NFT: &str = "\
@@ -189,10 +189,11 @@ pub fn setup_ip(ns: &str, ip: Ipv4Addr, gateway: Ipv4Addr) -> Result<()> {
 }
 
 /// `/etc/xen/scripts/vif-route-qubes online` for one client (reference 4.4), except the
-/// flowtable (offload is off in this kernel) and the conntrack purge (a new namespace has no
-/// connections). `proxy_arp` is set by the caller together with the other sysctls.
+/// flowtable (offload is off in this kernel). `proxy_arp` is set by the caller (at `up`
+/// together with the other sysctls).
 pub fn vif_online(ns: &str, netvm_ip: Ipv4Addr, vif: &Vif, domid: u32) -> Result<()> {
     let ip = vif.ip.to_string();
+    purge_vif_conntrack(ns, &ip);
     Cmd::ip(ns)
         .args(["neighbour", "add", "to", &ip, "dev", &vif.name])
         .args(["lladdr", &vif.mac, "nud", "permanent"])
@@ -207,7 +208,7 @@ pub fn vif_online(ns: &str, netvm_ip: Ipv4Addr, vif: &Vif, domid: u32) -> Result
     Cmd::ip(ns)
         .args(["link", "set", "dev", &vif.name, "group", "2", "up"])
         .run()?;
-    let metric = 32752u32.saturating_sub(domid).to_string();
+    let metric = MAX_DOMID.saturating_sub(domid).to_string();
     Cmd::ip(ns)
         .args(["route", "add", &ip, "dev", &vif.name, "metric", &metric])
         .run()?;
@@ -215,6 +216,38 @@ pub fn vif_online(ns: &str, netvm_ip: Ipv4Addr, vif: &Vif, domid: u32) -> Result
         .args(["addr", "add", &format!("{netvm_ip}/32"), "dev", &vif.name])
         .run()?;
     Ok(())
+}
+
+/// `vif-route-qubes offline` for a client whose vif is gone already (the hotplug script runs
+/// after netback removed the device, so the route, the neighbour entry and the address went
+/// with it): the conntrack purge and the anti-spoofing set elements. Errors are ignored, as
+/// upstream's `do_without_error`.
+pub fn vif_offline(ns: &str, vif: &Vif) {
+    let ip = vif.ip.to_string();
+    purge_vif_conntrack(ns, &ip);
+    for text in [
+        format!(
+            "delete element ip qubes allowed {{ \"{}\" . {ip} }}\n",
+            vif.name
+        ),
+        format!("delete element ip qubes downstream {{ {ip} }}\n"),
+    ] {
+        let _ = nft(ns, &text);
+    }
+}
+
+/// `vif-route-qubes`' `conntrack_purge -s ADDR` and `-d ADDR`, on `online` and `offline` alike:
+/// no connection of an earlier life of that address survives. Skipped without the `conntrack`
+/// tool; exit status 1 (nothing to delete) is no error.
+fn purge_vif_conntrack(ns: &str, ip: &str) {
+    if !in_path("conntrack") {
+        return;
+    }
+    for dir in ["-s", "-d"] {
+        let _ = Cmd::in_ns(ns, "conntrack")
+            .args(["-D", dir, ip])
+            .output(None);
+    }
 }
 
 /// The `nft` input of `qubes-setup-dnat-to-ns` (reference 4.6): each virtual DNS address

@@ -98,6 +98,43 @@ pub fn wait_applied(paths: &Paths, before: Option<u64>) -> Result<()> {
     }
 }
 
+/// Waits until the service reports a generation greater than `before` (when known) and a
+/// status for which `done` holds: how `start` and `stop` know the service follows a vif that
+/// came or went (the status lists `client <vif> address <ip> ...` for every attached client).
+pub fn wait_status(
+    paths: &Paths,
+    before: Option<u64>,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = status(paths).unwrap_or_default();
+        let newer = match before {
+            Some(b) => parse_generation(&out).is_some_and(|g| g > b),
+            None => true,
+        };
+        if newer && done(&out) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return err(format!(
+                "sys-firewall did not {what} within 5 s (see {}); its status:\n{}",
+                paths.log(PROCESS).display(),
+                crate::cmd::indent(out.trim_end())
+            ));
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the service's status lists the client vif `vif` (attached and configured).
+pub fn has_client(status: &str, vif: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.strip_prefix("client ").and_then(|r| r.split(' ').next()) == Some(vif))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +147,16 @@ mod tests {
         );
         assert_eq!(parse_generation("config-generation x\n"), None);
         assert_eq!(parse_generation(""), None);
+    }
+
+    #[test]
+    fn client_lines() {
+        let st = "config-generation 3\nclient vif3.0 address 10.137.0.10 rules 1 flows 0\n  \
+                  counters \nclient vif10.0 address 10.137.0.11 rules 1 flows 2\n\
+                  waiting for vifs vif5.0\n";
+        assert!(has_client(st, "vif3.0"));
+        assert!(has_client(st, "vif10.0"));
+        assert!(!has_client(st, "vif1.0"));
+        assert!(!has_client(st, "vif5.0"));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! lab.yaml                 name, firewall kind, namespaces, topology (written before anything
-//!                          is created)
+//!                          is created); then the domid counter, the domids of qubes started
+//!                          since `up` and the halted qubes (`start`, `stop`)
 //! store/appvms/<qube>/     the rule store qvm-firewall edits (firewall.xml)
 //! <netvm>.yaml             each netvm's configuration: its QubesDB tree and vifs
 //!                          (sys-firewall.yaml is what `sys-firewall run --config` reads)
@@ -13,6 +14,7 @@
 //! lock                     serialises edits of the configuration
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -94,6 +96,18 @@ pub struct LabState {
     pub firewall: FirewallKind,
     pub namespaces: Vec<String>,
     pub topology: TopologySpec,
+    /// The domid the next `start` gives: Qubes' Xen hands them out in sequence and never
+    /// reuses one (qubes-vmm-xen
+    /// 1011-Always-allocate-domid-sequentially-and-do-not-reuse-.patch). Absent in a state
+    /// written before `start` existed: one more than the topology's largest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_domid: Option<u32>,
+    /// The domid of every qube started since `up` (the others have the topology's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub domids: BTreeMap<String, u32>,
+    /// The qubes that are halted (`stop`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub halted: BTreeSet<String>,
 }
 
 impl LabState {
@@ -118,8 +132,32 @@ impl LabState {
         serde_yaml::from_str(&text).map_err(|e| Error(format!("{}: {e}", path.display())))
     }
 
+    /// The topology as it runs now: the domids of restarted qubes (so their `vif()` is the
+    /// current one) and which qubes are halted.
     pub fn topology(&self) -> Result<Topology> {
-        self.topology.resolve(&self.name)
+        let mut topo = self.topology.resolve(&self.name)?;
+        for q in &mut topo.qubes {
+            if let Some(&d) = self.domids.get(&q.name) {
+                q.domid = d;
+            }
+            q.running = !self.halted.contains(&q.name);
+        }
+        Ok(topo)
+    }
+
+    /// The domid the next `start` gives.
+    pub fn next_domid(&self) -> Result<u32> {
+        match self.next_domid {
+            Some(d) => Ok(d),
+            None => Ok(self
+                .topology()?
+                .qubes
+                .iter()
+                .map(|q| q.domid)
+                .max()
+                .unwrap_or(0)
+                + 1),
+        }
     }
 }
 

@@ -17,6 +17,10 @@ pub const DEFAULT_TOPOLOGY: &str = include_str!("../topologies/default.yaml");
 /// their gateway (reference 4.1).
 pub const BACKEND_MAC: &str = "fe:ff:ff:ff:ff:ff";
 
+/// The largest domid a vif may have: `vif-route-qubes` refuses larger ones (`domid N too
+/// large`; 32752 is DOMID_FIRST_RESERVED - 1 in Xen's public/xen.h).
+pub const MAX_DOMID: u32 = 32752;
+
 /// The virtual DNS servers of every qube with a netvm (reference 4.1).
 pub const VIRTUAL_DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 139, 1, 1), Ipv4Addr::new(10, 139, 1, 2)];
 
@@ -110,6 +114,8 @@ pub struct Qube {
     pub role: Role,
     /// Its rules (validated by dom0's checks), when the topology gives some.
     pub rules: Option<Vec<Rule>>,
+    /// False while it is halted (`qubes-lab stop`): no vif, no processes.
+    pub running: bool,
 }
 
 impl Qube {
@@ -267,7 +273,7 @@ impl TopologySpec {
                 (None, false) => None,
             };
             let domid = q.domid.unwrap_or(i as u32 + 1);
-            if domid == 0 || domid > 32752 {
+            if domid == 0 || domid > MAX_DOMID {
                 return err(format!(
                     "invalid topology: {}: domid {domid} out of range",
                     q.name
@@ -302,6 +308,7 @@ impl TopologySpec {
                 netvm,
                 role,
                 rules,
+                running: true,
             });
         }
         // Loops, and netvms that are not netvms.

@@ -709,3 +709,184 @@ fn stopping_the_service_leaves_clients_without_forwarding() {
     assert_eq!(lab.tcp("work", "198.18.0.10:80", 3000, true).status, "ok");
     lab.down();
 }
+
+/// The interfaces of a namespace (`ip -o link show`), without their `@peer` suffix.
+fn links(ns: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show"])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+/// `qubes-lab SUB --name N REST...` must fail with a message containing `want`.
+fn assert_fails(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(want),
+        "expected a failure saying {want:?}: {}",
+        output_text(out)
+    );
+}
+
+/// How many times personal is stopped and started. The default topology's domids are 1 to 6,
+/// so it comes back as vif7.0, vif8.0, vif9.0; a fourth start would give vif10.0, the first
+/// name that sorts before work's vif3.0 as a string.
+const RESTARTS: u32 = 3;
+
+#[test]
+fn restarting_a_qube_gives_it_the_next_vif_and_leaves_other_connections_alone() {
+    // Qubes start and stop all day, and a restarted qube comes back with the next domid, so as
+    // a new vifN.0. With `--firewall rust` this test fails at "work's connection" for as long
+    // as the engine identifies clients by their position in the vif list, not by their vif.
+    if !can_run() {
+        return;
+    }
+    let nolab = Command::new(LAB)
+        .args(["stop", "--name", &format!("t{}none", std::process::id())])
+        .arg("personal")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run qubes-lab");
+    assert_fails(&nolab, "is the lab up?");
+    let Some(lab) = Lab::up() else { return };
+    let fw = lab.ns("sys-firewall");
+    assert_fails(&lab.cmd_output(&["stop"], &["nosuch"]), "no qube nosuch");
+    assert_fails(
+        &lab.cmd_output(&["stop"], &["sys-firewall"]),
+        "provides network",
+    );
+    assert_fails(
+        &lab.cmd_output(&["start"], &["personal"]),
+        "already running",
+    );
+    // personal's own rules, to see them in force after each start: no TCP 443.
+    lab.firewall(
+        "personal",
+        &["add", "--before", "0", "drop", "proto=tcp", "dstports=443"],
+    );
+    let personal_ok = |when: &str| {
+        let h = lab.tcp("personal", "198.18.0.10:80", 3000, true);
+        assert_eq!(
+            h.status, "ok",
+            "{when}: personal cannot reach the world: {h:?}"
+        );
+        assert!(h.detail.contains("200"), "{when}: {h:?}");
+    };
+    let refused_443 = |when: &str| {
+        let r = lab.tcp("personal", "198.18.0.10:443", 3000, false);
+        assert_eq!(
+            r.status, "rejected",
+            "{when}: personal's rule refusing TCP 443 is not in force: {r:?}"
+        );
+    };
+    personal_ok("after up");
+    refused_443("after up");
+    // work's connection, open through all of it.
+    let mut echo = lab.spawn_in(
+        &lab.ns("work"),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "3000"],
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("connected")
+    );
+    echo.send("before");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok before")
+    );
+    let mut vif = "vif4.0".to_string();
+    for round in 1..=RESTARTS {
+        assert!(
+            links(&fw).contains(&vif),
+            "no {vif} in {fw}: {:?}",
+            links(&fw)
+        );
+        lab.cmd(&["stop"], &["personal"]);
+        assert!(
+            !links(&fw).contains(&vif),
+            "round {round}: {vif} is still in {fw} after stop"
+        );
+        assert_eq!(
+            links(&lab.ns("personal")),
+            ["lo"],
+            "round {round}: a halted qube has only lo"
+        );
+        let h = lab.tcp("personal", "198.18.0.10:80", 1000, true);
+        assert_ne!(
+            h.status, "ok",
+            "round {round}: halted personal reached the world: {h:?}"
+        );
+        assert_fails(&lab.cmd_output(&["stop"], &["personal"]), "already halted");
+        if round == RESTARTS {
+            // Changed while halted: stored, and pushed by the start (dom0's domain-pre-spawn).
+            let out = lab.cmd_output(&["firewall"], &["personal", "del", "--rule-no", "0"]);
+            assert!(out.status.success(), "{}", output_text(&out));
+        }
+        lab.cmd(&["start"], &["personal"]);
+        let next = format!("vif{}.0", 6 + round);
+        let now = links(&fw);
+        assert!(
+            now.contains(&next) && !now.contains(&vif),
+            "round {round}: expected {next} (the next domid) instead of {vif} in {fw}: {now:?}"
+        );
+        vif = next;
+        let addr = Command::new("ip")
+            .args([
+                "-n",
+                &lab.ns("personal"),
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .expect("ip addr");
+        let addr = String::from_utf8_lossy(&addr.stdout).into_owned();
+        assert!(addr.contains("10.137.0.11/32"), "round {round}: {addr}");
+        let link = Command::new("ip")
+            .args([
+                "-n",
+                &lab.ns("personal"),
+                "-o",
+                "link",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .expect("ip link");
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        assert!(link.contains("00:16:3e:5e:6c:0b"), "round {round}: {link}");
+        personal_ok(&format!("round {round}, after start"));
+        if round < RESTARTS {
+            refused_443(&format!("round {round}, after start"));
+        } else {
+            let s = lab.tcp("personal", "198.18.0.10:443", 3000, true);
+            assert_eq!(
+                s.status, "ok",
+                "the rule removed while halted is still in force: {s:?}"
+            );
+        }
+    }
+    let status = lab.cmd(&["status"], &[]);
+    assert!(
+        status.contains(&format!("{vif} in sys-firewall")),
+        "status does not show {vif}:\n{status}"
+    );
+    echo.send("after");
+    assert_eq!(
+        echo.line(Duration::from_secs(10)).as_deref(),
+        Some("echo ok after"),
+        "work's connection, opened before personal's restarts, no longer carries data"
+    );
+    drop(echo);
+    personal_ok("at the end");
+    lab.down();
+}
