@@ -124,6 +124,9 @@ pub struct Step {
     /// Runs the engine's timers at this time (ns, the capture's clock).
     #[serde(default)]
     pub tick_ns: Option<u64>,
+    /// Replaces the vif list (qubes started and stopped, as XenStore would show it).
+    #[serde(default)]
+    pub vifs: Option<Vec<VifEntry>>,
 }
 
 /// The configuration file of a service, and of a replay (see the module documentation).
@@ -251,9 +254,9 @@ impl ConfigFile {
     /// Checks what the schema cannot say.
     pub fn check(&self) -> Result<(), ConfigError> {
         for (i, s) in self.steps.iter().enumerate() {
-            if s.qubesdb.is_empty() && s.tick_ns.is_none() {
+            if s.qubesdb.is_empty() && s.tick_ns.is_none() && s.vifs.is_none() {
                 return Err(invalid(format!(
-                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb or tick_ns",
+                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb, vifs or tick_ns",
                     s.at_packet
                 )));
             }
@@ -293,9 +296,27 @@ impl ConfigFile {
         tree: &BTreeMap<String, String>,
         seed: u64,
     ) -> Result<EngineConfig, ConfigError> {
-        let mut cfg =
-            config::from_tree(tree, &self.vif_infos(), &self.uplink.name, self.uplink.mtu)?;
-        for (client, vif) in cfg.clients.iter_mut().zip(&self.vifs) {
+        self.engine_config_with(tree, &self.vifs, seed)
+    }
+
+    /// [`ConfigFile::engine_config`] with another vif list (a replay step's).
+    pub fn engine_config_with(
+        &self,
+        tree: &BTreeMap<String, String>,
+        vifs: &[VifEntry],
+        seed: u64,
+    ) -> Result<EngineConfig, ConfigError> {
+        let infos: Vec<VifInfo> = vifs
+            .iter()
+            .map(|v| VifInfo {
+                name: v.name.clone(),
+                ip: v.ip,
+                ip6: v.ip6,
+                mac: v.mac,
+            })
+            .collect();
+        let mut cfg = config::from_tree(tree, &infos, &self.uplink.name, self.uplink.mtu)?;
+        for (client, vif) in cfg.clients.iter_mut().zip(vifs) {
             if let Some(mtu) = vif.mtu {
                 client.mtu = mtu;
             }

@@ -182,6 +182,8 @@ pub struct Replayer {
     engine: Engine,
     ifaces: Vec<(IfaceId, String)>,
     tree: BTreeMap<String, String>,
+    /// The vif list as of the last step.
+    vifs: Vec<VifEntry>,
     seed: u64,
     /// Steps in order of `at_packet` (stable), with their index in the file.
     steps: Vec<(usize, Step)>,
@@ -213,6 +215,7 @@ impl Replayer {
             engine,
             ifaces,
             tree: cfg.qubesdb.clone(),
+            vifs: cfg.vifs.clone(),
             seed,
             steps,
             next_step: 0,
@@ -270,6 +273,12 @@ impl Replayer {
             .iter()
             .map(|(i, _)| self.engine.counters(*i).copied().unwrap_or_default())
             .collect()
+    }
+
+    /// Runs the steps due before the next input packet (as [`Replayer::packet`] does first),
+    /// so that a vif a step brings can be looked up for that packet.
+    pub fn run_due_steps(&mut self, ts_ns: u64) -> Result<(), ReplayError> {
+        self.run_steps(self.packets, ts_ns, Some(self.packets))
     }
 
     /// Handles one input packet that arrived on `iface` at `ts_ns`.
@@ -334,22 +343,32 @@ impl Replayer {
                 break;
             }
             self.next_step += 1;
-            if !step.qubesdb.is_empty() {
+            if !step.qubesdb.is_empty() || step.vifs.is_some() {
                 for (k, v) in &step.qubesdb {
                     match v {
                         Some(v) => self.tree.insert(k.clone(), v.clone()),
                         None => self.tree.remove(k),
                     };
                 }
+                if let Some(v) = &step.vifs {
+                    self.vifs.clone_from(v);
+                }
                 let cfg = self
                     .cfg
-                    .engine_config(&self.tree, self.seed)
+                    .engine_config_with(&self.tree, &self.vifs, self.seed)
                     .map_err(|e| ReplayError::config(format!("steps[{i}]: {}", e.message())))?;
                 let now = self.now.max(ts_ns);
                 self.now = now;
                 let mut out = std::mem::take(&mut self.out);
                 out.clear();
                 let applied = self.engine.apply(Instant::from_nanos(now), cfg, &mut out);
+                // A vif that came is an interface of the output capture from now on; one
+                // that went stays listed (its earlier frames name it).
+                for (id, name) in self.engine.ifaces() {
+                    if !self.ifaces.iter().any(|(i, _)| *i == id) {
+                        self.ifaces.push((id, name));
+                    }
+                }
                 let r = match applied {
                     Ok(()) => self.collect(&mut out, ts_ns, cause, None),
                     Err(e) => Err(ReplayError::config(format!(
@@ -499,6 +518,7 @@ pub fn replay_capture(
     let packets = read_capture(input).map_err(|e| ReplayError::input(e.to_string()))?;
     let mut r = Replayer::new(cfg, seed)?;
     for (n, p) in packets.iter().enumerate() {
+        r.run_due_steps(p.ts_ns)?;
         let iface = r.iface_by_name(&p.if_name).ok_or_else(|| {
             let known: Vec<&str> = r.ifaces().iter().map(|(_, n)| n.as_str()).collect();
             ReplayError::input(format!(

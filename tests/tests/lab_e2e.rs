@@ -736,7 +736,7 @@ fn assert_fails(out: &Output, want: &str) {
 /// How many times personal is stopped and started. The default topology's domids are 1 to 6,
 /// so it comes back as vif7.0, vif8.0, vif9.0; a fourth start would give vif10.0, the first
 /// name that sorts before work's vif3.0 as a string.
-const RESTARTS: u32 = 3;
+const RESTARTS: u32 = 4;
 
 #[test]
 fn restarting_a_qube_gives_it_the_next_vif_and_leaves_other_connections_alone() {

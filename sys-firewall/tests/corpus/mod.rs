@@ -61,6 +61,8 @@ struct StepCfg {
     at: usize,
     qubesdb: Vec<(String, Option<String>)>,
     tick_ms: Option<u64>,
+    /// The new vif list (qubes started or stopped), in list order.
+    vifs: Option<Vec<Client>>,
 }
 
 /// A replay configuration under construction; rendered to config.yaml.
@@ -207,6 +209,18 @@ impl Cfg {
             at,
             qubesdb: changes,
             tick_ms: None,
+            vifs: None,
+        });
+        self
+    }
+
+    /// Before input packet `at`, the vif list becomes `vifs` (in this order): qubes started
+    /// or stopped, as XenStore shows dom0's hotplug.
+    pub fn step_vifs(mut self, at: usize, vifs: &[&Client]) -> Self {
+        self.steps.push(StepCfg {
+            at,
+            vifs: Some(vifs.iter().map(|c| **c).collect()),
+            ..StepCfg::default()
         });
         self
     }
@@ -217,6 +231,7 @@ impl Cfg {
             at,
             qubesdb: Vec::new(),
             tick_ms: Some(ms),
+            vifs: None,
         });
         self
     }
@@ -237,19 +252,22 @@ impl Cfg {
         for (k, v) in &self.qubesdb {
             let _ = writeln!(y, "  {}: {}", q(k), q(v));
         }
-        if !self.vifs.is_empty() {
-            y.push_str("vifs:\n");
-            for (c, mtu) in &self.vifs {
-                let _ = writeln!(y, "  - name: {}", q(c.vif));
-                let _ = writeln!(y, "    ip: {}", q(c.ip));
+        let vif_list = |y: &mut String, indent: &str, vifs: &[(Client, Option<u16>)]| {
+            for (c, mtu) in vifs {
+                let _ = writeln!(y, "{indent}- name: {}", q(c.vif));
+                let _ = writeln!(y, "{indent}  ip: {}", q(c.ip));
                 if let Some(ip6) = c.ip6 {
-                    let _ = writeln!(y, "    ip6: {}", q(ip6));
+                    let _ = writeln!(y, "{indent}  ip6: {}", q(ip6));
                 }
-                let _ = writeln!(y, "    mac: {}", q(c.mac));
+                let _ = writeln!(y, "{indent}  mac: {}", q(c.mac));
                 if let Some(m) = mtu {
-                    let _ = writeln!(y, "    mtu: {m}");
+                    let _ = writeln!(y, "{indent}  mtu: {m}");
                 }
             }
+        };
+        if !self.vifs.is_empty() {
+            y.push_str("vifs:\n");
+            vif_list(&mut y, "  ", &self.vifs);
         }
         if !self.dns.is_empty() {
             y.push_str("dns:\n");
@@ -275,6 +293,15 @@ impl Cfg {
                     for (k, v) in &s.qubesdb {
                         let v = v.as_deref().map_or("null".to_string(), q);
                         let _ = writeln!(y, "      {}: {v}", q(k));
+                    }
+                }
+                if let Some(v) = &s.vifs {
+                    let v: Vec<(Client, Option<u16>)> = v.iter().map(|c| (*c, None)).collect();
+                    if v.is_empty() {
+                        y.push_str("    vifs: []\n");
+                    } else {
+                        y.push_str("    vifs:\n");
+                        vif_list(&mut y, "      ", &v);
                     }
                 }
                 if let Some(ms) = s.tick_ms {
@@ -370,10 +397,12 @@ impl Script {
     /// Sends a frame on an interface now; the clock then moves 1 ms on.
     pub fn send(&mut self, iface: &str, frame: Vec<u8>) -> R {
         let r = self.replayer.as_mut().ok_or("config() first")?;
+        let ts = T0_NS + self.now_us * 1000;
+        // Steps due now may bring the vif this frame arrives on.
+        r.run_due_steps(ts).map_err(|e| e.to_string())?;
         let id = r
             .iface_by_name(iface)
             .ok_or_else(|| format!("no interface {iface}"))?;
-        let ts = T0_NS + self.now_us * 1000;
         r.packet(ts, id, &frame).map_err(|e| e.to_string())?;
         self.inputs.push((iface.to_string(), ts, frame));
         self.now_us += 1000;

@@ -149,6 +149,7 @@ scenarios! {
     "65-malformed-truncated-tcp-udp" => malformed_truncated_tcp_udp,
     "66-malformed-bad-l4-checksums" => malformed_bad_l4_checksums,
     "67-malformed-truncated-arp-ipv6" => malformed_truncated_arp_ipv6,
+    "68-client-flows-survive-other-qubes-starting-and-stopping" => flows_survive_other_qubes,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1870,5 +1871,90 @@ fn malformed_truncated_arp_ipv6(s: &mut Script) -> R {
     s.expect("no frames on vif3.0");
     s.expect("no ip frames on eth0");
     s.expect("counter malformed on vif3.0 = 2");
+    Ok(())
+}
+
+/// A restarted qube in Qubes: a new domid, so a vif name that sorts before `vif3.0`.
+const C12: Client = Client {
+    vif: "vif12.0",
+    ip: "10.137.0.20",
+    ip6: None,
+    mac: "00:16:3e:5e:6c:14",
+};
+
+fn flows_survive_other_qubes(s: &mut Script) -> R {
+    s.about(
+        "Another qube starting (vif12.0, listed before vif3.0) and stopping leaves vif3.0's open \
+         connection alone: flows belong to the client, not to its place in the vif list",
+    );
+    // Packets 0-2: vif3.0's handshake. Before 3, vif12.0 comes first in the list; before 6 it
+    // is gone again.
+    s.config(
+        Cfg::new()
+            .client(&C3)
+            .rules(C12.ip, &["action=accept"])
+            .step_vifs(3, &[&C12, &C3])
+            .step_vifs(6, &[&C3]),
+    )?;
+    let syn = handshake(s, &C3, 40000, "198.18.0.10:80")?;
+    s.send(
+        "vif12.0",
+        udp(fc(&C12), "10.137.0.20:5353", "198.18.0.53:53")
+            .payload(b"new qube")
+            .frame(),
+    )?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?
+            .flags("PA")
+            .seq(5001)
+            .ack(1001)
+            .payload(b"while vif12.0 is up")
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at(&C3, 40000), "198.18.0.10:80")
+            .flags("PA")
+            .seq(1001)
+            .ack(5020)
+            .payload(b"also")
+            .frame(),
+    )?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?
+            .flags("PA")
+            .seq(5020)
+            .ack(1005)
+            .payload(b"after vif12.0 left")
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at(&C3, 40000), "198.18.0.10:80")
+            .flags("PA")
+            .seq(1005)
+            .ack(5038)
+            .payload(b"still here")
+            .frame(),
+    )?;
+    // The new qube is served while it is there, NATed like any client.
+    s.expect("udp frame 0 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.53 dport 53");
+    // vif3.0's connection: the SYN-ACK, then both data segments from the server arrive.
+    s.expect("tcp frames on vif3.0 = 3");
+    s.expect(
+        "tcp frame 1 on vif3.0: ipv4 src 198.18.0.10 dst 10.137.0.10 sport 80 dport 40000 flags PA",
+    );
+    s.expect(
+        "tcp frame 2 on vif3.0: ipv4 src 198.18.0.10 dst 10.137.0.10 sport 80 dport 40000 flags PA",
+    );
+    // And the client's own segments keep leaving with the same NAT port ($p, the SYN's).
+    s.expect("tcp frames on eth0 = 4");
+    s.expect("tcp frame 0 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 80 flags S");
+    s.expect("tcp frame 2 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 80 flags PA");
+    s.expect("tcp frame 3 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 80 flags PA");
+    s.expect("counter no-flow on eth0 = 0");
+    s.expect("counter rejected-by-rule on vif3.0 = 0");
     Ok(())
 }
