@@ -1240,7 +1240,7 @@ impl Engine {
         let Some(flow) = self.conntrack.lookup_reply(&rkey, now) else {
             if l4p != Proto4::Icmp && self.conntrack.is_reserved(l4p, nat_port) {
                 // For the service's own endpoints: the host stack takes it from here.
-                out.push_local(&frame[ip.off..ip.end()]);
+                self.deliver_local(frame, &ip, out);
                 return consumed(Reason::Accepted);
             }
             return consumed(Reason::NoFlow);
@@ -1360,6 +1360,36 @@ impl Engine {
     /// port. The service's own endpoints (its DNS lookups, a DHCP client) bind this way.
     pub fn bind_local(&mut self, l4: crate::conntrack::L4, port: u16) {
         self.conntrack.reserve_port(l4, port);
+    }
+
+    /// Hands an IP packet to the host stack. A checksum the sender's kernel left partial
+    /// (offloaded) is completed first: the host stack checks checksums, and no kernel will
+    /// finish this one.
+    fn deliver_local(&mut self, frame: &[u8], ip: &Ip, out: &mut Outbox) {
+        let packet = &frame[ip.off..ip.end()];
+        if !self.offload.partial_csum {
+            out.push_local(packet);
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.build);
+        buf.clear();
+        buf.extend_from_slice(packet);
+        if let Some(field) = wire::l4_csum_off(ip.proto) {
+            let t = ip.hlen;
+            if t + field + 2 <= buf.len() {
+                // The field holds the pseudo-header sum: summing the transport bytes with it
+                // gives the full checksum (RFC 1071), as hardware would.
+                let c = !wire::fold(wire::sum(&buf[t..], 0));
+                let c = if ip.proto == wire::PROTO_UDP && c == 0 {
+                    0xffff
+                } else {
+                    c
+                };
+                wire::put16(&mut buf, t + field, c);
+            }
+        }
+        out.push_local(&buf);
+        self.build = buf;
     }
 
     /// Undoes [`Engine::bind_local`].
