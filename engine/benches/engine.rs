@@ -35,8 +35,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use qubes_engine::config::{
-    ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, DEFAULT_CONNTRACK_MAX, GATEWAY_MAC,
-    VIRTUAL_DNS,
+    ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, UplinkMode, DEFAULT_CONNTRACK_MAX,
+    GATEWAY_MAC, VIRTUAL_DNS,
 };
 use qubes_engine::engine::{Engine, IfaceId, Outbox, Verdict, UPLINK};
 use qubes_engine::Instant as EngineInstant;
@@ -228,6 +228,7 @@ fn client_mac(i: usize) -> Mac {
 
 fn config(clients: usize, rules: usize) -> EngineConfig {
     EngineConfig {
+        mode: UplinkMode::Masquerade,
         uplink: UplinkConfig {
             name: "eth0".into(),
             mac: OUR_MAC,

@@ -85,10 +85,26 @@ impl Default for FragLimits {
     }
 }
 
+/// What the engine does with client traffic that its rules accept: the way out, chosen per
+/// service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UplinkMode {
+    /// Forward it to the uplink, source-NATed to the uplink address (which may change at run
+    /// time): sys-firewall, and sys-net behind its DHCP lease.
+    #[default]
+    Masquerade,
+    /// Forward nothing: deliver it to the host stack as it is, whatever its destination, and
+    /// send the host stack's answers back to the client (sys-whonix: client TCP ended in the
+    /// host stack and carried over Tor). Nothing from a client ever reaches the uplink.
+    Terminate,
+}
+
 /// Everything the engine needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     pub uplink: UplinkConfig,
+    /// The way out for accepted client traffic.
+    pub mode: UplinkMode,
     /// The DNS servers clients are given (`/qubes-netvm-primary-dns`, `-secondary-dns`): what
     /// `specialtarget=dns` matches.
     pub dns: Vec<IpAddr>,
@@ -259,6 +275,7 @@ pub fn from_tree(
         });
     }
     Ok(EngineConfig {
+        mode: UplinkMode::Masquerade,
         uplink: UplinkConfig {
             name: uplink_name.to_string(),
             mac,

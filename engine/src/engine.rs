@@ -19,7 +19,7 @@ use qubes_rules::classifier::{Classifier, Packet, PacketProto, UnresolvedPolicy}
 use qubes_rules::{Action, Family};
 use rustc_hash::FxHashMap;
 
-use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, GATEWAY_MAC};
+use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, UplinkMode, GATEWAY_MAC};
 use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
 use crate::frag::{self, Reassembler};
 use crate::time::Instant;
@@ -222,8 +222,11 @@ pub enum LocalSendError {
     NotOurAddress,
     /// A TCP or UDP source port the host stack did not bind.
     PortNotBound,
-    /// Addressed to a client qube: the service's own traffic goes to the uplink only.
+    /// Addressed to a client qube in masquerade mode: the service's own traffic goes to the
+    /// uplink only.
     ToClient,
+    /// To a client, from a client's address: the host stack may not speak for a client.
+    ClientSource,
     /// Bigger than the uplink's MTU and not fragmentable.
     TooBig,
 }
@@ -235,6 +238,7 @@ impl std::fmt::Display for LocalSendError {
             LocalSendError::NotOurAddress => "its source is not the service's own address",
             LocalSendError::PortNotBound => "its source port is not bound for local use",
             LocalSendError::ToClient => "it is addressed to a client qube",
+            LocalSendError::ClientSource => "its source is a client qube's address",
             LocalSendError::TooBig => "it does not fit the uplink's MTU",
         })
     }
@@ -1041,6 +1045,9 @@ impl Engine {
             }
             return consumed(Reason::ClientToClient);
         }
+        if self.cfg.mode == UplinkMode::Terminate {
+            return consumed(self.terminate_from_client(c, frame, &ip, &l4, out));
+        }
         if ip.ttl <= 1 {
             self.icmp_error(id, frame, &ip, IcmpKind::TimeExceeded, out);
             return consumed(Reason::TtlExceeded);
@@ -1158,6 +1165,31 @@ impl Engine {
             &client.class4
         };
         class.lookup(Packet::new(pp, ip.dst, port)).action == Action::Accept
+    }
+
+    /// [`UplinkMode::Terminate`]: what the client's rules accept goes to the host stack as it
+    /// is (any destination: the host stack ends it), what they refuse is rejected as in
+    /// masquerade mode. Nothing goes to the uplink.
+    fn terminate_from_client(
+        &mut self,
+        c: usize,
+        frame: &[u8],
+        ip: &Ip,
+        l4: &wire::L4,
+        out: &mut Outbox,
+    ) -> Reason {
+        if !self.client_accepts(c, ip, l4) {
+            let id = self.clients[c].id;
+            self.icmp_error(id, frame, ip, IcmpKind::AdminProhibited, out);
+            return Reason::RejectedByRule;
+        }
+        if self.offload.gso_size != 0 {
+            // The host stack takes wire-sized packets: a shell in this mode finishes GSO
+            // super-frames before handing them over (vif_backend::offload::finish).
+            return Reason::Unsupported;
+        }
+        self.deliver_local(frame, ip, out);
+        Reason::Accepted
     }
 
     /// Traffic addressed to the firewall's own address from a client: pings are answered,
@@ -1419,6 +1451,33 @@ impl Engine {
         r
     }
 
+    /// [`UplinkMode::Terminate`]: the host stack answers a client as whatever it talked to.
+    /// It may use any source but a client's own address (one client is never shown another's).
+    fn send_local_to_client(
+        &mut self,
+        ci: usize,
+        f: &mut [u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> Result<(), LocalSendError> {
+        if self.cfg.mode != UplinkMode::Terminate {
+            return Err(LocalSendError::ToClient);
+        }
+        if self.client_by_ip(&ip.src).is_some() {
+            return Err(LocalSendError::ClientSource);
+        }
+        let (id, mac, mtu) = {
+            let c = &self.clients[ci];
+            (c.id, c.cfg.mac, usize::from(c.cfg.mtu))
+        };
+        if ip.len > mtu && (ip.v6 || ip.df) {
+            return Err(LocalSendError::TooBig);
+        }
+        wire::set_macs(f, &mac, &GATEWAY_MAC);
+        self.send_ip(id, f, out);
+        Ok(())
+    }
+
     fn send_local_frame(
         &mut self,
         now: u64,
@@ -1447,11 +1506,14 @@ impl Engine {
             Ok(ip) if ip.end() == f.len() => ip,
             _ => return Err(LocalSendError::Malformed),
         };
-        if Some(ip.src) != self.our_ip(v6) {
-            return Err(LocalSendError::NotOurAddress);
-        }
         if ip.fragment {
             return Err(LocalSendError::Malformed);
+        }
+        if let Some(ci) = self.client_by_ip(&ip.dst) {
+            return self.send_local_to_client(ci, f, &ip, out);
+        }
+        if Some(ip.src) != self.our_ip(v6) {
+            return Err(LocalSendError::NotOurAddress);
         }
         let l4 = match ip.proto {
             wire::PROTO_TCP => Some(Proto4::Tcp),
@@ -1466,9 +1528,6 @@ impl Engine {
             if !self.conntrack.is_reserved(l4, sport) {
                 return Err(LocalSendError::PortNotBound);
             }
-        }
-        if self.client_by_ip(&ip.dst).is_some() {
-            return Err(LocalSendError::ToClient);
         }
         let mtu = usize::from(self.cfg.uplink.mtu);
         if ip.len > mtu && (v6 || ip.df) {

@@ -245,3 +245,161 @@ fn one_client_cannot_take_the_whole_table() {
     assert_eq!(e.conntrack().client_flows(1), 2);
     assert_eq!(e.conntrack().client_flows(2), 2);
 }
+
+/// Local termination (sys-whonix): accepted client traffic to any address goes to the host
+/// stack unchanged, never to the uplink; the host stack answers as the remote, back into the
+/// client's vif; refused traffic still gets admin-prohibited.
+#[test]
+fn terminate_mode_delivers_to_the_host_stack_and_answers_the_client() {
+    use qubes_engine::config::UplinkMode;
+    use qubes_engine::engine::LocalSendError;
+    let mut tree: BTreeMap<String, String> = [
+        ("/qubes-ip", "10.137.0.6"),
+        ("/qubes-gateway", "10.137.0.5"),
+        ("/qubes-mac", "00:16:3e:5e:6c:06"),
+        ("/qubes-firewall/10.137.0.10/policy", "drop"),
+        (
+            "/qubes-firewall/10.137.0.10/0000",
+            "action=accept proto=tcp",
+        ),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    tree.insert("/qubes-firewall/10.137.0.11/policy".into(), "accept".into());
+    let vifs = [
+        VifInfo {
+            name: "vif3.0".into(),
+            ip: "10.137.0.10".parse().expect("ip"),
+            ip6: None,
+            mac: CLIENT_MAC,
+        },
+        VifInfo {
+            name: "vif4.0".into(),
+            ip: "10.137.0.11".parse().expect("ip"),
+            ip6: None,
+            mac: parse_mac("00:16:3e:5e:6c:11").expect("mac"),
+        },
+    ];
+    let mut cfg = from_tree(&tree, &vifs, "eth0", 1500).expect("config");
+    cfg.mode = UplinkMode::Terminate;
+    let mut e = Engine::new(cfg).expect("engine");
+    let t = Instant::from_secs(1);
+    let mut out = Outbox::new();
+
+    let mut syn = tcp([10, 137, 0, 10], [203, 0, 113, 7], 40000, 80, true, false);
+    let sent = syn.clone();
+    assert_eq!(e.handle(t, 1, &mut syn, &mut out), Verdict::Consumed);
+    assert_eq!(
+        out.frame_count(),
+        0,
+        "nothing leaves on the uplink or anywhere"
+    );
+    let local: Vec<Vec<u8>> = out.local_packets().map(<[u8]>::to_vec).collect();
+    assert_eq!(local, vec![sent[14..].to_vec()], "the IP packet, unchanged");
+    assert_eq!(e.counters(1).expect("c").get(Reason::Accepted), 1);
+
+    // UDP is refused by this client's rules: admin-prohibited, nothing delivered.
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4([10, 137, 0, 10], [203, 0, 113, 7], 64)
+        .udp(5000, 443);
+    let mut udp = Vec::new();
+    b.write(&mut udp, b"quic").expect("build");
+    out.clear();
+    assert_eq!(e.handle(t, 1, &mut udp, &mut out), Verdict::Consumed);
+    assert_eq!(out.local_packets().count(), 0);
+    let frames: Vec<Vec<u8>> = out.frames().map(|(_, f)| f.to_vec()).collect();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(describe(&frames[0]).2, 3, "ICMP destination unreachable");
+    assert_eq!(
+        describe(&frames[0]).3,
+        13,
+        "code 13: administratively prohibited"
+    );
+
+    // A spoofed source is still a spoofed source.
+    let mut spoof = tcp([10, 137, 0, 11], [203, 0, 113, 7], 40000, 80, true, false);
+    out.clear();
+    let _ = e.handle(t, 1, &mut spoof, &mut out);
+    assert_eq!(out.local_packets().count(), 0);
+    assert_eq!(e.counters(1).expect("c").get(Reason::Spoofed), 1);
+
+    // The host stack's SYN-ACK, as 203.0.113.7:80, goes into vif3.0 from the gateway MAC.
+    let b = PacketBuilder::ipv4([203, 0, 113, 7], [10, 137, 0, 10], 64)
+        .tcp(80, 40000, 5000, 65535)
+        .syn()
+        .ack(1001);
+    let mut synack = Vec::new();
+    b.write(&mut synack, &[]).expect("build");
+    out.clear();
+    e.send_local(t, &synack, &mut out).expect("to the client");
+    let frames: Vec<(u32, Vec<u8>)> = out.frames().map(|(i, f)| (i, f.to_vec())).collect();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, 1, "out of vif3.0");
+    assert_eq!(&frames[0].1[0..6], &CLIENT_MAC);
+    assert_eq!(&frames[0].1[6..12], &GATEWAY_MAC);
+    assert_eq!(&frames[0].1[14..], &synack[..]);
+    // It may not speak as another client.
+    let b = PacketBuilder::ipv4([10, 137, 0, 11], [10, 137, 0, 10], 64).tcp(80, 40000, 1, 1);
+    let mut fake = Vec::new();
+    b.write(&mut fake, &[]).expect("build");
+    assert_eq!(
+        e.send_local(t, &fake, &mut out),
+        Err(LocalSendError::ClientSource)
+    );
+}
+
+/// In masquerade mode the host stack talks to the uplink only, from our address and a bound
+/// port.
+#[test]
+fn masquerade_mode_host_stack_sends_only_from_bound_ports() {
+    use qubes_engine::conntrack::L4;
+    use qubes_engine::engine::LocalSendError;
+    let mut e = engine(&[("policy", "accept")]);
+    let t = Instant::from_secs(1);
+    let mut out = Outbox::new();
+    let udp = |src: [u8; 4], dst: [u8; 4], sport: u16| {
+        let b = PacketBuilder::ipv4(src, dst, 64).udp(sport, 53);
+        let mut p = Vec::new();
+        b.write(&mut p, b"query").expect("build");
+        p
+    };
+    assert_eq!(
+        e.send_local(t, &udp([10, 137, 0, 6], [10, 139, 1, 1], 50000), &mut out),
+        Err(LocalSendError::PortNotBound)
+    );
+    e.bind_local(L4::Udp, 50000);
+    assert_eq!(
+        e.send_local(t, &udp([10, 137, 0, 7], [10, 139, 1, 1], 50000), &mut out),
+        Err(LocalSendError::NotOurAddress)
+    );
+    assert_eq!(
+        e.send_local(t, &udp([10, 137, 0, 6], [10, 137, 0, 10], 50000), &mut out),
+        Err(LocalSendError::ToClient)
+    );
+    assert_eq!(
+        e.send_local(t, &[0x45, 0, 0], &mut out),
+        Err(LocalSendError::Malformed)
+    );
+    out.clear();
+    e.send_local(t, &udp([10, 137, 0, 6], [10, 139, 1, 1], 50000), &mut out)
+        .expect("sent");
+    let ups: Vec<Vec<u8>> = out
+        .frames()
+        .filter(|(i, _)| *i == UPLINK)
+        .map(|(_, f)| f.to_vec())
+        .collect();
+    // An ARP request for the netvm (not learned yet), then the datagram to its MAC.
+    assert_eq!(ups.len(), 2);
+    assert_eq!(&ups[0][12..14], &[0x08, 0x06]);
+    assert_eq!(describe(&ups[1]).0, "10.137.0.6");
+    assert_eq!(
+        &ups[1][6..12],
+        &parse_mac("00:16:3e:5e:6c:06").expect("mac")
+    );
+    e.unbind_local(L4::Udp, 50000);
+    assert_eq!(
+        e.send_local(t, &udp([10, 137, 0, 6], [10, 139, 1, 1], 50000), &mut out),
+        Err(LocalSendError::PortNotBound)
+    );
+}

@@ -47,7 +47,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use qubes_engine::config::{
-    ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, GATEWAY_MAC,
+    ClientConfig, EngineConfig, FragLimits, Mac, UplinkConfig, UplinkMode, GATEWAY_MAC,
 };
 use qubes_engine::engine::{Engine, IfaceId, Outbox, Reason, Verdict, UPLINK};
 use qubes_engine::Instant;
@@ -1257,6 +1257,7 @@ impl Model {
 
     fn config(&self) -> EngineConfig {
         EngineConfig {
+            mode: UplinkMode::Masquerade,
             uplink: UplinkConfig {
                 name: "eth0".into(),
                 mac: OUR_MAC,
