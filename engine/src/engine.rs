@@ -23,7 +23,7 @@ use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, UplinkMode, GA
 use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
 use crate::frag::{self, Reassembler};
 use crate::time::Instant;
-use crate::wire::{self, Ip, IpError, ETH_LEN};
+use crate::wire::{self, Ip, IpError, Ipv4Repr, Ipv6Repr, NatCsum, NatField, ETH_LEN};
 
 /// An interface: 0 is the uplink; a client vif has a stable id of its own.
 ///
@@ -813,6 +813,15 @@ impl Engine {
         }
     }
 
+    /// How the transport checksum of the frame being handled stands, for NAT.
+    fn nat_csum(&self) -> NatCsum {
+        if self.offload.partial_csum {
+            NatCsum::Partial
+        } else {
+            NatCsum::Full
+        }
+    }
+
     fn verify_csum(&self) -> bool {
         !(self.offload.partial_csum || self.offload.csum_valid)
     }
@@ -1114,7 +1123,14 @@ impl Engine {
             self.netvm_mac
         };
         wire::set_macs(frame, &dst_mac, &self.cfg.uplink.mac);
-        rewrite_src(frame, &ip, our, nat_port, self.offload.partial_csum);
+        wire::nat_rewrite(
+            frame,
+            &ip,
+            NatField::Src,
+            our,
+            Some(nat_port),
+            self.nat_csum(),
+        );
         decrement_ttl(frame, &ip);
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
@@ -1298,7 +1314,14 @@ impl Engine {
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
         self.conntrack.update(flow, now, Dir::Reply, tcp_flags);
         wire::set_macs(frame, &client_mac, &GATEWAY_MAC);
-        rewrite_dst(frame, &ip, key.src, key.sport, self.offload.partial_csum);
+        wire::nat_rewrite(
+            frame,
+            &ip,
+            NatField::Dst,
+            key.src,
+            Some(key.sport),
+            self.nat_csum(),
+        );
         decrement_ttl(frame, &ip);
         let to = key.client;
         if in_place && usize::from(client_mtu) < wire_len {
@@ -1366,8 +1389,16 @@ impl Engine {
         wire::set_macs(&mut buf, &client_mac, &GATEWAY_MAC);
         // Outer destination: our address -> the client's; inner source likewise, with the
         // client's own port or query id back.
-        wire::rewrite_quoted_src(&mut buf, &inner, key.src, key.sport);
-        rewrite_dst_addr_only(&mut buf, ip, key.src);
+        wire::nat_rewrite(
+            &mut buf,
+            &inner,
+            NatField::Src,
+            key.src,
+            Some(key.sport),
+            NatCsum::Quoted,
+        );
+        // The ICMP checksum is recomputed in full below.
+        wire::nat_rewrite(&mut buf, ip, NatField::Dst, key.src, None, NatCsum::Full);
         decrement_ttl(&mut buf, ip);
         // The ICMP checksum covers the rewritten quote: recompute it in full.
         let l4o = ip.l4();
@@ -1730,12 +1761,15 @@ impl Engine {
         wire::set_macs(&mut f, &to_mac, &our_mac);
         wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
         let ip = ETH_LEN;
-        f[ip] = 0x60;
-        wire::put16(&mut f, ip + 4, 32);
-        f[ip + 6] = wire::PROTO_ICMPV6;
-        f[ip + 7] = 255;
-        f[ip + 8..ip + 24].copy_from_slice(&target.octets());
-        f[ip + 24..ip + 40].copy_from_slice(&to.octets());
+        Ipv6Repr {
+            src: target,
+            dst: to,
+            next_header: wire::PROTO_ICMPV6,
+            // RFC 4861 section 7.1.2: neighbour discovery is sent with hop limit 255.
+            hop_limit: 255,
+            payload_len: 32,
+        }
+        .emit(&mut f[ip..]);
         let t = ip + 40;
         f[t] = 136;
         // Router, Solicited, Override: we are the clients' router.
@@ -1820,16 +1854,17 @@ impl Engine {
         wire::set_macs(&mut f, &to_mac, &from_mac);
         wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
         let o = ETH_LEN;
-        f[o] = 0x45;
-        f[o + 1] = 0xc0;
-        wire::put16(&mut f, o + 2, total as u16);
-        wire::put16(&mut f, o + 4, id);
-        f[o + 8] = 64;
-        f[o + 9] = wire::PROTO_ICMP;
-        f[o + 12..o + 16].copy_from_slice(&self.cfg.uplink.ip.octets());
-        f[o + 16..o + 20].copy_from_slice(&dst.octets());
-        let hc = wire::checksum(&f[o..o + 20]);
-        wire::put16(&mut f, o + 10, hc);
+        Ipv4Repr {
+            src: self.cfg.uplink.ip,
+            dst,
+            protocol: wire::PROTO_ICMP,
+            ttl: 64,
+            ident: id,
+            tos: 0xc0,
+            dont_frag: false,
+            payload_len: total - Ipv4Repr::HEADER_LEN,
+        }
+        .emit(&mut f[o..]);
         let t = o + 20;
         f[t] = ty;
         f[t + 1] = code;
@@ -1883,12 +1918,14 @@ impl Engine {
         wire::set_macs(&mut f, &to_mac, &from_mac);
         wire::put16(&mut f, 12, wire::ETHERTYPE_IPV6);
         let o = ETH_LEN;
-        f[o] = 0x60;
-        wire::put16(&mut f, o + 4, plen as u16);
-        f[o + 6] = wire::PROTO_ICMPV6;
-        f[o + 7] = 64;
-        f[o + 8..o + 24].copy_from_slice(&our.octets());
-        f[o + 24..o + 40].copy_from_slice(&dst.octets());
+        Ipv6Repr {
+            src: our,
+            dst,
+            next_header: wire::PROTO_ICMPV6,
+            hop_limit: 64,
+            payload_len: plen,
+        }
+        .emit(&mut f[o..]);
         let t = o + 40;
         f[t] = ty;
         f[t + 1] = code;
@@ -2023,115 +2060,6 @@ fn ndp_lladdr(frame: &[u8], mut from: usize, end: usize, want: u8) -> Option<Mac
         from += len;
     }
     None
-}
-
-/// Source NAT: source address to `addr`, source port (or ICMP query id) to `port`, with
-/// incremental checksum updates (RFC 1624).
-fn rewrite_src(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16, partial: bool) {
-    let (a_off, a_len) = if ip.v6 {
-        (ip.off + 8, 16)
-    } else {
-        (ip.off + 12, 4)
-    };
-    rewrite(frame, ip, a_off, a_len, addr, true, port, partial);
-}
-
-/// Reverse NAT: destination address and port (or ICMP query id) back to the client's.
-fn rewrite_dst(frame: &mut [u8], ip: &Ip, addr: IpAddr, port: u16, partial: bool) {
-    let (a_off, a_len) = if ip.v6 {
-        (ip.off + 24, 16)
-    } else {
-        (ip.off + 16, 4)
-    };
-    rewrite(frame, ip, a_off, a_len, addr, false, port, partial);
-}
-
-fn rewrite_dst_addr_only(frame: &mut [u8], ip: &Ip, addr: IpAddr) {
-    let (a_off, a_len) = if ip.v6 {
-        (ip.off + 24, 16)
-    } else {
-        (ip.off + 16, 4)
-    };
-    let new = addr_bytes(&addr);
-    let old: [u8; 16] = copy16(&frame[a_off..a_off + a_len]);
-    frame[a_off..a_off + a_len].copy_from_slice(&new[..a_len]);
-    if !ip.v6 {
-        let c = wire::csum_update(wire::be16(frame, ip.off + 10), &old[..4], &new[..4]);
-        wire::put16(frame, ip.off + 10, c);
-    }
-}
-
-fn addr_bytes(a: &IpAddr) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    match a {
-        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => b.copy_from_slice(&a.octets()),
-    }
-    b
-}
-
-fn copy16(s: &[u8]) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[..s.len()].copy_from_slice(s);
-    b
-}
-
-/// `partial`: the transport checksum field holds only the pseudo-header sum (an offloaded
-/// frame): address changes update that sum, the port change is left to whoever completes it.
-#[allow(clippy::too_many_arguments)]
-fn rewrite(
-    frame: &mut [u8],
-    ip: &Ip,
-    a_off: usize,
-    a_len: usize,
-    addr: IpAddr,
-    src: bool,
-    port: u16,
-    partial: bool,
-) {
-    let new = addr_bytes(&addr);
-    let old = copy16(&frame[a_off..a_off + a_len]);
-    frame[a_off..a_off + a_len].copy_from_slice(&new[..a_len]);
-    if !ip.v6 {
-        let c = wire::csum_update(wire::be16(frame, ip.off + 10), &old[..4], &new[..4]);
-        wire::put16(frame, ip.off + 10, c);
-    }
-    let t = ip.l4();
-    let (port_off, pseudo) = match ip.proto {
-        wire::PROTO_TCP | wire::PROTO_UDP => (if src { t } else { t + 2 }, true),
-        wire::PROTO_ICMP => (t + 4, false),
-        wire::PROTO_ICMPV6 => (t + 4, true),
-        _ => return,
-    };
-    let csum_off = match ip.proto {
-        wire::PROTO_TCP => t + 16,
-        wire::PROTO_UDP => t + 6,
-        _ => t + 2,
-    };
-    let mut c = wire::be16(frame, csum_off);
-    let old_port = wire::be16(frame, port_off);
-    wire::put16(frame, port_off, port);
-    if partial {
-        // The field is the (uninverted) pseudo-header sum: RFC 1624 on its complement.
-        if pseudo {
-            let seed = !wire::csum_update(!c, &old[..a_len], &new[..a_len]);
-            wire::put16(frame, csum_off, seed);
-        }
-        return;
-    }
-    let udp_none = ip.proto == wire::PROTO_UDP && c == 0 && !ip.v6;
-    if udp_none {
-        return;
-    }
-    if pseudo {
-        c = wire::csum_update(c, &old[..a_len], &new[..a_len]);
-    }
-    c = wire::csum_update16(c, old_port, port);
-    if ip.proto == wire::PROTO_UDP && c == 0 {
-        // RFC 768: a computed zero is sent as all ones.
-        c = 0xffff;
-    }
-    wire::put16(frame, csum_off, c);
 }
 
 /// TTL / hop limit minus one, with the IPv4 header checksum updated.

@@ -50,6 +50,7 @@ use std::fmt;
 use std::ops::Bound;
 
 use crate::config::FragLimits;
+use crate::wire;
 
 /// Largest IPv4 packet: the total length field is 16 bits (RFC 791 section 3.1).
 const MAX_PACKET: usize = 65_535;
@@ -67,13 +68,13 @@ pub const FRAGMENT_RECORD_BYTES: usize = 16;
 const MIN_HEADER: usize = 20;
 
 /// "More Fragments" in the flags/fragment-offset word (RFC 791 section 3.1).
-const MF: u16 = 0x2000;
+const MF: u16 = wire::IPV4_MF;
 /// "Don't Fragment".
-const DF: u16 = 0x4000;
+const DF: u16 = wire::IPV4_DF;
 /// The flag bits a fragment or a reassembled datagram inherits: reserved bit 0 and DF.
 const KEEP_FLAGS: u16 = 0x8000 | DF;
 /// Fragment offset, in units of 8 octets.
-const OFFSET_MASK: u16 = 0x1fff;
+const OFFSET_MASK: u16 = wire::IPV4_OFFSET_MASK;
 
 /// Payload bytes an ICMP error quotes after the IP header: "the first 64 bits of the original
 /// datagram's data" (RFC 792).
@@ -114,7 +115,8 @@ impl fmt::Display for FragError {
 
 impl std::error::Error for FragError {}
 
-/// The fields of an IPv4 header this module needs, after the structural checks.
+/// The fields of an IPv4 header this module needs, read through the engine's one IPv4
+/// header view ([`wire::Ipv4Header`]), so reassembly and forwarding agree on what a header is.
 #[derive(Debug, Clone, Copy)]
 struct Header {
     /// Header length in bytes (IHL * 4), options included.
@@ -129,18 +131,11 @@ impl Header {
     /// Checks version, IHL and total length (RFC 791 section 3.1); `packet` may be longer than
     /// the total length (link-layer padding), never shorter.
     fn parse(packet: &[u8]) -> Result<Header, FragError> {
-        if packet.len() < MIN_HEADER || packet[0] >> 4 != 4 {
-            return Err(FragError::Malformed);
-        }
-        let hlen = usize::from(packet[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-        if hlen < MIN_HEADER || total < hlen || total > packet.len() {
-            return Err(FragError::Malformed);
-        }
+        let h = wire::Ipv4Header::new_checked(packet).map_err(|_| FragError::Malformed)?;
         Ok(Header {
-            hlen,
-            total,
-            flags_off: u16::from_be_bytes([packet[6], packet[7]]),
+            hlen: h.header_len(),
+            total: h.total_len(),
+            flags_off: h.flags_frag(),
         })
     }
 
@@ -157,15 +152,7 @@ impl Header {
 /// The internet checksum (RFC 791 section 3.1, RFC 1071) of an IPv4 header: zero over a header
 /// whose checksum field is right, the value to store when computed with the field zeroed.
 fn header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    // The loop leaves at most 16 bits.
-    !(sum as u16)
+    wire::checksum(header)
 }
 
 /// Stores the right checksum in `header` (a whole IPv4 header, options included).
