@@ -116,39 +116,74 @@ pub struct EngineConfig {
     pub frag: FragLimits,
 }
 
-/// A configuration that cannot be used, naming the key or vif at fault.
+/// A configuration that cannot be used, naming the key or vif at fault and what to write
+/// instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// A key the service cannot do without is missing (`/qubes-ip`, `/qubes-gateway`).
+    MissingKey {
+        key: &'static str,
+        why: &'static str,
+    },
+    /// A key's value is not an address of the kind the key holds.
+    BadAddress { key: String, value: String },
+    /// A MAC address that is not `aa:bb:cc:dd:ee:ff` (`key` names where it came from).
+    BadMac { key: Option<String>, value: String },
+    /// An interface name Linux would not accept (1-15 characters of `[A-Za-z0-9._-]`).
+    BadIfname { what: &'static str, name: String },
+    /// The same vif twice, or a vif that is also the uplink.
+    DuplicateVif { name: String, also_uplink: bool },
+    /// Two vifs (or a vif and the service itself) with one address.
+    AddressInUse { vif: String, addr: Ipv4Addr },
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            ConfigError::MissingKey { key, why } => write!(f, "{key} is missing: {why}"),
+            ConfigError::BadAddress { key, value } => {
+                write!(f, "{key}: {value:?} is not a valid address")
+            }
+            ConfigError::BadMac { key, value } => {
+                if let Some(k) = key {
+                    write!(f, "{k}: ")?;
+                }
+                write!(f, "{value:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)")
+            }
+            ConfigError::BadIfname { what, name } => {
+                write!(f, "{what} {name:?} is not a valid interface name")
+            }
+            ConfigError::DuplicateVif { name, also_uplink } => {
+                if *also_uplink {
+                    write!(f, "vif {name} is also the uplink")
+                } else {
+                    write!(f, "vif {name} is listed twice")
+                }
+            }
+            ConfigError::AddressInUse { vif, addr } => {
+                write!(f, "vif {vif}: address {addr} is already in use")
+            }
+        }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
-fn cerr<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
-}
-
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<Mac, ConfigError> {
     let parts: Vec<&str> = s.split(':').collect();
     let mut mac = [0u8; 6];
+    let bad = || ConfigError::BadMac {
+        key: None,
+        value: s.to_string(),
+    };
     if parts.len() != 6 {
-        return cerr(format!(
-            "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
-        ));
+        return Err(bad());
     }
     for (b, p) in mac.iter_mut().zip(&parts) {
         *b = match (p.len(), u8::from_str_radix(p, 16)) {
             (2, Ok(v)) => v,
-            _ => {
-                return cerr(format!(
-                    "{s:?} is not a MAC address (want aa:bb:cc:dd:ee:ff)"
-                ))
-            }
+            _ => return Err(bad()),
         };
     }
     Ok(mac)
@@ -191,10 +226,10 @@ fn parse_key<T: std::str::FromStr>(
 ) -> Result<Option<T>, ConfigError> {
     match key(tree, k) {
         None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| ConfigError(format!("{k}: {v:?} is not a valid address"))),
+        Some(v) => v.parse().map(Some).map_err(|_| ConfigError::BadAddress {
+            key: k.to_string(),
+            value: v.to_string(),
+        }),
     }
 }
 
@@ -218,14 +253,19 @@ pub fn from_tree(
     uplink_name: &str,
     uplink_mtu: u16,
 ) -> Result<EngineConfig, ConfigError> {
-    let ip: Ipv4Addr = parse_key(tree, "/qubes-ip")?.ok_or_else(|| {
-        ConfigError("/qubes-ip is missing: the firewall needs its own address".into())
+    let ip: Ipv4Addr = parse_key(tree, "/qubes-ip")?.ok_or(ConfigError::MissingKey {
+        key: "/qubes-ip",
+        why: "the firewall needs its own address",
     })?;
-    let gateway: Ipv4Addr = parse_key(tree, "/qubes-gateway")?.ok_or_else(|| {
-        ConfigError("/qubes-gateway is missing: the firewall needs its netvm's address".into())
+    let gateway: Ipv4Addr = parse_key(tree, "/qubes-gateway")?.ok_or(ConfigError::MissingKey {
+        key: "/qubes-gateway",
+        why: "the firewall needs its netvm's address",
     })?;
     let mac = match key(tree, "/qubes-mac") {
-        Some(m) => parse_mac(m).map_err(|e| ConfigError(format!("/qubes-mac: {e}")))?,
+        Some(m) => parse_mac(m).map_err(|_| ConfigError::BadMac {
+            key: Some("/qubes-mac".into()),
+            value: m.to_string(),
+        })?,
         None => DEFAULT_QUBE_MAC,
     };
     let ip6 = parse_key(tree, "/qubes-ip6")?;
@@ -240,26 +280,30 @@ pub fn from_tree(
         dns = VIRTUAL_DNS.iter().map(|a| IpAddr::V4(*a)).collect();
     }
     if !valid_ifname(uplink_name) {
-        return cerr(format!(
-            "uplink {uplink_name:?} is not a valid interface name"
-        ));
+        return Err(ConfigError::BadIfname {
+            what: "uplink",
+            name: uplink_name.to_string(),
+        });
     }
     let mut clients = Vec::with_capacity(vifs.len());
     for v in vifs {
         if !valid_ifname(&v.name) {
-            return cerr(format!("vif {:?} is not a valid interface name", v.name));
+            return Err(ConfigError::BadIfname {
+                what: "vif",
+                name: v.name.clone(),
+            });
         }
-        if v.name == uplink_name {
-            return cerr(format!("vif {} is also the uplink", v.name));
-        }
-        if clients.iter().any(|c: &ClientConfig| c.vif == v.name) {
-            return cerr(format!("vif {} is listed twice", v.name));
+        if v.name == uplink_name || clients.iter().any(|c: &ClientConfig| c.vif == v.name) {
+            return Err(ConfigError::DuplicateVif {
+                name: v.name.clone(),
+                also_uplink: v.name == uplink_name,
+            });
         }
         if clients.iter().any(|c: &ClientConfig| c.ip == v.ip) || v.ip == ip {
-            return cerr(format!(
-                "vif {}: address {} is already in use",
-                v.name, v.ip
-            ));
+            return Err(ConfigError::AddressInUse {
+                vif: v.name.clone(),
+                addr: v.ip,
+            });
         }
         clients.push(ClientConfig {
             vif: v.name.clone(),
@@ -341,7 +385,20 @@ mod tests {
             1500,
         )
         .expect_err("missing ip");
-        assert!(e.0.contains("/qubes-ip"), "{e}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::MissingKey {
+                    key: "/qubes-ip",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "/qubes-ip is missing: the firewall needs its own address"
+        );
         let e = from_tree(
             &tree(&[("/qubes-ip", "x"), ("/qubes-gateway", "10.137.0.5")]),
             &[],
@@ -349,7 +406,38 @@ mod tests {
             1500,
         )
         .expect_err("bad ip");
-        assert!(e.0.contains("/qubes-ip: \"x\""), "{e}");
+        assert_eq!(e.to_string(), "/qubes-ip: \"x\" is not a valid address");
+        let vif = |name: &str, ip: &str| VifInfo {
+            name: name.into(),
+            ip: ip.parse().expect("ip"),
+            ip6: None,
+            mac: DEFAULT_QUBE_MAC,
+        };
+        let good = tree(&[
+            ("/qubes-ip", "10.137.0.6"),
+            ("/qubes-gateway", "10.137.0.5"),
+        ]);
+        for (vifs, want) in [
+            (
+                vec![vif("vif3.0", "10.137.0.10"), vif("vif3.0", "10.137.0.11")],
+                "vif vif3.0 is listed twice",
+            ),
+            (
+                vec![vif("eth0", "10.137.0.10")],
+                "vif eth0 is also the uplink",
+            ),
+            (
+                vec![vif("vif3.0", "10.137.0.10"), vif("vif4.0", "10.137.0.10")],
+                "vif vif4.0: address 10.137.0.10 is already in use",
+            ),
+            (
+                vec![vif("vif 3", "10.137.0.10")],
+                "vif \"vif 3\" is not a valid interface name",
+            ),
+        ] {
+            let e = from_tree(&good, &vifs, "eth0", 1500).expect_err(want);
+            assert_eq!(e.to_string(), want);
+        }
         assert!(parse_mac("fe:ff:ff:ff:ff").is_err());
         assert_eq!(parse_mac("FE:ff:ff:ff:ff:ff"), Ok(GATEWAY_MAC));
     }

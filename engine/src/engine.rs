@@ -461,7 +461,10 @@ impl Engine {
         let mut seen = std::collections::BTreeSet::new();
         for c in &config.clients {
             if !seen.insert(c.vif.as_str()) {
-                return Err(ConfigError(format!("vif {} is listed twice", c.vif)));
+                return Err(ConfigError::DuplicateVif {
+                    name: c.vif.clone(),
+                    also_uplink: false,
+                });
             }
         }
         let old: Vec<Client> = std::mem::take(&mut self.clients);

@@ -169,24 +169,24 @@ impl Service {
     }
 
     /// Re-reads the configuration and applies it; on error keeps the old one running.
-    fn reload(&mut self, why: &str) -> Result<(), String> {
-        let desired = self.source.reread().map_err(|e| e.to_string())?;
+    fn reload(&mut self, why: &str) -> Result<(), ServiceError> {
+        let desired = self.source.reread()?;
         self.apply(desired, why)
     }
 
-    fn apply(&mut self, desired: Desired, why: &str) -> Result<(), String> {
+    fn apply(&mut self, desired: Desired, why: &str) -> Result<(), ServiceError> {
         let t0 = Clock::now();
         let seed = self.engine.config().seed;
-        let cfg = engine_config(&desired, seed).map_err(|e| e.to_string())?;
+        let cfg = engine_config(&desired, seed)?;
         let now = self.now();
         self.engine
             .apply(now, cfg, &mut self.out)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ServiceError::Config(e.into()))?;
         self.local
             .configure(self.engine.config(), dns_servers(&desired.tree));
         self.desired = desired;
         self.generation += 1;
-        self.sync_devices().map_err(|e| e.to_string())?;
+        self.sync_devices()?;
         self.flush();
         self.report_handled();
         tracing::info!(
@@ -216,7 +216,7 @@ impl Service {
             if signals.take_reload() {
                 if let Err(e) = self.reload("SIGHUP") {
                     tracing::error!(
-                        error = e,
+                        error = %e,
                         "reload failed; keeping the running configuration"
                     );
                 }
@@ -406,7 +406,7 @@ impl Service {
         if relevant {
             let desired = self.desired.clone();
             if let Err(e) = self.apply(desired, "vif appeared or went away") {
-                tracing::error!(error = e, "could not follow link change");
+                tracing::error!(error = %e, "could not follow link change");
             }
         }
     }
@@ -419,7 +419,7 @@ impl Service {
         if self.source.file_changed() {
             if let Err(e) = self.reload("configuration file changed") {
                 tracing::error!(
-                    error = e,
+                    error = %e,
                     "reload failed; keeping the running configuration"
                 );
             }
@@ -433,7 +433,7 @@ impl Service {
         if q.poll_watches()? {
             let d = q.desired()?;
             if let Err(e) = self.apply(d, "QubesDB commit") {
-                tracing::error!(error = e, "QubesDB change could not be applied");
+                tracing::error!(error = %e, "QubesDB change could not be applied");
             }
         }
         Ok(())
