@@ -1,6 +1,6 @@
 //! Engine throughput, new-flow rate, memory per flow and allocations per packet.
 //!
-//! `cargo bench -p sys-firewall --bench engine`. std-only timing (`Instant`, `black_box`), one
+//! `cargo bench -p qubes-engine --bench engine`. std-only timing (`Instant`, `black_box`), one
 //! core, median of several rounds. Prints one table, configurations side by side:
 //!
 //! - established-flow forwarding of 64-byte and 1500-byte Ethernet frames (frame length as
