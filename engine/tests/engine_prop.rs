@@ -19,7 +19,7 @@
 //!   from our address (NAT) that came in on that client's vif with that client's source
 //!   address, that is TCP, UDP or an echo request, and that the client's CURRENT rules accept,
 //!   evaluated by an independent first-match walk written here from the rule semantics
-//!   (shared/reference/qubes-networking.md 3.3, rules/src/classifier.rs docs), not by the
+//!   (qubes-core-agent-linux `qubesagent/firewall.py`, rules/src/classifier.rs docs), not by the
 //!   engine's classifier. Flows opened under old rules are cut when rules change, so "accepted
 //!   by the current rules" covers both new and old flows;
 //! - on a client vif, only frames for that client (its MAC and address): answers to its own

@@ -7,8 +7,8 @@
 //! - [`client`]: the client library (what `qubesdb-read` & co. use upstream);
 //! - [`load`]: `key value` files to pre-load the daemon with.
 //!
-//! Reference: shared/reference/qubes-networking.md section 9 and mirage-firewall.md section
-//! 1.16; what we accept and refuse is in docs/qubesdb.md.
+//! Reference: qubes-core-qubesdb (`include/qubesdb.h`, `daemon/db-cmds.c`) and mirage-qubes
+//! `lib/db.ml`; what we accept and refuse is in docs/qubesdb.md.
 
 pub mod client;
 pub mod load;

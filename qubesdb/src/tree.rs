@@ -1,7 +1,6 @@
 //! The database: an ordered map of path to value, plus watch registrations. Pure, no I/O.
 //!
-//! Reference: shared/reference/qubes-networking.md section 9 (command semantics), checked
-//! against upstream qubes-core-qubesdb `daemon/db-core.c` and `daemon/db-cmds.c`.
+//! Reference: the command semantics of upstream qubes-core-qubesdb `daemon/db-core.c` and `daemon/db-cmds.c`.
 //!
 //! [`Tree::handle`] turns one command into the messages to send: the answer (to the sender),
 //! then the `RESP_WATCH` notifications (to the connections whose watches match), in the order

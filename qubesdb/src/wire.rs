@@ -1,7 +1,7 @@
 //! The QubesDB wire format: one 72-byte header, then `data_len` bytes of data.
 //!
-//! Reference: shared/reference/qubes-networking.md section 9 (`struct qdb_hdr` in
-//! qubes-core-qubesdb `include/qubesdb.h`) and mirage-firewall.md section 1.16.
+//! Reference: `struct qdb_hdr` in qubes-core-qubesdb `include/qubesdb.h`, and mirage-qubes
+//! `lib/db.ml` (the same header over vchan).
 //!
 //! ```text
 //! byte  0        1 ............................ 64  65 .. 67  68 ........ 71  72 ...

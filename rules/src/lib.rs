@@ -12,7 +12,8 @@
 //! - [`nft`]: the agent's nftables text, byte-exact;
 //! - [`classifier`]: a compiled first-match classifier for the userspace data plane;
 //!
-//! Reference: shared/reference/qubes-networking.md sections 1-3 and 7.
+//! Reference: qubes-core-admin `qubes/firewall.py`, qubes-core-admin-client
+//! `qubesadmin/firewall.py`, qubes-core-agent-linux `qubesagent/firewall.py`.
 
 pub mod agent;
 pub mod classifier;

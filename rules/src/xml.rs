@@ -1,7 +1,7 @@
 //! dom0's `firewall.xml`: writing version 2 byte for byte as `Firewall.save()` does, and reading
 //! version 2 and the Qubes < 4.0 version 1 format as `Firewall.load()` does.
 //!
-//! Reference: shared/reference/qubes-networking.md section 1.6 (both formats and the v1
+//! Reference: qubes-core-admin `qubes/firewall.py` `Firewall.load`/`save` (both formats and the v1
 //! conversion), 1.5 (expired rules are not saved) and 7.2 (v1 conformance cases).
 //!
 //! Where upstream's loader would act on odd input in a surprising way, this reader refuses it or
