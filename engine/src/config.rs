@@ -1,7 +1,8 @@
 //! What the engine is told: its own addresses, the client vifs and their rules.
 //!
 //! The engine never reads QubesDB or files itself. A shell builds an [`EngineConfig`], usually
-//! with [`from_tree`] from the QubesDB key/value tree (reference qubes-networking.md 4.2) plus the
+//! with [`from_tree`] from the QubesDB key/value tree (the keys qubes-core-admin
+//! `qubes/vm/mix/net.py` writes) plus the
 //! vif list that Qubes keeps in XenStore, so the Qubes mode and the standalone mode run the same
 //! code.
 

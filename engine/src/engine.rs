@@ -1,11 +1,12 @@
 //! The engine: a sys-firewall as a pure function of (time, interface, frame).
 //!
-//! It does what a Linux sys-firewall does for its clients (reference qubes-networking.md
-//! section 4): answers ARP/NDP for the gateway, drops spoofed sources, applies each client's
-//! Qubes rules to new flows (rejecting with ICMP admin-prohibited as the agent's nft chain does),
-//! tracks connections and masquerades them to its own address, and handles TTL, MTU, fragments
-//! and ICMP errors like a router. It never does I/O and never reads a clock: the shell passes
-//! `now` (nanoseconds, monotonic) and sends what the engine returns.
+//! It does what a Linux sys-firewall does for its clients (upstream qubes-core-agent-linux
+//! `network/vif-route-qubes` and `qubesagent/firewall.py`): answers ARP/NDP for the gateway,
+//! drops spoofed sources, applies each client's Qubes rules to new flows (rejecting with ICMP
+//! admin-prohibited as the agent's nft chain does), tracks connections and masquerades them to
+//! its own address, and handles TTL, MTU, fragments and ICMP errors like a router. It never does
+//! I/O and never reads a clock: the shell passes `now` (a monotonic [`Instant`]) and sends what
+//! the engine returns.
 //!
 //! Forwarded frames are rewritten in place ([`Verdict::Forward`]); anything the engine builds
 //! itself (ARP and NDP answers, ICMP errors, reassembled or fragmented packets) goes to the

@@ -1,5 +1,5 @@
 //! A blocking QubesDB client for the local socket (upstream `libqubesdb`'s `qdb_*` calls,
-//! reference qubes-networking.md section 9).
+//! qubes-core-qubesdb `include/qubesdb.h`).
 //!
 //! `RESP_WATCH` messages may arrive at any time, even between the messages of a MULTIREAD
 //! answer. Every call that waits for an answer queues the watch events it meets, in arrival

@@ -5,7 +5,7 @@
 //! - the key runs up to the first space; the value is the rest of the line, kept as is
 //!   (it may be empty and may contain spaces; a line holding only a key is an empty value);
 //! - empty lines and lines starting with `#` are skipped;
-//! - keys are checked as a WRITE would check them (reference qubes-networking.md section 9);
+//! - keys are checked as a WRITE would check them (qubes-core-qubesdb `daemon/db-cmds.c`);
 //!   a later line for the same key wins.
 //!
 //! Values cannot contain a newline (nor NUL, which QubesDB refuses anyway).

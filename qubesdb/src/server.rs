@@ -1,5 +1,5 @@
 //! A QubesDB daemon on a UNIX stream socket (the local interface of upstream `qubesdb-daemon`,
-//! reference qubes-networking.md section 9). No vchan: the inter-VM link is out of scope.
+//! qubes-core-qubesdb `include/qubesdb.h`, `daemon/db-cmds.c`). No vchan: the inter-VM link is out of scope.
 //!
 //! Threads: one accepts connections; each connection has a reader (decodes commands and runs
 //! them on the shared [`Tree`]) and a writer (drains that connection's outgoing queue).

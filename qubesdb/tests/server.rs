@@ -1,5 +1,5 @@
 //! The daemon and the client over real UNIX sockets in a temporary directory: every command's
-//! semantics (reference qubes-networking.md section 9), watches, malformed input, and the
+//! semantics (qubes-core-qubesdb `daemon/db-cmds.c`), watches, malformed input, and the
 //! Qubes firewall commit sequence.
 
 use std::io::{Read, Write};

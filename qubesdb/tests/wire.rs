@@ -1,4 +1,4 @@
-//! The wire format byte for byte (reference qubes-networking.md section 9): encoding against
+//! The wire format byte for byte (qubes-core-qubesdb `include/qubesdb.h`): encoding against
 //! hand-written bytes, and every malformed input against the error it must give.
 
 use qubesdb::wire::{

@@ -1,7 +1,8 @@
 //! The netvm agent's nftables input (`qubesagent/firewall.py`, `NftablesWorker`).
 //!
 //! Every function here returns the exact text upstream feeds to `nft -f /dev/stdin`, byte for
-//! byte (reference qubes-networking.md section 3.3, samples in 3.4). Nothing here runs `nft`;
+//! byte (qubes-core-agent-linux `qubesagent/firewall.py`, `NftablesWorker`; its
+//! `test_firewall.py` holds the samples). Nothing here runs `nft`;
 //! the caller does, and maps a failure to `RuleApplyError('nft failed: ...')`.
 //!
 //! Upstream resolves `dsthost` names with `socket.getaddrinfo` in the middle of the translation;

@@ -1,6 +1,6 @@
 //! The dom0 rule model (`qubes/firewall.py`): fields, validation and the three dom0 string forms.
 //!
-//! Every check here mirrors reference qubes-networking.md section 1.2, in upstream's order, so the
+//! Every check here mirrors qubes-core-admin `qubes/firewall.py` (the `RuleOption` classes), in upstream's order, so the
 //! first error a user sees is the one dom0 would have reported. The error texts are dom0's.
 
 use std::fmt;

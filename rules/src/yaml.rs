@@ -11,9 +11,9 @@
 //!   - action: drop
 //! ```
 //!
-//! Field names and values are exactly the admin API's (reference qubes-networking.md 1.1), and
-//! every rule goes through dom0's validation (reference 1.2) with dom0's error messages. The list
-//! is ordered and the first matching rule wins (reference 1.5); an empty list blocks everything.
+//! Field names and values are exactly the admin API's (qubes-core-admin `qubes/firewall.py`), and
+//! every rule goes through dom0's validation there with dom0's error messages. The list
+//! is ordered and the first matching rule wins, as the agent's chains do; an empty list blocks everything.
 //!
 //! serde_yaml is used only inside this module, so it can be swapped for a fork without touching
 //! the rest of the crate.

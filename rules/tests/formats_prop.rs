@@ -1,5 +1,5 @@
-//! Property tests for the rule file formats: firewall.xml (reference qubes-networking.md 1.6) and
-//! YAML rule files (docs/rule-files.md), and the idempotence of dom0's normalisation (1.1-1.4).
+//! Property tests for the rule file formats: firewall.xml (qubes-core-admin `qubes/firewall.py`, `Firewall.save`/`load`) and
+//! YAML rule files (docs/rule-files.md), and the idempotence of dom0's normalisation (`Rule.from_api_string`, `Rule.api_rule`).
 //!
 //! Rules are generated as admin-API lines built from valid components, so every generated line is
 //! one dom0 accepts; the properties then check that no format loses or changes anything.

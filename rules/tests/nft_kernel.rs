@@ -1,4 +1,4 @@
-//! The agent's nft text (`qubes_rules::nft`, reference qubes-networking.md 3.3) loaded into a
+//! The agent's nft text (`qubes_rules::nft`, upstream qubes-core-agent-linux `qubesagent/firewall.py`) loaded into a
 //! real kernel.
 //!
 //! Each test makes its own network namespace (`qr-nft-<pid>-<n>`, removed by a drop guard even

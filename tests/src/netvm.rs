@@ -1,5 +1,5 @@
-//! Linux qubes in namespaces, set up the way Qubes sets them up (reference
-//! qubes-networking.md 4.3-4.6): the client side of a vif (`setup-ip`), the provider side
+//! Linux qubes in namespaces, set up the way Qubes sets them up (upstream
+//! qubes-core-agent-linux `network/`): the client side of a vif (`setup-ip`), the provider side
 //! (`vif-route-qubes`), the static nftables of every networked VM, DNS redirection
 //! (`qubes-setup-dnat-to-ns`), and the `qubes-firewall` agent that turns the QubesDB tree into
 //! nftables chains (through `qubes_rules::nft`, byte-exact with upstream).
