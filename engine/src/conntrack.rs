@@ -39,8 +39,10 @@
 //!
 //! # TCP state machine
 //!
-//! A simplified version of Linux's `nf_conntrack_proto_tcp.c`, without window tracking. The
-//! flags byte is classified, first match wins: RST, SYN (with or without ACK), FIN, ACK, none.
+//! A simplified version of Linux's `nf_conntrack_proto_tcp.c`; flag validity and window
+//! tracking are in [`crate::tcpwin`], checked by the engine before a packet is accounted here.
+//! The flags byte is classified, first match wins: RST, SYN (with or without ACK), FIN, ACK,
+//! none.
 //!
 //! | event                        | from                      | to                       |
 //! |------------------------------|---------------------------|--------------------------|
@@ -79,6 +81,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
+
+use crate::tcpwin::{self, Segment, TcpWindows};
 
 /// TCP flag bits, as in the TCP header's flags byte.
 pub const TCP_FIN: u8 = 0x01;
@@ -442,6 +446,8 @@ struct Slot {
     /// Who sent the first FIN (TCP only).
     fin_dir: Option<Dir>,
     live: bool,
+    /// TCP window tracking (crate::tcpwin), both directions.
+    win: TcpWindows,
 }
 
 /// A heap entry: `at` is a lower bound of the flow's `expires_at`.
@@ -623,6 +629,22 @@ impl ConnTrack {
         self.slots.get(id as usize).filter(|s| s.live)
     }
 
+    /// Starts window tracking for TCP flow `id` from the segment that opened it.
+    pub fn tcp_open(&mut self, id: FlowId, seg: &Segment) {
+        if let Some(s) = self.slots.get_mut(id.0 as usize).filter(|s| s.live) {
+            s.win = tcpwin::open(seg);
+        }
+    }
+
+    /// Whether `seg`, sent in direction `dir` of TCP flow `id`, is within the connection's
+    /// windows ([`tcpwin::in_window`]); updates them when it is. False for an id not live.
+    pub fn tcp_in_window(&mut self, id: FlowId, dir: Dir, seg: &Segment) -> bool {
+        match self.slots.get_mut(id.0 as usize).filter(|s| s.live) {
+            Some(s) => tcpwin::in_window(&mut s.win, s.flow.tcp, dir, seg),
+            None => false,
+        }
+    }
+
     /// The flow the client opened with this key, unless it has expired (`expires_at <= now`),
     /// whether or not [`ConnTrack::expire`] has run since.
     pub fn lookup_original(&self, key: &FlowKey, now: u64) -> Option<FlowId> {
@@ -720,6 +742,7 @@ impl ConnTrack {
             next: NIL,
             fin_dir,
             live: true,
+            win: TcpWindows::default(),
         };
         if self.free_head != NIL {
             let id = self.free_head;

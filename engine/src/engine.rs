@@ -23,6 +23,8 @@ use rustc_hash::FxHashMap;
 use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, UplinkMode, GATEWAY_MAC};
 use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
 use crate::frag::{self, Reassembler};
+use crate::ratelimit::IcmpLimiter;
+use crate::tcpwin;
 use crate::time::Instant;
 use crate::wire::{self, Ip, IpError, Ipv4Repr, Ipv6Repr, NatCsum, NatField, ETH_LEN};
 
@@ -97,10 +99,18 @@ pub enum Reason {
     /// Addressed to the firewall itself and not something it serves (Linux rejects it with
     /// host-prohibited).
     Local,
+    /// Not valid for the state of its connection (conntrack's `ct state invalid`, which the
+    /// Qubes forward chain drops): a TCP flag combination no stack sends, a new flow that does
+    /// not start with a SYN (or an ACK, loose pickup), a segment outside the window.
+    Invalid,
+    /// An IP frame whose destination MAC is not ours: another host's unicast (Linux drops
+    /// `PACKET_OTHERHOST` in `ip_rcv`), or broadcast/multicast, which only the firewall's own
+    /// services may take (`ip_forward` forwards `PACKET_HOST` frames only).
+    NotForUs,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::Accepted,
         Reason::RejectedByRule,
         Reason::Spoofed,
@@ -112,6 +122,8 @@ impl Reason {
         Reason::TooBig,
         Reason::Unsupported,
         Reason::Local,
+        Reason::Invalid,
+        Reason::NotForUs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -127,13 +139,15 @@ impl Reason {
             Reason::TooBig => "too-big",
             Reason::Unsupported => "unsupported",
             Reason::Local => "local",
+            Reason::Invalid => "invalid",
+            Reason::NotForUs => "not-for-us",
         }
     }
 }
 
 /// Frame counts by [`Reason`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters([u64; 11]);
+pub struct Counters([u64; Reason::ALL.len()]);
 
 impl Counters {
     pub fn get(&self, r: Reason) -> u64 {
@@ -328,6 +342,12 @@ pub struct Engine {
     deferred: Vec<Event>,
     /// The offload state of the frame being handled ([`Engine::handle_offloaded`]).
     offload: Offload,
+    /// The frame being handled came to a broadcast or multicast MAC: the firewall's own
+    /// services (NDP, pings of the gateway) may take it, forwarding may not.
+    link_group: bool,
+    /// The time of the frame or tick being handled, for what needs it deep in the path.
+    now: u64,
+    icmp_limit: IcmpLimiter,
     /// Where each held IPv4 datagram came in (`None`: the uplink; else the client), so
     /// a reassembly timeout is answered back through that interface and nowhere else.
     frag_ingress: BTreeMap<FragKey, (Option<IfaceId>, u64)>,
@@ -357,6 +377,9 @@ impl Engine {
             deferred: Vec::new(),
             frag_ingress: BTreeMap::new(),
             offload: Offload::NONE,
+            link_group: false,
+            now: 0,
+            icmp_limit: IcmpLimiter::new(),
             ip_id: (config.seed as u16) ^ 0x5a5a,
             scratch: Vec::with_capacity(65_536),
             build: Vec::with_capacity(2048),
@@ -694,6 +717,7 @@ impl Engine {
     /// the netvm's MAC is asked for while unknown.
     pub fn tick(&mut self, now: Instant, out: &mut Outbox) {
         let now = now.as_nanos();
+        self.now = now;
         self.undefer(out);
         self.conntrack.expire(now);
         self.expire_frags(now, out);
@@ -839,6 +863,7 @@ impl Engine {
         out: &mut Outbox,
     ) -> Verdict {
         let now = now.as_nanos();
+        self.now = now;
         self.undefer(out);
         let ci = if iface == UPLINK {
             None
@@ -870,6 +895,18 @@ impl Engine {
         if frame.len() < ETH_LEN {
             return (Verdict::Consumed, Reason::Malformed);
         }
+        // Ours is the gateway MAC on client vifs (what our ARP and NDP answers give) and the
+        // uplink's own MAC there. A frame to another host's unicast MAC is not ours to take,
+        // whatever it carries (Linux: `PACKET_OTHERHOST`, dropped by `arp_rcv` and `ip_rcv`).
+        let dst_mac = &frame[..6];
+        self.link_group = dst_mac[0] & 1 == 1;
+        let ours: &Mac = match ci {
+            Some(_) => &GATEWAY_MAC,
+            None => &self.cfg.uplink.mac,
+        };
+        if !self.link_group && dst_mac != ours {
+            return (Verdict::Consumed, Reason::NotForUs);
+        }
         let parsed = match wire::ethertype(frame) {
             wire::ETHERTYPE_ARP => return (Verdict::Consumed, self.arp(now, ci, frame, out)),
             wire::ETHERTYPE_IPV4 => wire::parse_ipv4(frame, ETH_LEN),
@@ -882,14 +919,28 @@ impl Engine {
             Err(IpError::Unsupported) => return (Verdict::Consumed, Reason::Unsupported),
         };
         if ip.fragment {
+            if self.link_group {
+                // Only forwarding reassembles, and nothing sent to a group is forwarded.
+                return (Verdict::Consumed, Reason::NotForUs);
+            }
             return (
                 Verdict::Consumed,
                 self.fragment_in(now, ci, frame, &ip, out),
             );
         }
-        match ci {
+        let (verdict, reason) = match ci {
             Some(c) => self.client_frame(now, c, frame, ip, out, true),
             None => self.uplink_frame(now, frame, ip, out, true),
+        };
+        match verdict {
+            // Bytes after the IP total length (Ethernet padding, or junk) are not part of the
+            // packet: a router sends the packet alone (Linux trims in `ip_rcv_core` /
+            // `ipv6_rcv`, RFC 791 3.1 Total Length).
+            Verdict::Forward(to) if frame.len() > ip.end() => {
+                out.push_frame(to, &frame[..ip.end()]);
+                (Verdict::Consumed, reason)
+            }
+            v => (v, reason),
         }
     }
 
@@ -1047,6 +1098,9 @@ impl Engine {
         if is_special(&ip.dst) {
             return consumed(Reason::Unsupported);
         }
+        if self.link_group {
+            return consumed(Reason::NotForUs);
+        }
         if self.client_by_ip(&ip.dst).is_some() {
             // As on Linux: the client's own rules judge first (a refused destination gets
             // admin-prohibited), then new traffic into a vif is dropped silently
@@ -1087,9 +1141,25 @@ impl Engine {
             dport,
         };
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
+        let seg = match tcp_flags {
+            Some(flags) if !tcpwin::valid_flags(flags) => return consumed(Reason::Invalid),
+            Some(_) => tcp_segment(frame, &ip),
+            None => None,
+        };
         let flow = match self.conntrack.lookup_original(&key, now) {
-            Some(f) => f,
+            Some(f) => {
+                if let Some(seg) = &seg {
+                    if !self.conntrack.tcp_in_window(f, Dir::Original, seg) {
+                        return consumed(Reason::Invalid);
+                    }
+                }
+                f
+            }
             None => {
+                if tcp_flags.is_some_and(|f| !tcpwin::may_open(f)) {
+                    // Conntrack finds these invalid before any rule sees them.
+                    return consumed(Reason::Invalid);
+                }
                 let allowed = self.client_accepts(c, &ip, &l4);
                 if !allowed {
                     self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
@@ -1101,7 +1171,12 @@ impl Engine {
                     return consumed(Reason::TableFull);
                 }
                 match self.conntrack.create(now, key, tcp_flags) {
-                    Ok(f) => f,
+                    Ok(f) => {
+                        if let Some(seg) = &seg {
+                            self.conntrack.tcp_open(f, seg);
+                        }
+                        f
+                    }
                     Err(_) => return consumed(Reason::TableFull),
                 }
             }
@@ -1263,6 +1338,9 @@ impl Engine {
         if ip.dst != our {
             return consumed(Reason::NoFlow);
         }
+        if self.link_group {
+            return consumed(Reason::NotForUs);
+        }
         let l4 = match self.transport(frame, &ip, Reason::NoFlow) {
             Ok(l4) => l4,
             Err(r) => return consumed(r),
@@ -1281,6 +1359,13 @@ impl Engine {
             }
         };
         if icmp_err {
+            if !ip.v6 && l4.icmp_type == 5 {
+                // A redirect tells a host on the sender's link to use another router; our
+                // clients are not on that link, and a hostile netvm must not steer them
+                // (Linux never forwards one as related: `icmp_error` in
+                // nf_conntrack_proto_icmp.c, and hosts ignore foreign ones, RFC 1122 3.2.2.2).
+                return consumed(Reason::NoFlow);
+            }
             return consumed(self.icmp_error_from_uplink(now, frame, &ip, out));
         }
         let rkey = ReplyKey {
@@ -1289,6 +1374,9 @@ impl Engine {
             rport,
             nat_port,
         };
+        if l4p == Proto4::Tcp && !tcpwin::valid_flags(l4.flags) {
+            return consumed(Reason::Invalid);
+        }
         let Some(flow) = self.conntrack.lookup_reply(&rkey, now) else {
             if l4p != Proto4::Icmp && self.conntrack.is_reserved(l4p, nat_port) {
                 // For the service's own endpoints: the host stack takes it from here.
@@ -1306,6 +1394,13 @@ impl Engine {
             return consumed(Reason::NoFlow);
         };
         let (client_mac, client_mtu) = (client.cfg.mac, client.cfg.mtu);
+        if l4p == Proto4::Tcp {
+            let in_window = tcp_segment(frame, &ip)
+                .is_some_and(|seg| self.conntrack.tcp_in_window(flow, Dir::Reply, &seg));
+            if !in_window {
+                return consumed(Reason::Invalid);
+            }
+        }
         if ip.ttl <= 1 {
             self.icmp_error(UPLINK, frame, &ip, IcmpKind::TimeExceeded, out);
             return consumed(Reason::TtlExceeded);
@@ -1357,7 +1452,10 @@ impl Engine {
             return Reason::NoFlow;
         }
         let t = inner.l4();
-        if t + 4 > ip.end() {
+        // The quote must hold the whole offending IP header and the first 8 bytes of its
+        // transport header (RFC 792; RFC 1812 4.3.2.3), which is what the flow is found by:
+        // anything shorter cannot be matched honestly (Linux: `nf_ct_get_tuplepr` fails).
+        if t + 8 > ip.end() {
             return Reason::Malformed;
         }
         let (l4p, rport, nat_port) = match inner.proto {
@@ -1476,6 +1574,7 @@ impl Engine {
         out: &mut Outbox,
     ) -> Result<(), LocalSendError> {
         let now = now.as_nanos();
+        self.now = now;
         self.undefer(out);
         let mut f = std::mem::take(&mut self.build);
         f.clear();
@@ -1612,6 +1711,16 @@ impl Engine {
                 }
                 if tpa == client.ip || spa.is_unspecified() {
                     // Duplicate-address probes and gratuitous ARP for its own address.
+                    return Reason::Unsupported;
+                }
+                if tpa.is_unspecified()
+                    || tpa.is_loopback()
+                    || tpa.is_multicast()
+                    || tpa.is_broadcast()
+                {
+                    // No host has these addresses on a link: Linux's `arp_process` never
+                    // answers for multicast or loopback targets, nor proxies for addresses it
+                    // has no unicast route to.
                     return Reason::Unsupported;
                 }
                 let (mac, ip) = (client.mac, client.ip);
@@ -1841,6 +1950,11 @@ impl Engine {
             }
         }
         let IpAddr::V4(dst) = q.src else { return };
+        // Path MTU discovery is never starved (Linux `icmpv4_mask_allow`).
+        let pmtu = ty == 3 && code == 4;
+        if !pmtu && !self.icmp_limit.allow(self.now, q.src, iface != UPLINK) {
+            return;
+        }
         let (to_mac, from_mac) = if iface == UPLINK {
             (self.netvm_mac, self.cfg.uplink.mac)
         } else {
@@ -1905,6 +2019,10 @@ impl Engine {
             IcmpKind::TimeExceeded => (3, 0, 0),
             IcmpKind::TooBig(m) => (2, 0, u32::from(m)),
         };
+        // Packet-too-big is never limited (Linux `icmpv6_mask_allow`).
+        if ty != 2 && !self.icmp_limit.allow(self.now, ip.src, iface != UPLINK) {
+            return;
+        }
         let (to_mac, from_mac) = if iface == UPLINK {
             (self.netvm_mac6, self.cfg.uplink.mac)
         } else {
@@ -1995,6 +2113,13 @@ enum IcmpKind {
 
 /// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
 /// timestamp, information and address mask requests; ICMPv6 echo).
+/// The TCP segment of a packet whose transport header was checked ([`wire::parse_l4_with`]).
+fn tcp_segment(frame: &[u8], ip: &Ip) -> Option<tcpwin::Segment> {
+    let t = frame.get(ip.l4()..ip.end())?;
+    let doff = usize::from(*t.get(12)? >> 4) * 4;
+    tcpwin::Segment::parse(t, t.len().saturating_sub(doff))
+}
+
 fn is_icmp_query(v6: bool, ty: u8) -> bool {
     if v6 {
         ty == 128

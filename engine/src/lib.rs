@@ -11,6 +11,8 @@
 //! | [`wire`] | views over frame bytes: Ethernet, IPv4/IPv6, TCP/UDP/ICMP, checksums |
 //! | [`conntrack`] | the flow table and NAT port choice (seeded, bounded, Linux timeouts) |
 //! | [`frag`] | IPv4 reassembly with bounded memory, and fragmentation |
+//! | [`tcpwin`] | TCP flag validity and window tracking, as Linux conntrack's |
+//! | [`ratelimit`] | ICMP error rate limits, global and per destination, as Linux's |
 //! | [`config`] | what the engine is told: uplink, clients, limits; built from the QubesDB tree |
 //! | [`engine`] | the packet path: ARP/NDP, anti-spoofing, rules, NAT, ICMP, local delivery |
 //! | [`time`] | the engine's typed monotonic time |
@@ -21,6 +23,8 @@ pub mod config;
 pub mod conntrack;
 pub mod engine;
 pub mod frag;
+pub mod ratelimit;
+pub mod tcpwin;
 pub mod time;
 pub mod wire;
 

@@ -187,12 +187,48 @@ fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
+/// Client sequence numbers start at 0x1000_0000, the remote's at 0x2000_0000; every segment
+/// of a side carries the same sequence number, and the remote acks the client's first byte,
+/// so all of them stay inside the windows conntrack tracks.
+const CLIENT_SEQ: u32 = 0x1000_0000;
+const REMOTE_SEQ: u32 = 0x2000_0000;
+
 fn tcp_seg(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    tcp_seg_seq(
+        src, dst, sport, dport, flags, payload, CLIENT_SEQ, REMOTE_SEQ,
+    )
+}
+
+/// A segment from a remote host to a client's flow.
+fn tcp_seg_from_remote(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    tcp_seg_seq(
+        src, dst, sport, dport, flags, payload, REMOTE_SEQ, CLIENT_SEQ,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tcp_seg_seq(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: &[u8],
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     put16(&mut t, 0, sport);
     put16(&mut t, 2, dport);
-    t[4..8].copy_from_slice(&0x1000_0000u32.to_be_bytes());
-    t[8..12].copy_from_slice(&0x2000_0000u32.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
     t[12] = 5 << 4;
     t[13] = flags;
     put16(&mut t, 14, 29_200);
@@ -881,6 +917,19 @@ fn arb_client() -> impl Strategy<Value = ClientSpec> {
         })
 }
 
+/// Linux's `tcp_valid_flags` (nf_conntrack_proto_tcp.c) over FIN, SYN, RST, ACK and URG.
+fn tcp_valid_flags(f: u8) -> bool {
+    matches!(
+        f & 0x37,
+        0x02 | 0x22 | 0x12 | 0x04 | 0x14 | 0x11 | 0x31 | 0x10 | 0x30
+    )
+}
+
+/// `tcp_new`: from no state, a SYN (`sSS`) or an ACK (`sES`, loose pickup) opens a flow.
+fn tcp_opens_flow(f: u8) -> bool {
+    tcp_valid_flags(f) && matches!(f & 0x17, 0x02 | 0x10)
+}
+
 fn arb_tcp_flags() -> impl Strategy<Value = u8> {
     prop_oneof![
         4 => Just(0x02u8),
@@ -1461,7 +1510,7 @@ impl Model {
                 let our = self.our(s.remote.is_ipv6())?;
                 let data = payload_bytes(usize::from(*payload), *flags);
                 let l4 = match s.proto {
-                    6 => tcp_seg(s.remote, our, s.rport, s.nat, *flags, &data),
+                    6 => tcp_seg_from_remote(s.remote, our, s.rport, s.nat, *flags, &data),
                     17 => udp_dgram(s.remote, our, s.rport, s.nat, &data, false),
                     _ => {
                         let v6 = s.remote.is_ipv6();
@@ -1611,6 +1660,17 @@ impl Model {
         })
     }
 
+    /// Whether this (unmutated) packet from a present client is a TCP segment with a flag
+    /// combination no TCP sends, which conntrack calls invalid whatever the rules say.
+    fn invalid_expectation(&self, spec: usize, p: &Pkt) -> bool {
+        let Kind::Tcp(f) = p.kind else { return false };
+        p.src == 0
+            && p.ttl > 1
+            && p.dst < 220
+            && (!p.v6 || (self.uplink6 && self.specs[spec].ip6))
+            && !tcp_valid_flags(f)
+    }
+
     /// Whether the client's rules accept this (unmutated) packet, when it is one whose fate
     /// the rules alone decide: from the client's own address to a remote address, TTL above
     /// 1, TCP, UDP or an ICMP query, IPv6 only where both sides have it. `None` otherwise.
@@ -1627,6 +1687,9 @@ impl Model {
             dst4(p.dst).into()
         };
         let (proto, port) = match p.kind {
+            // Only a SYN or an ACK (loose pickup) can open a flow; the rest are invalid
+            // before any rule sees them, or belong to a flow that may exist.
+            Kind::Tcp(f) if !tcp_opens_flow(f) => return None,
             Kind::Tcp(_) => (P::Tcp, p.dport),
             Kind::Udp(_) => (P::Udp, p.dport),
             Kind::Echo => {
@@ -2346,12 +2409,27 @@ fn step_action(
             } else {
                 None
             };
+            let expect_invalid = mutation.is_none()
+                && *via < 200
+                && m.present.contains(&spec)
+                && m.invalid_expectation(spec, pkt);
             let count = |e: &Engine, r: Reason| e.counters(iface).map_or(0, |c| c.get(r));
-            let (rej0, full0) = (
+            let (rej0, full0, inv0) = (
                 count(e, Reason::RejectedByRule),
                 count(e, Reason::TableFull),
+                count(e, Reason::Invalid),
             );
             m.feed(e, out, *now, iface, frame)?;
+            if expect_invalid && count(e, Reason::Invalid) == inv0 {
+                return Err(format!(
+                    "TCP flags {:#04x} are invalid in any state, but the engine did not count \
+                     the segment invalid",
+                    match pkt.kind {
+                        Kind::Tcp(f) => f,
+                        _ => 0,
+                    }
+                ));
+            }
             let rejected = count(e, Reason::RejectedByRule) > rej0;
             m.stats.rule_checks += u64::from(expect.is_some());
             let full = count(e, Reason::TableFull) > full0;
@@ -2956,7 +3034,7 @@ fn oracle_catches_a_reply_to_the_wrong_client() {
             60,
             false,
             5,
-            &tcp_seg(r, our, 443, nat, 0x12, &[]),
+            &tcp_seg_from_remote(r, our, 443, nat, 0x12, &[]),
         ),
     );
     // What the engine should deliver to client 0, and the same delivered to client 1.
@@ -2972,7 +3050,7 @@ fn oracle_catches_a_reply_to_the_wrong_client() {
             59,
             false,
             5,
-            &tcp_seg(r, c0, 443, 40000, 0x12, &[]),
+            &tcp_seg_from_remote(r, c0, 443, 40000, 0x12, &[]),
         ),
     );
     let r1 = m.check(Origin::Input(Source::Uplink, &reply), &[(1, good, true)]);
@@ -2989,7 +3067,7 @@ fn oracle_catches_a_reply_to_the_wrong_client() {
             59,
             false,
             5,
-            &tcp_seg(r, c1, 443, 40000, 0x12, &[]),
+            &tcp_seg_from_remote(r, c1, 443, 40000, 0x12, &[]),
         ),
     );
     let r2 = m.check(Origin::Input(Source::Uplink, &reply), &[(2, wrong, true)]);

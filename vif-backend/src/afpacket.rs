@@ -14,6 +14,15 @@ use crate::{Device, RxBurst, TxFrame, MAX_FRAME};
 
 /// `PACKET_VNET_HDR` (linux/if_packet.h).
 const PACKET_VNET_HDR: libc::c_int = 15;
+/// `PACKET_AUXDATA` (linux/if_packet.h): a `struct tpacket_auxdata` control message per frame.
+const PACKET_AUXDATA: libc::c_int = 8;
+/// `TP_STATUS_VLAN_VALID`, `TP_STATUS_VLAN_TPID_VALID` (linux/if_packet.h).
+const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
+const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
+/// `ETH_P_8021Q`.
+const ETH_P_8021Q: u16 = 0x8100;
+/// Bytes of control-message buffer: one `tpacket_auxdata` (20 bytes) with its cmsghdr.
+const CMSG_SPACE: usize = 64;
 
 /// `ETH_P_ALL` in network byte order, as `socket(2)` and `sockaddr_ll` want it.
 fn eth_p_all_be() -> u16 {
@@ -71,6 +80,10 @@ impl PacketSocket {
         // (partial checksums, GSO super-frames); see offload.rs.
         let one: libc::c_int = 1;
         setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_VNET_HDR, &one)?;
+        // The kernel strips a VLAN tag on receive (`skb_vlan_untag`) and reports it only in
+        // auxdata; without it a tagged frame would look untagged and be forwarded with its tag
+        // silently removed.
+        setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, PACKET_AUXDATA, &one)?;
         // Our own transmissions must not come back to us as input (Linux >= 4.20; older
         // kernels are handled by the pkttype check in recv).
         let _ = setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, 23, &one);
@@ -91,23 +104,29 @@ impl PacketSocket {
     /// One received frame, `None` when nothing is waiting. The frame is written to
     /// `buf[VNET_HDR_LEN..VNET_HDR_LEN + n]` after its virtio_net_hdr; frames we sent ourselves
     /// are skipped; a frame longer than `buf` is reported as an error rather than silently cut.
+    /// A VLAN tag the kernel took off is put back in front of the ethertype (IEEE 802.1Q), as
+    /// the frame was on the wire, so that the engine sees it and drops it.
     fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(VnetHdr, usize)>> {
         loop {
             // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` is valid for `buf.len()` writable bytes, `sll`/`len` describe a
-            // writable sockaddr_ll; the kernel writes at most those sizes.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                    (&mut sll as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
             };
+            // u64 elements: cmsghdr needs its natural alignment.
+            let mut cbuf = [0u64; CMSG_SPACE / 8];
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&mut sll as *mut libc::sockaddr_ll).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = CMSG_SPACE;
+            // SAFETY: `msg` describes `sll`, one iovec over `buf` and `cbuf`, all alive and
+            // writable for the call; the kernel writes at most the sizes given.
+            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.kind() {
@@ -129,6 +148,17 @@ impl PacketSocket {
             let Some(hdr) = VnetHdr::parse(&buf[..n]) else {
                 continue;
             };
+            let mut n = n;
+            if let Some((tpid, tci)) = vlan_of(&msg) {
+                let at = VNET_HDR_LEN + 12;
+                if n < at || n + 4 > buf.len() {
+                    continue;
+                }
+                buf.copy_within(at..n, at + 4);
+                buf[at..at + 2].copy_from_slice(&tpid.to_be_bytes());
+                buf[at + 2..at + 4].copy_from_slice(&tci.to_be_bytes());
+                n += 4;
+            }
             return Ok(Some((hdr, n - VNET_HDR_LEN)));
         }
     }
@@ -162,6 +192,44 @@ impl PacketSocket {
         }
         Ok(())
     }
+}
+
+/// The VLAN tag the kernel reported in a `PACKET_AUXDATA` control message, if any.
+fn vlan_of(msg: &libc::msghdr) -> Option<(u16, u16)> {
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR only walk within
+    // `msg_control..msg_control + msg_controllen`, and each header's data is read with an
+    // unaligned read of at most `cmsg_len` bytes.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::SOL_PACKET && h.cmsg_type == PACKET_AUXDATA {
+                let data = libc::CMSG_DATA(c);
+                let avail =
+                    (h.cmsg_len as usize).saturating_sub(data.offset_from(c.cast()) as usize);
+                if avail < 20 {
+                    return None;
+                }
+                let mut aux = [0u8; 20];
+                std::ptr::copy_nonoverlapping(data, aux.as_mut_ptr(), 20);
+                // struct tpacket_auxdata: tp_status, tp_len, tp_snaplen (u32), tp_mac, tp_net,
+                // tp_vlan_tci, tp_vlan_tpid (u16), host byte order.
+                let status = u32::from_ne_bytes([aux[0], aux[1], aux[2], aux[3]]);
+                if status & TP_STATUS_VLAN_VALID == 0 {
+                    return None;
+                }
+                let tci = u16::from_ne_bytes([aux[16], aux[17]]);
+                let tpid = if status & TP_STATUS_VLAN_TPID_VALID != 0 {
+                    u16::from_ne_bytes([aux[18], aux[19]])
+                } else {
+                    ETH_P_8021Q
+                };
+                return Some((tpid, tci));
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
 }
 
 impl AsRawFd for PacketSocket {

@@ -150,6 +150,12 @@ scenarios! {
     "66-malformed-bad-l4-checksums" => malformed_bad_l4_checksums,
     "67-malformed-truncated-arp-ipv6" => malformed_truncated_arp_ipv6,
     "68-client-flows-survive-other-qubes-starting-and-stopping" => flows_survive_other_qubes,
+    "80-tcp-invalid-flags-open-no-flow" => tcp_invalid_flags_open_no_flow,
+    "81-tcp-segments-injected-outside-the-window-dropped" => tcp_injection_outside_window,
+    "82-icmp-errors-rate-limited-per-destination" => icmp_errors_rate_limited,
+    "83-icmp-redirects-and-short-quotes-from-uplink-dropped" => icmp_redirect_and_short_quotes,
+    "84-frames-not-addressed-to-the-gateway-not-forwarded" => frames_not_for_us,
+    "85-arp-special-addresses-unanswered" => arp_special_addresses_unanswered,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1754,7 +1760,8 @@ fn malformed_bad_ipv4_checksum(s: &mut Script) -> R {
 fn malformed_bad_ipv4_lengths(s: &mut Script) -> R {
     s.about(
         "IPv4 with a total length beyond the frame, below the header, a header length under \
-         5 or beyond the frame: dropped and counted; Ethernet padding is fine",
+         5 or beyond the frame: dropped and counted; Ethernet padding is fine, and is not \
+         forwarded: the packet leaves alone",
     );
     s.config(Cfg::new().client(&C3))?;
     let good = udp(fc(&C3), &at(&C3, 40000), "198.18.0.53:53")
@@ -1781,9 +1788,265 @@ fn malformed_bad_ipv4_lengths(s: &mut Script) -> R {
     s.expect("counter malformed on vif3.0 = 4");
     s.expect("no frames on vif3.0");
     s.expect("ip frames on eth0 = 1");
+    // Linux trims the frame to the IP total length (ip_rcv_core: pskb_trim_rcsum), so the
+    // forwarded frame is 14 + 32 bytes.
     s.expect(
-        "ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.53 dport 53 iplen 32 paylen 4",
+        "ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.53 dport 53 iplen 32 paylen 4 \
+         len 46",
     );
+    Ok(())
+}
+
+/// Linux conntrack (nf_conntrack_proto_tcp.c): `tcp_error` refuses flag combinations outside
+/// `tcp_valid_flags` in any state, and `tcp_new` opens a flow only for a SYN or (loose pickup)
+/// an ACK; the Qubes forward chain drops what conntrack calls invalid (`ct state invalid
+/// drop`), silently, before any rule.
+fn tcp_invalid_flags_open_no_flow(s: &mut Script) -> R {
+    s.about(
+        "TCP from a client that is no SYN (FIN, RST, SYN+ACK, FIN+ACK, XMAS, NULL, SYN+FIN, \
+         SYN+RST) opens no flow, even to an accepted port: dropped as invalid, no ICMP; a SYN \
+         then opens one",
+    );
+    s.config(Cfg::new().client(&C3))?;
+    let flags = ["F", "R", "SA", "FA", "FPU", "", "SF", "SR"];
+    for (i, f) in flags.iter().enumerate() {
+        s.send(
+            "vif3.0",
+            tcp(fc(&C3), &at(&C3, 40000 + i as u16), "198.18.0.10:80")
+                .flags(f)
+                .frame(),
+        )?;
+    }
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at(&C3, 41000), "198.18.0.10:80")
+            .flags("S")
+            .frame(),
+    )?;
+    s.expect("counter invalid on vif3.0 = 8");
+    s.expect("no frames on vif3.0");
+    s.expect("ip frames on eth0 = 1");
+    s.expect("ip frame 0 on eth0: ipv4 tcp src 10.137.0.6 dst 198.18.0.10 dport 80 flags S");
+    Ok(())
+}
+
+/// Linux's `tcp_in_window` (nf_conntrack_proto_tcp.c): a segment must lie within what the
+/// receiver's window allows (`seq <= maxend`, `end >= td_end - maxwin`) and ack no more than
+/// the other side sent; a RST must not fall before the other side's highest ack. Segments a
+/// blind attacker on the uplink sends fail these and are dropped as invalid.
+fn tcp_injection_outside_window(s: &mut Script) -> R {
+    s.about(
+        "Into an open TCP connection, segments from the uplink beyond the window, long \
+         acknowledged, acking data never sent, and RSTs before the acked point or beyond the \
+         window are dropped as invalid; the server's next in-window segment and an exact RST \
+         get through",
+    );
+    s.config(Cfg::new().client(&C3))?;
+    let syn = handshake(s, &C3, 40000, "198.18.0.10:80")?;
+    // The client's window is the builder's (64240 unless set): 10 MB ahead is far outside it.
+    let from_server = |seq: u32, ack: u32, flags: &str, len: usize| -> R<Vec<u8>> {
+        Ok(reply_to(&syn.d)?
+            .flags(flags)
+            .seq(seq)
+            .ack(ack)
+            .payload_len(len)
+            .frame())
+    };
+    s.send("eth0", from_server(5001 + 10_000_000, 1001, "PA", 100)?)?;
+    s.send(
+        "eth0",
+        from_server(5001u32.wrapping_sub(4_000_000), 1001, "PA", 100)?,
+    )?;
+    s.send("eth0", from_server(5001, 1_001_000, "A", 0)?)?;
+    s.send("eth0", from_server(3000, 0, "R", 0)?)?;
+    s.send("eth0", from_server(5001 + 50_000_000, 0, "R", 0)?)?;
+    s.send("eth0", from_server(5001, 1001, "PA", 10)?)?;
+    s.send("eth0", from_server(5011, 0, "R", 0)?)?;
+    s.expect("counter invalid on eth0 = 5");
+    s.expect("tcp frames on vif3.0 = 3");
+    s.expect("tcp frame 1 on vif3.0: src 198.18.0.10 dport 40000 flags PA seq 5001 paylen 10");
+    s.expect("tcp frame 2 on vif3.0: src 198.18.0.10 dport 40000 flags R seq 5011");
+    Ok(())
+}
+
+/// Linux limits the ICMP errors it sends (net/ipv4/icmp.c `icmpv4_xrlim_allow`, inetpeer.c
+/// `inet_peer_xrlim_allow`): per destination a burst of 6 (`XRLIM_BURST_FACTOR`) and then one
+/// per `icmp_ratelimit` (1000 ms); nft's `reject` sends through the same `icmp_send`.
+fn icmp_errors_rate_limited(s: &mut Script) -> R {
+    s.about(
+        "20 refused packets within 20 ms get 6 admin-prohibited errors (Linux's burst), and \
+         one more a second later; another client has its own allowance; every refused packet \
+         is still counted",
+    );
+    s.config(
+        Cfg::new()
+            .client_rules(&C3, &["action=drop"])
+            .client_rules(&C4, &["action=drop"]),
+    )?;
+    for i in 0..20u16 {
+        s.send(
+            "vif3.0",
+            tcp(fc(&C3), &at(&C3, 40000 + i), "198.18.0.10:80")
+                .flags("S")
+                .frame(),
+        )?;
+    }
+    s.send(
+        "vif4.0",
+        tcp(fc(&C4), &at(&C4, 40000), "198.18.0.10:80")
+            .flags("S")
+            .frame(),
+    )?;
+    s.at_ms(1_100);
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at(&C3, 41000), "198.18.0.10:80")
+            .flags("S")
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at(&C3, 41001), "198.18.0.10:80")
+            .flags("S")
+            .frame(),
+    )?;
+    s.expect("counter rejected-by-rule on vif3.0 = 22");
+    s.expect("frames on vif3.0 = 7");
+    s.expect(
+        "frame 0 on vif3.0: ipv4 icmp4 type 3 code 13 src 10.137.0.6 dst 10.137.0.10 \
+         inner ipv4 tcp sport 40000 dport 80",
+    );
+    s.expect("frame 5 on vif3.0: icmp4 type 3 code 13 inner tcp sport 40005");
+    s.expect("frame 6 on vif3.0: icmp4 type 3 code 13 inner tcp sport 41000");
+    s.expect("frames on vif4.0 = 1");
+    s.expect("frame 0 on vif4.0: icmp4 type 3 code 13 dst 10.137.0.11");
+    s.expect("no ip frames on eth0");
+    Ok(())
+}
+
+/// From the uplink: a redirect is advice for hosts on the netvm's link, which our clients are
+/// not on (RFC 1122 3.2.2.2: hosts drop foreign redirects); a router forwards no redirect as
+/// related. An error must quote the offending IP header and at least 8 bytes of its transport
+/// header (RFC 792; RFC 1812 4.3.2.3), which is what conntrack finds the flow by.
+fn icmp_redirect_and_short_quotes(s: &mut Script) -> R {
+    s.about(
+        "ICMP from the uplink about a client's UDP flow: a redirect is dropped, a port \
+         unreachable quoting only 4 transport bytes is dropped as malformed, the same error \
+         with the full 8 bytes is translated and delivered",
+    );
+    s.config(Cfg::new().client(&C3))?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &at(&C3, 40000), "198.18.0.53:53")
+            .payload(b"query")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    let quoted = q.ip()?;
+    s.send(
+        "eth0",
+        icmp_error(
+            from_netvm(),
+            "198.18.0.1",
+            FW_IP,
+            5,
+            1,
+            [198, 18, 0, 2],
+            &quoted,
+        )
+        .frame(),
+    )?;
+    s.send(
+        "eth0",
+        icmp_error(
+            from_netvm(),
+            "198.18.0.53",
+            FW_IP,
+            3,
+            3,
+            [0; 4],
+            &quoted[..24],
+        )
+        .frame(),
+    )?;
+    s.send(
+        "eth0",
+        icmp_error(from_netvm(), "198.18.0.53", FW_IP, 3, 3, [0; 4], &quoted).frame(),
+    )?;
+    s.expect("counter no-flow on eth0 = 1");
+    s.expect("counter malformed on eth0 = 1");
+    s.expect("frames on vif3.0 = 1");
+    s.expect(
+        "frame 0 on vif3.0: ipv4 icmp4 type 3 code 3 src 198.18.0.53 dst 10.137.0.10 \
+         inner ipv4 udp src 10.137.0.10 sport 40000 dport 53",
+    );
+    Ok(())
+}
+
+/// A router forwards only frames addressed to its own MAC: Linux drops other hosts' unicast
+/// (`PACKET_OTHERHOST`, ip_rcv_core) and never forwards a link-layer broadcast or multicast
+/// (`ip_forward`: `skb->pkt_type != PACKET_HOST` → drop). A VLAN tag is not ours to strip:
+/// the vif carries untagged frames only.
+fn frames_not_for_us(s: &mut Script) -> R {
+    s.about(
+        "From a client, UDP to the world sent to another host's MAC, to broadcast and to a \
+         multicast MAC, and a VLAN-tagged frame, are not forwarded; the same packet to the \
+         gateway MAC is; a ping of the gateway sent to broadcast is still answered",
+    );
+    s.config(Cfg::new().client(&C3))?;
+    let pkt = |port: u16| udp(fc(&C3), &at(&C3, port), "198.18.0.53:53").payload(b"query");
+    for (i, dst) in [
+        "00:16:3e:5e:6c:0b",
+        "ff:ff:ff:ff:ff:ff",
+        "01:00:5e:00:00:fb",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut f = pkt(40000 + i as u16).frame();
+        f[..6].copy_from_slice(&mac(dst));
+        s.send("vif3.0", f)?;
+    }
+    // 802.1Q tag (IEEE 802.1Q 9.3), VLAN 5, in front of the same IPv4 packet.
+    let plain = pkt(40010).frame();
+    let mut tagged = plain[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+    tagged.extend_from_slice(&plain[12..]);
+    s.send("vif3.0", tagged)?;
+    let mut bping = ping(fc(&C3), C3.ip, FW_IP, 7, 1).frame();
+    bping[..6].copy_from_slice(&[0xff; 6]);
+    s.send("vif3.0", bping)?;
+    s.send("vif3.0", pkt(40020).frame())?;
+    s.expect("counter not-for-us on vif3.0 = 3");
+    s.expect("counter malformed on vif3.0 = 1");
+    s.expect("ip frames on eth0 = 1");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 sport $p dport 53");
+    s.expect("frames on vif3.0 = 1");
+    s.expect("frame 0 on vif3.0: ipv4 icmp4 type 0 src 10.137.0.6 dst 10.137.0.10 echo-id 7");
+    Ok(())
+}
+
+/// No host has 0.0.0.0, a loopback, multicast or broadcast address on a link: Linux's
+/// `arp_process` (net/ipv4/arp.c) ignores requests for multicast and loopback targets and
+/// proxies only for addresses it routes as unicast.
+fn arp_special_addresses_unanswered(s: &mut Script) -> R {
+    s.about(
+        "A client's ARP who-has for 0.0.0.0, 127.0.0.1, 224.0.0.251 and 255.255.255.255 is \
+         not answered; who-has for its gateway is",
+    );
+    s.config(Cfg::new().client(&C3))?;
+    for tpa in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "224.0.0.251",
+        "255.255.255.255",
+        "10.137.0.6",
+    ] {
+        s.send("vif3.0", arp_request(C3.mac, C3.ip, tpa))?;
+    }
+    s.expect("counter unsupported on vif3.0 = 4");
+    s.expect("frames on vif3.0 = 1");
+    s.expect("frame 0 on vif3.0: arp-reply sha fe:ff:ff:ff:ff:ff spa 10.137.0.6 tpa 10.137.0.10");
     Ok(())
 }
 
