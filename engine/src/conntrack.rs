@@ -122,6 +122,22 @@ pub const UDP_TIMEOUT: u64 = 30 * SEC;
 pub const UDP_TIMEOUT_STREAM: u64 = 120 * SEC;
 /// `nf_conntrack_icmp_timeout` and `nf_conntrack_icmpv6_timeout`: 30 s.
 pub const ICMP_TIMEOUT: u64 = 30 * SEC;
+/// `nf_conntrack_generic_timeout`: 600 s, for protocols without a tracker of their own.
+pub const GENERIC_TIMEOUT: u64 = 600 * SEC;
+/// GRE (nf_conntrack_proto_gre.c `GRE_TIMEOUT`, `GRE_STREAM_TIMEOUT`): 30 s, then 180 s once
+/// replied.
+pub const GRE_TIMEOUT: u64 = 30 * SEC;
+/// See [`GRE_TIMEOUT`].
+pub const GRE_TIMEOUT_STREAM: u64 = 180 * SEC;
+
+/// The timeout of an [`L4::Other`] flow.
+fn other_timeout(proto: u8, replied: bool) -> u64 {
+    match (proto, replied) {
+        (47, false) => GRE_TIMEOUT,
+        (47, true) => GRE_TIMEOUT_STREAM,
+        _ => GENERIC_TIMEOUT,
+    }
+}
 
 /// Random NAT port draws before falling back to a scan of the whole range. With the range
 /// 90% used, 16 draws all hit used ports with probability 0.9^16 = 18%; the scan then finds a
@@ -142,14 +158,22 @@ pub enum L4 {
     Udp,
     /// ICMPv4 or ICMPv6 query (echo); the query id takes the source port's place.
     Icmp,
+    /// Any other IP protocol (GRE, ESP, AH, SCTP, IP-in-IP, 6in4, DCCP, ...), tracked as
+    /// Linux's generic tracker does: by protocol and addresses. SCTP, DCCP and UDP-Lite keep
+    /// their ports in the key (the first 4 bytes of their headers, see
+    /// [`crate::wire::ports_of_other`]); their ports are never translated.
+    Other(u8),
 }
 
 impl L4 {
+    /// Two bits for the hashes; `Other` protocols share one (equality still tells them
+    /// apart).
     fn tag(self) -> u64 {
         match self {
             L4::Tcp => 0,
             L4::Udp => 1,
             L4::Icmp => 2,
+            L4::Other(_) => 3,
         }
     }
 }
@@ -706,6 +730,7 @@ impl ConnTrack {
             }
             L4::Udp => (TcpState::None, None, UDP_TIMEOUT),
             L4::Icmp => (TcpState::None, None, ICMP_TIMEOUT),
+            L4::Other(p) => (TcpState::None, None, other_timeout(p, false)),
         };
         let flow = Flow {
             key,
@@ -760,12 +785,21 @@ impl ConnTrack {
         }
     }
 
-    /// A NAT port not used by any flow toward the same remote address and port and protocol:
-    /// random draws first, then a scan from a random point, which also proves exhaustion.
+    /// A NAT port not used by any flow toward the same remote address and port and protocol.
+    ///
+    /// The client's own port (or ICMP id) first, when it is free: Linux's `masquerade` (without
+    /// `random`/`fully-random`, as Qubes writes it) keeps the source port unless that would
+    /// clash (`get_unique_tuple` in nf_nat_core.c tries the original tuple first). So a flow
+    /// that is cut (a rule change undone) or forgotten (the service restarted) and picked up
+    /// again gets the same mapping, and the remote end sees one connection, as with Linux.
+    /// Ports below 1024 are not kept: the uplink's privileged ports are not a client's to
+    /// claim. Otherwise random draws, then a scan from a random point, which also proves
+    /// exhaustion. [`L4::Other`] flows have no ports to translate: their own or nothing.
     fn pick_nat_port(&mut self, key: &FlowKey) -> Result<u16, TableFull> {
         let (lo, n) = match key.l4 {
             L4::Icmp => (0u32, 65_536u32),
             L4::Tcp | L4::Udp => (1024, 64_512),
+            L4::Other(_) => (u32::from(key.sport), 1),
         };
         let mut rk = ReplyKey {
             l4: key.l4,
@@ -779,6 +813,15 @@ impl ConnTrack {
         let free = |ct: &Self, rk: &ReplyKey| {
             !ct.reply.contains_key(rk) && !ct.is_reserved(rk.l4, rk.nat_port)
         };
+        if u32::from(key.sport) >= lo && u32::from(key.sport) < lo + n {
+            rk.nat_port = key.sport;
+            if free(self, &rk) {
+                return Ok(rk.nat_port);
+            }
+        }
+        if matches!(key.l4, L4::Other(_)) {
+            return Err(TableFull);
+        }
         for _ in 0..NAT_RANDOM_TRIES {
             rk.nat_port = (lo + self.rng.below(n)) as u16;
             if free(self, &rk) {
@@ -844,6 +887,12 @@ impl ConnTrack {
                     f.assured = true;
                 }
                 ICMP_TIMEOUT
+            }
+            L4::Other(p) => {
+                if f.replied {
+                    f.assured = true;
+                }
+                other_timeout(p, f.replied)
             }
         };
         let expires_at = now.saturating_add(timeout);
@@ -1942,6 +1991,14 @@ mod tests {
                 (L4::Tcp, TcpState::TimeWait) => 120,
                 (L4::Tcp, TcpState::Close) => 10,
                 (L4::Tcp, TcpState::None) => panic!("TCP flow in state None"),
+                (L4::Other(47), _) => {
+                    if f.replied {
+                        180
+                    } else {
+                        30
+                    }
+                }
+                (L4::Other(_), _) => 600,
             }
         }
 

@@ -649,6 +649,7 @@ impl Engine {
                     Proto4::Udp => (PacketProto::Udp, f.key.dport),
                     // The flow's key holds the ICMP type of the request that opened it.
                     Proto4::Icmp => (PacketProto::Icmp, f.key.dport),
+                    Proto4::Other(p) => (PacketProto::Other(p), 0),
                 };
                 let class = if f.key.dst.is_ipv4() {
                     &c.class4
@@ -816,8 +817,9 @@ impl Engine {
         (ip.hlen + l4h + usize::from(self.offload.gso_size)).min(ip.len)
     }
 
-    /// The transport header, checked; a protocol we do not track counts as `other`.
-    fn transport(&self, frame: &[u8], ip: &Ip, other: Reason) -> Result<wire::L4, Reason> {
+    /// The transport header, checked. Another IP protocol has no header we check: its ports
+    /// (SCTP, DCCP, UDP-Lite) or zeros ([`wire::ports_of_other`]).
+    fn transport(&self, frame: &[u8], ip: &Ip) -> Result<wire::L4, Reason> {
         match wire::parse_l4_with(frame, ip, self.verify_csum()) {
             Some(l4) => Ok(l4),
             None if matches!(
@@ -827,7 +829,16 @@ impl Engine {
             {
                 Err(Reason::Malformed)
             }
-            None => Err(other),
+            None => {
+                let (sport, dport) = wire::ports_of_other(frame, ip).ok_or(Reason::Malformed)?;
+                Ok(wire::L4 {
+                    sport,
+                    dport,
+                    flags: 0,
+                    icmp_type: 0,
+                    icmp_code: 0,
+                })
+            }
         }
     }
 
@@ -1087,7 +1098,7 @@ impl Engine {
         } else if ip.src != IpAddr::V4(client.cfg.ip) {
             return consumed(Reason::Spoofed);
         }
-        let l4 = match self.transport(frame, &ip, Reason::Unsupported) {
+        let l4 = match self.transport(frame, &ip) {
             Ok(l4) => l4,
             Err(r) => return consumed(r),
         };
@@ -1122,15 +1133,22 @@ impl Engine {
         let (l4p, sport, dport) = match ip.proto {
             wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport),
             wire::PROTO_UDP => (Proto4::Udp, l4.sport, l4.dport),
-            _ => {
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 => {
+                if is_icmp_error(ip.v6, l4.icmp_type) {
+                    // About a packet the client got through one of its flows: related, so
+                    // accepted whatever the rules say (the agent's `ct state
+                    // established,related accept` comes first), and translated.
+                    return consumed(self.icmp_error_from_client(now, c, frame, &ip, out));
+                }
                 if !is_icmp_query(ip.v6, l4.icmp_type) {
-                    // ICMP errors and other messages from a client are not flows it may open.
+                    // Other messages from a client are not flows it may open.
                     return consumed(Reason::Unsupported);
                 }
                 // Conntrack's ICMP tuple has the type: an echo flow does not let a
                 // timestamp request through.
                 (Proto4::Icmp, l4.sport, u16::from(l4.icmp_type))
             }
+            p => (Proto4::Other(p), l4.sport, l4.dport),
         };
         let key = FlowKey {
             client: id,
@@ -1202,14 +1220,8 @@ impl Engine {
             self.netvm_mac
         };
         wire::set_macs(frame, &dst_mac, &self.cfg.uplink.mac);
-        wire::nat_rewrite(
-            frame,
-            &ip,
-            NatField::Src,
-            our,
-            Some(nat_port),
-            self.nat_csum(),
-        );
+        let port = (!matches!(l4p, Proto4::Other(_))).then_some(nat_port);
+        wire::nat_rewrite(frame, &ip, NatField::Src, our, port, self.nat_csum());
         decrement_ttl(frame, &ip);
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
@@ -1341,14 +1353,14 @@ impl Engine {
         if self.link_group {
             return consumed(Reason::NotForUs);
         }
-        let l4 = match self.transport(frame, &ip, Reason::NoFlow) {
+        let l4 = match self.transport(frame, &ip) {
             Ok(l4) => l4,
             Err(r) => return consumed(r),
         };
         let (l4p, rport, nat_port, icmp_err) = match ip.proto {
             wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport, false),
             wire::PROTO_UDP => (Proto4::Udp, l4.sport, l4.dport, false),
-            _ => {
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 => {
                 if is_icmp_query_reply(ip.v6, l4.icmp_type) {
                     (Proto4::Icmp, 0, l4.sport, false)
                 } else if is_icmp_error(ip.v6, l4.icmp_type) {
@@ -1357,6 +1369,7 @@ impl Engine {
                     return consumed(Reason::NoFlow);
                 }
             }
+            p => (Proto4::Other(p), l4.sport, l4.dport, false),
         };
         if icmp_err {
             if !ip.v6 && l4.icmp_type == 5 {
@@ -1378,7 +1391,8 @@ impl Engine {
             return consumed(Reason::Invalid);
         }
         let Some(flow) = self.conntrack.lookup_reply(&rkey, now) else {
-            if l4p != Proto4::Icmp && self.conntrack.is_reserved(l4p, nat_port) {
+            if matches!(l4p, Proto4::Tcp | Proto4::Udp) && self.conntrack.is_reserved(l4p, nat_port)
+            {
                 // For the service's own endpoints: the host stack takes it from here.
                 self.deliver_local(frame, &ip, out);
                 return consumed(Reason::Accepted);
@@ -1413,14 +1427,8 @@ impl Engine {
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
         self.conntrack.update(flow, now, Dir::Reply, tcp_flags);
         wire::set_macs(frame, &client_mac, &GATEWAY_MAC);
-        wire::nat_rewrite(
-            frame,
-            &ip,
-            NatField::Dst,
-            key.src,
-            Some(key.sport),
-            self.nat_csum(),
-        );
+        let port = (!matches!(l4p, Proto4::Other(_))).then_some(key.sport);
+        wire::nat_rewrite(frame, &ip, NatField::Dst, key.src, port, self.nat_csum());
         decrement_ttl(frame, &ip);
         let to = key.client;
         if in_place && usize::from(client_mtu) < wire_len {
@@ -1461,10 +1469,13 @@ impl Engine {
         let (l4p, rport, nat_port) = match inner.proto {
             wire::PROTO_TCP => (Proto4::Tcp, wire::be16(frame, t + 2), wire::be16(frame, t)),
             wire::PROTO_UDP => (Proto4::Udp, wire::be16(frame, t + 2), wire::be16(frame, t)),
-            wire::PROTO_ICMP | wire::PROTO_ICMPV6 if t + 8 <= ip.end() => {
-                (Proto4::Icmp, 0, wire::be16(frame, t + 4))
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 => (Proto4::Icmp, 0, wire::be16(frame, t + 4)),
+            p => {
+                let Some((sport, dport)) = wire::ports_of_other(frame, &inner) else {
+                    return Reason::Malformed;
+                };
+                (Proto4::Other(p), dport, sport)
             }
-            _ => return Reason::NoFlow,
         };
         let Some(flow) = self.conntrack.lookup_reply(
             &ReplyKey {
@@ -1491,12 +1502,13 @@ impl Engine {
         wire::set_macs(&mut buf, &client_mac, &GATEWAY_MAC);
         // Outer destination: our address -> the client's; inner source likewise, with the
         // client's own port or query id back.
+        let port = (!matches!(l4p, Proto4::Other(_))).then_some(key.sport);
         wire::nat_rewrite(
             &mut buf,
             &inner,
             NatField::Src,
             key.src,
-            Some(key.sport),
+            port,
             NatCsum::Quoted,
         );
         // The ICMP checksum is recomputed in full below.
@@ -1513,6 +1525,101 @@ impl Engine {
         let c = !wire::fold(wire::sum(&buf[l4o..ip.end()], acc));
         wire::put16(&mut buf, l4o + 2, c);
         out.push_frame(key.client, &buf);
+        self.build = buf;
+        Reason::Accepted
+    }
+
+    /// An ICMP error from client `c` about a packet it received through one of its flows (a
+    /// port unreachable for a UDP reply, say): translated as a NAT must (RFC 5508 REQ-3: the
+    /// outer source and the quoted packet's destination become ours, with the flow's NAT
+    /// port) and sent to the uplink, as Linux forwards it as related to the flow.
+    fn icmp_error_from_client(
+        &mut self,
+        now: u64,
+        c: usize,
+        frame: &[u8],
+        ip: &Ip,
+        out: &mut Outbox,
+    ) -> Reason {
+        if self.cfg.mode == UplinkMode::Terminate {
+            return Reason::Unsupported;
+        }
+        let inner_off = ip.l4() + 8;
+        let Some(inner) = (if ip.v6 {
+            wire::parse_ipv6_quoted(frame, inner_off, ip.end())
+        } else {
+            wire::parse_ipv4_quoted(frame, inner_off, ip.end())
+        }) else {
+            return Reason::Malformed;
+        };
+        let client = &self.clients[c];
+        let (id, client_ip) = (
+            client.id,
+            match ip.src {
+                IpAddr::V4(_) => IpAddr::V4(client.cfg.ip),
+                a => a,
+            },
+        );
+        // The quoted packet came to the client: from a remote to the client's address.
+        if inner.dst != client_ip {
+            return Reason::Unsupported;
+        }
+        let t = inner.l4();
+        if t + 8 > ip.end() {
+            return Reason::Malformed;
+        }
+        let (l4p, cport, rport) = match inner.proto {
+            wire::PROTO_TCP => (Proto4::Tcp, wire::be16(frame, t + 2), wire::be16(frame, t)),
+            wire::PROTO_UDP => (Proto4::Udp, wire::be16(frame, t + 2), wire::be16(frame, t)),
+            wire::PROTO_ICMP | wire::PROTO_ICMPV6 => return Reason::Unsupported,
+            p => {
+                let Some((sport, dport)) = wire::ports_of_other(frame, &inner) else {
+                    return Reason::Malformed;
+                };
+                (Proto4::Other(p), dport, sport)
+            }
+        };
+        let key = FlowKey {
+            client: id,
+            l4: l4p,
+            src: client_ip,
+            dst: inner.src,
+            sport: cport,
+            dport: rport,
+        };
+        let Some(flow) = self.conntrack.lookup_original(&key, now) else {
+            return Reason::NoFlow;
+        };
+        if ip.ttl <= 1 {
+            return Reason::TtlExceeded;
+        }
+        let Some(our) = self.our_ip(ip.v6) else {
+            return Reason::Unsupported;
+        };
+        let nat_port = self.conntrack.get(flow).nat_port;
+        let dst_mac = if ip.v6 && self.netvm_mac6_known {
+            self.netvm_mac6
+        } else {
+            self.netvm_mac
+        };
+        let mut buf = std::mem::take(&mut self.build);
+        buf.clear();
+        buf.extend_from_slice(&frame[..ip.end()]);
+        wire::set_macs(&mut buf, &dst_mac, &self.cfg.uplink.mac);
+        let port = (!matches!(l4p, Proto4::Other(_))).then_some(nat_port);
+        wire::nat_rewrite(&mut buf, &inner, NatField::Dst, our, port, NatCsum::Quoted);
+        wire::nat_rewrite(&mut buf, ip, NatField::Src, our, None, NatCsum::Full);
+        decrement_ttl(&mut buf, ip);
+        let l4o = ip.l4();
+        wire::put16(&mut buf, l4o + 2, 0);
+        let acc = if ip.v6 {
+            wire::pseudo_sum(&our, &ip.dst, wire::PROTO_ICMPV6, ip.l4_len())
+        } else {
+            0
+        };
+        let c = !wire::fold(wire::sum(&buf[l4o..ip.end()], acc));
+        wire::put16(&mut buf, l4o + 2, c);
+        out.push_frame(UPLINK, &buf);
         self.build = buf;
         Reason::Accepted
     }

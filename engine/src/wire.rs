@@ -22,6 +22,12 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
+/// DCCP (RFC 4340): ports and a checksum over the pseudo-header, like UDP.
+pub const PROTO_DCCP: u8 = 33;
+/// SCTP (RFC 9260): ports; its CRC32c does not cover the addresses.
+pub const PROTO_SCTP: u8 = 132;
+/// UDP-Lite (RFC 3828): UDP's header with a partial-coverage checksum over the pseudo-header.
+pub const PROTO_UDPLITE: u8 = 136;
 
 /// Reads a big-endian u16.
 #[inline]
@@ -437,7 +443,12 @@ fn ip_of_v6(h: &Ipv6Header<&[u8]>, off: usize, len: usize) -> Ip {
 /// Checks the IPv6 header at `off` (RFC 8200 3): version, payload length within the buffer.
 pub fn parse_ipv6(b: &[u8], off: usize) -> Result<Ip, IpError> {
     let h = Ipv6Header::new_checked(b.get(off..).ok_or(IpError::Malformed)?)?;
-    if !matches!(h.next_header(), PROTO_TCP | PROTO_UDP | PROTO_ICMPV6) {
+    // Extension headers (RFC 8200 4; AH, RFC 4302, is one too) are not walked: what follows
+    // them is not where a tracker would look.
+    if matches!(
+        h.next_header(),
+        0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    ) {
         return Err(IpError::Unsupported);
     }
     Ok(ip_of_v6(&h, off, 40 + h.payload_len()))
@@ -525,6 +536,20 @@ pub fn parse_l4_with(b: &[u8], ip: &Ip, verify: bool) -> Option<L4> {
             })
         }
         _ => None,
+    }
+}
+
+/// The source and destination ports of an IP protocol we track generically: SCTP, DCCP and
+/// UDP-Lite carry them in their first 4 bytes, as Linux's trackers for them read them; any
+/// other protocol (GRE, ESP, AH, IP-in-IP, ...) has none and gets zeros. `None`: a ported
+/// protocol too short for its ports.
+pub fn ports_of_other(b: &[u8], ip: &Ip) -> Option<(u16, u16)> {
+    match ip.proto {
+        PROTO_SCTP | PROTO_DCCP | PROTO_UDPLITE => {
+            let t = ip.l4();
+            (t + 4 <= ip.end()).then(|| (be16(b, t), be16(b, t + 2)))
+        }
+        _ => Some((0, 0)),
     }
 }
 
@@ -619,6 +644,8 @@ pub fn nat_rewrite(
         PROTO_UDP => (if field == NatField::Src { t } else { t + 2 }, t + 6, true),
         PROTO_ICMP => (t + 4, t + 2, false),
         PROTO_ICMPV6 => (t + 4, t + 2, true),
+        // Their checksums cover the pseudo-header; their ports are never translated.
+        PROTO_DCCP | PROTO_UDPLITE => (t, t + 6, true),
         _ => return,
     };
     let mut old_port = None;

@@ -422,6 +422,8 @@ enum P {
     Tcp,
     Udp,
     Icmp,
+    /// Any other IP protocol (only rules without a protocol, ports or DNS target match it).
+    Other,
 }
 
 #[derive(Clone, Debug)]
@@ -508,6 +510,7 @@ impl GRule {
                 P::Tcp => " proto=tcp",
                 P::Udp => " proto=udp",
                 P::Icmp => " proto=icmp",
+                P::Other => "",
             });
         }
         match &self.dst {
@@ -549,7 +552,7 @@ impl GRule {
         if self.proto.is_some_and(|p| p != proto) {
             return false;
         }
-        if (self.ports.is_some() || self.dns) && proto == P::Icmp {
+        if (self.ports.is_some() || self.dns) && matches!(proto, P::Icmp | P::Other) {
             return false;
         }
         if let Some((lo, hi, _)) = self.ports {
@@ -1233,7 +1236,10 @@ fn in_view(frame: &[u8]) -> Option<InView> {
         match proto {
             6 | 17 if l4.len() >= 4 => Some((be16(l4, 0), be16(l4, 2))),
             1 | 58 if l4.len() >= 8 => Some((be16(l4, 4), u16::from(l4[0]))),
-            _ => None,
+            // SCTP, DCCP, UDP-Lite: ports first; other protocols have none.
+            132 | 33 | 136 if l4.len() >= 4 => Some((be16(l4, 0), be16(l4, 2))),
+            132 | 33 | 136 | 1 | 6 | 17 | 58 => None,
+            _ => Some((0, 0)),
         }
     };
     Some(InView {
@@ -1512,6 +1518,14 @@ impl Model {
                 let l4 = match s.proto {
                     6 => tcp_seg_from_remote(s.remote, our, s.rport, s.nat, *flags, &data),
                     17 => udp_dgram(s.remote, our, s.rport, s.nat, &data, false),
+                    132 | 33 | 136 => {
+                        let mut l4 = data.clone();
+                        l4.resize(l4.len().max(8), 0);
+                        l4[..2].copy_from_slice(&s.rport.to_be_bytes());
+                        l4[2..4].copy_from_slice(&s.nat.to_be_bytes());
+                        l4
+                    }
+                    p if !matches!(p, 1 | 58) => data.clone(),
                     _ => {
                         let v6 = s.remote.is_ipv6();
                         let matching = query_reply(v6, s.qtype).unwrap_or(0);
@@ -2007,11 +2021,28 @@ impl Model {
                 self.stats.frag_timeouts += 1;
                 return Ok(());
             }
-            if !matches!(origin, Origin::Input(Source::Uplink, _)) {
-                return Err(format!("ICMP error on the uplink caused by {origin:?}"));
-            }
             if q.dst != our {
                 return Err("ICMP error on the uplink quotes a packet not addressed to us".into());
+            }
+            if let Origin::Input(Source::Client(spec), _) = origin {
+                // A client's error about a packet it got through one of its flows: the quote
+                // must be that flow's reply, as it came in, our address and NAT port.
+                let (qs, qd) = q.ports.ok_or("client ICMP error forwarded without ports")?;
+                let rport = if matches!(q.proto, 1 | 58) { 0 } else { qs };
+                let owned = self
+                    .flows
+                    .get(&(pclass(q.proto), q.src, rport, qd))
+                    .is_some_and(|v| v.0 == spec);
+                if !owned {
+                    return Err(format!(
+                        "client {spec}'s ICMP error forwarded about a flow it does not own"
+                    ));
+                }
+                self.stats.errors_translated += 1;
+                return Ok(());
+            }
+            if !matches!(origin, Origin::Input(Source::Uplink, _)) {
+                return Err(format!("ICMP error on the uplink caused by {origin:?}"));
             }
             return Ok(());
         }
@@ -2058,7 +2089,10 @@ impl Model {
                 }
                 (P::Icmp, u16::from(p.l4[0]), 0, be16(&p.l4, 4))
             }
-            _ => return Err(format!("forwarded protocol {} from a client", p.proto)),
+            1 | 58 | 6 | 17 => return Err(format!("forwarded a short {} packet", p.proto)),
+            132 | 33 | 136 if p.l4.len() >= 4 => (P::Other, 0, be16(&p.l4, 2), be16(&p.l4, 0)),
+            132 | 33 | 136 => return Err(format!("forwarded a short {} packet", p.proto)),
+            _ => (P::Other, 0, 0, 0),
         };
         if !self.specs[spec].accepts(&self.names, proto, p.dst, port) {
             return Err(format!(
@@ -2071,6 +2105,13 @@ impl Model {
         }
         // The client's own port (or query id): from this frame, or from its first fragment.
         let client_port = match iv.ports {
+            Some((sport, _)) if !iv.fragment && proto == P::Other => {
+                // Generic tracking never translates ports.
+                if sport != nat {
+                    return Err("a generically tracked protocol's port was translated".into());
+                }
+                Some(sport)
+            }
             Some((sport, dport)) if !iv.fragment => {
                 if dport != port {
                     return Err("forwarded destination port differs from the client's".into());
@@ -2188,15 +2229,20 @@ impl Model {
                     1 | 58 if p.l4.len() >= 8 && is_query_reply(p.v6, p.l4[0]) => {
                         (0, be16(&p.l4, 4))
                     }
-                    _ => return Err("something other than a reply came in from the uplink".into()),
+                    1 | 58 | 6 | 17 => {
+                        return Err("something other than a reply came in from the uplink".into())
+                    }
+                    132 | 33 | 136 if p.l4.len() >= 4 => (be16(&p.l4, 0), be16(&p.l4, 2)),
+                    132 | 33 | 136 => return Err("a short SCTP/DCCP/UDP-Lite reply".into()),
+                    _ => (0, 0),
                 };
                 let iv = in_view(input).ok_or("uplink input not IP")?;
                 let owner = match (iv.fragment, iv.ports) {
                     (false, Some((sport, dport))) => {
-                        let (rp, nat) = if p.proto == 6 || p.proto == 17 {
-                            (sport, dport)
-                        } else {
+                        let (rp, nat) = if matches!(p.proto, 1 | 58) {
                             (0, sport)
+                        } else {
+                            (sport, dport)
                         };
                         self.flows.get(&(pclass(p.proto), p.src, rp, nat)).copied()
                     }
@@ -2215,10 +2261,10 @@ impl Model {
                 // An ICMP reply must answer the query that opened the flow (conntrack's ICMP
                 // tuple has the type): an echo flow lets only echo replies back.
                 let want = |q: u8| {
-                    if p.proto == 6 || p.proto == 17 {
-                        true
-                    } else {
+                    if matches!(p.proto, 1 | 58) {
                         query_reply(p.v6, q) == ty
+                    } else {
+                        true
                     }
                 };
                 match owner {
@@ -2256,7 +2302,9 @@ fn check_l4(p: &OutPkt) -> Result<(), String> {
         }
         (1, false) => p.l4.len() >= 8 && ok(0),
         (58, true) => p.l4.len() >= 8 && ok(pseudo(p.src, p.dst, 58, p.l4.len())),
-        (other, _) => return Err(format!("emitted IP protocol {other}")),
+        (1 | 58, _) => false,
+        // Tracked generically: nothing of theirs is checked or changed but the addresses.
+        _ => true,
     };
     if good {
         Ok(())

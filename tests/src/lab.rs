@@ -674,14 +674,12 @@ fn update_tree(
     let path = paths.config(&netvm.name);
     let mut cfg = NetvmConfig::read(&path)?;
     let is_service = netvm.role == Role::Firewall && kind == FirewallKind::Rust;
-    let before = if is_service {
-        if !procs::read_pid(paths, service::PROCESS).is_some_and(procs::alive) {
-            return err(format!(
-                "the sys-firewall service is not running (see {}; `qubes-lab restart-firewall` \
-                 starts it); its configuration was not changed",
-                paths.log(service::PROCESS).display()
-            ));
-        }
+    // The tree is dom0's (QubesDB), not the service's: it changes whether or not the service
+    // runs, and a service that starts later reads it as it then is. Refusing the change here
+    // would leave the rule store, which qvm-firewall has already changed, and the tree the
+    // service enforces saying different things.
+    let running = is_service && procs::read_pid(paths, service::PROCESS).is_some_and(procs::alive);
+    let before = if running {
         service::config_generation(paths)
     } else {
         None
@@ -689,7 +687,15 @@ fn update_tree(
     edit(&mut cfg);
     cfg.write(&path)?;
     if is_service {
-        service::wait_applied(paths, before)
+        if running {
+            return service::wait_applied(paths, before);
+        }
+        eprintln!(
+            "qubes-lab: the sys-firewall service is not running (see {}); the change is in \
+             its tree and takes effect when it starts (`qubes-lab restart-firewall`)",
+            paths.log(service::PROCESS).display()
+        );
+        Ok(())
     } else {
         let log = agent_log(paths, netvm);
         netvm::agent_handle_addr(&netvm.ns, &cfg, client_ip, &log)?;

@@ -386,7 +386,8 @@ pub fn udp_listen(addr: SocketAddrV4, duration: Duration) -> Result<()> {
 }
 
 /// `probe echo`: connects, prints `connected`; then sends every line of stdin and prints
-/// `echo ok LINE`, `no answer` (nothing within the timeout) or `error ...` for each.
+/// `echo ok LINE`, `no answer` (nothing within the timeout) or `error ...` for each. Echoes of
+/// earlier lines that arrive together are printed on one line (`echo ok two three`).
 pub fn echo(dst: SocketAddrV4, timeout: Duration) -> Result<bool> {
     let started = Instant::now();
     let mut out = io::stdout();
@@ -419,7 +420,10 @@ pub fn echo(dst: SocketAddrV4, timeout: Duration) -> Result<bool> {
                 Ok(n) => {
                     got.extend_from_slice(&buf[..n]);
                     if got.ends_with(b"\n") {
-                        break format!("echo ok {}", String::from_utf8_lossy(&got).trim_end());
+                        // Lines held back by a stalled connection may come together: one
+                        // output line for all of them.
+                        let text = String::from_utf8_lossy(&got).trim_end().replace('\n', " ");
+                        break format!("echo ok {text}");
                     }
                 }
                 Err(e)

@@ -511,6 +511,106 @@ fn a_rule_change_cuts_an_open_connection() {
 }
 
 #[test]
+fn an_open_connection_resumes_after_a_cut_is_undone_and_across_a_firewall_restart() {
+    // Linux's `masquerade` keeps the client's port when it is free and conntrack picks a
+    // connection up from its next ACK, so after a cut is undone, or the firewall restarts,
+    // the client's retransmission reaches the server on the same mapping and the connection
+    // goes on. A firewall that picks a new port makes the server answer with a reset.
+    let Some(lab) = Lab::up() else { return };
+    let mut echo = lab.spawn_in(
+        &lab.ns("work"),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "5000"],
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(8)).as_deref(),
+        Some("connected")
+    );
+    echo.send("one");
+    assert_eq!(
+        echo.line(Duration::from_secs(8)).as_deref(),
+        Some("echo ok one")
+    );
+    lab.firewall(
+        "work",
+        &[
+            "add",
+            "--before",
+            "0",
+            "drop",
+            "dsthost=198.18.0.10",
+            "proto=tcp",
+            "dstports=8080",
+        ],
+    );
+    echo.send("two");
+    let cut = echo.line(Duration::from_secs(8)).unwrap_or_default();
+    assert!(
+        cut == "no answer" || cut.starts_with("error"),
+        "the rule did not cut the connection: {cut:?}"
+    );
+    lab.firewall("work", &["del", "--rule-no", "0"]);
+    // "two" is still in the client's retransmission queue: whichever line comes back first,
+    // an echo means the connection lives on.
+    echo.send("three");
+    let resumed = echo.line(Duration::from_secs(8)).unwrap_or_default();
+    assert!(
+        resumed.starts_with("echo ok"),
+        "the connection did not resume once the cut was undone: {resumed:?}"
+    );
+    lab.cmd(&["restart-firewall"], &[]);
+    echo.send("four");
+    let after = echo.line(Duration::from_secs(8)).unwrap_or_default();
+    assert!(
+        after.starts_with("echo ok"),
+        "the connection did not survive the firewall's restart: {after:?}"
+    );
+    drop(echo);
+    lab.down();
+}
+
+#[test]
+fn a_rule_change_made_while_the_firewall_is_down_is_enforced_when_it_returns() {
+    // What `firewall list` shows must be what is enforced. With `rust` the service is stopped
+    // (SIGTERM, as systemd would) and the change lands in its tree meanwhile; with `linux`
+    // the agent has no daemon of its own in the lab, so the change is made just before the
+    // restart: both must enforce the listed rules after `restart-firewall`.
+    let Some(lab) = Lab::up() else { return };
+    assert_eq!(
+        lab.tcp("personal", "198.18.0.10:443", 3000, true).status,
+        "ok"
+    );
+    if kind() == "rust" {
+        let pid_file = format!("/run/qubes-lab/{}/sys-firewall.pid", lab.name);
+        let pid = std::fs::read_to_string(&pid_file).expect("service pid file");
+        let st = Command::new("kill")
+            .args(["-TERM", pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            assert!(Instant::now() < deadline, "the service did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    lab.firewall(
+        "personal",
+        &["add", "--before", "0", "drop", "proto=tcp", "dstports=443"],
+    );
+    let listed = lab.firewall("personal", &["list"]);
+    assert!(listed.contains("443"), "the change is not listed: {listed}");
+    lab.cmd(&["restart-firewall"], &[]);
+    let r = lab.tcp("personal", "198.18.0.10:443", 3000, false);
+    assert_eq!(
+        r.status, "rejected",
+        "the listed `drop tcp 443` is not enforced after the restart: {r:?}"
+    );
+    let h = lab.tcp("personal", "198.18.0.10:80", 3000, true);
+    assert_eq!(h.status, "ok", "{h:?}");
+    lab.down();
+}
+
+#[test]
 fn rules_that_do_not_parse_block_only_that_client() {
     let Some(lab) = Lab::up() else { return };
     assert_eq!(lab.dns("untrusted", "10.139.1.1").status, "ok");

@@ -156,6 +156,9 @@ scenarios! {
     "83-icmp-redirects-and-short-quotes-from-uplink-dropped" => icmp_redirect_and_short_quotes,
     "84-frames-not-addressed-to-the-gateway-not-forwarded" => frames_not_for_us,
     "85-arp-special-addresses-unanswered" => arp_special_addresses_unanswered,
+    "86-other-ip-protocols-forwarded-and-answered" => other_ip_protocols,
+    "87-client-icmp-error-about-a-tracked-flow-translated" => client_icmp_error_translated,
+    "88-nat-keeps-the-client-port-so-a-cut-flow-resumes" => nat_keeps_port_cut_flow_resumes,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2219,5 +2222,186 @@ fn flows_survive_other_qubes(s: &mut Script) -> R {
     s.expect("tcp frame 3 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 80 flags PA");
     s.expect("counter no-flow on eth0 = 0");
     s.expect("counter rejected-by-rule on vif3.0 = 0");
+    Ok(())
+}
+
+/// Linux forwards every IP protocol a rule accepts: protocols without a tracker of their own
+/// are tracked by addresses alone (nf_conntrack_proto_generic.c, 600 s), GRE by its own
+/// tracker (nf_conntrack_proto_gre.c), SCTP by its ports (nf_conntrack_proto_sctp.c), and
+/// `masquerade` rewrites their source address. The agent's per-client chain rejects what its
+/// rules refuse with admin-prohibited, whatever the protocol.
+fn other_ip_protocols(s: &mut Script) -> R {
+    s.about(
+        "With accept-all rules GRE, ESP, IP-in-IP and SCTP leave masqueraded and their replies \
+         come back; a client whose rules accept only TCP gets admin-prohibited for GRE",
+    );
+    s.config(
+        Cfg::new()
+            .client(&C3)
+            .client_rules(&C4, &["action=accept proto=tcp"]),
+    )?;
+    let c3 = fc(&C3);
+    s.send(
+        "vif3.0",
+        raw_ip(c3, C3.ip, "198.18.0.1", 47)
+            .payload(&[0, 0, 0x08, 0, 1, 2, 3, 4])
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        raw_ip(c3, C3.ip, "198.18.0.2", 50)
+            .payload(&[0, 0, 0x10, 0x01, 0, 0, 0, 1, 9, 9])
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        raw_ip(c3, C3.ip, "198.18.0.3", 4)
+            .payload(&[0x45; 20])
+            .frame(),
+    )?;
+    // SCTP (RFC 9260 3.1): source port 5000, destination port 9899, verification tag, CRC.
+    let sctp_out = [0x13, 0x88, 0x26, 0xab, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef];
+    s.send(
+        "vif3.0",
+        raw_ip(c3, C3.ip, "198.18.0.4", 132)
+            .payload(&sctp_out)
+            .frame(),
+    )?;
+    let net = from_netvm();
+    s.send(
+        "eth0",
+        raw_ip(net, "198.18.0.1", FW_IP, 47)
+            .payload(&[0, 0, 0x08, 0, 5, 6, 7, 8])
+            .frame(),
+    )?;
+    s.send(
+        "eth0",
+        raw_ip(net, "198.18.0.2", FW_IP, 50)
+            .payload(&[0, 0, 0x20, 0x02, 0, 0, 0, 1])
+            .frame(),
+    )?;
+    let sctp_back = [0x26, 0xab, 0x13, 0x88, 0, 0, 0, 1, 0xca, 0xfe, 0xba, 0xbe];
+    s.send(
+        "eth0",
+        raw_ip(net, "198.18.0.4", FW_IP, 132)
+            .payload(&sctp_back)
+            .frame(),
+    )?;
+    // No flow for this one: GRE from a host no client talked to.
+    s.send(
+        "eth0",
+        raw_ip(net, "198.18.0.9", FW_IP, 47)
+            .payload(&[0, 0, 0x08, 0])
+            .frame(),
+    )?;
+    s.send(
+        "vif4.0",
+        raw_ip(fc(&C4), C4.ip, "198.18.0.1", 47)
+            .payload(&[0, 0, 0x08, 0])
+            .frame(),
+    )?;
+    s.expect("ip frames on eth0 = 4");
+    s.expect("ip frame 0 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.1 proto 47 ttl 63");
+    s.expect("ip frame 1 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.2 proto 50");
+    s.expect("ip frame 2 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.3 proto 4");
+    s.expect("ip frame 3 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.4 proto 132");
+    s.expect("frames on vif3.0 = 3");
+    s.expect("frame 0 on vif3.0: ipv4 src 198.18.0.1 dst 10.137.0.10 proto 47 ttl 63");
+    s.expect("frame 1 on vif3.0: ipv4 src 198.18.0.2 dst 10.137.0.10 proto 50");
+    s.expect("frame 2 on vif3.0: ipv4 src 198.18.0.4 dst 10.137.0.10 proto 132");
+    s.expect("counter no-flow on eth0 = 1");
+    s.expect("counter rejected-by-rule on vif4.0 = 1");
+    s.expect(
+        "frame 0 on vif4.0: ipv4 icmp4 type 3 code 13 src 10.137.0.6 dst 10.137.0.11 \
+         inner ipv4 src 10.137.0.11 dst 198.18.0.1",
+    );
+    Ok(())
+}
+
+/// A client's ICMP error about a packet that came to it through one of its flows is related
+/// to that flow: Linux accepts it (`ct state established,related accept` comes before the
+/// client's rules) and translates it back (nf_nat_icmp_reply_translation; RFC 5508 REQ-3).
+fn client_icmp_error_translated(s: &mut Script) -> R {
+    s.about(
+        "A client's port unreachable about a UDP reply it got leaves on the uplink from \
+         10.137.0.6, quoting the reply as it came in (to our address and NAT port); an error \
+         about a packet of no flow is dropped",
+    );
+    s.config(Cfg::new().client_rules(&C3, &["action=accept proto=udp dstports=53-53"]))?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &at(&C3, 40000), "198.18.0.53:53")
+            .payload(b"query")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"answer").frame())?;
+    // What the client got, as it got it: 198.18.0.53:53 -> 10.137.0.10:40000.
+    let got = udp(from_netvm(), "198.18.0.53:53", &at(&C3, 40000))
+        .payload(b"answer")
+        .ttl(63)
+        .ip_packet();
+    s.send(
+        "vif3.0",
+        icmp_error(fc(&C3), C3.ip, "198.18.0.53", 3, 3, [0; 4], &got).frame(),
+    )?;
+    let stray = udp(from_netvm(), "198.18.0.77:53", &at(&C3, 41000))
+        .payload(b"x")
+        .ip_packet();
+    s.send(
+        "vif3.0",
+        icmp_error(fc(&C3), C3.ip, "198.18.0.77", 3, 3, [0; 4], &stray).frame(),
+    )?;
+    s.expect("ip frames on eth0 = 2");
+    s.expect(
+        "ip frame 1 on eth0: ipv4 icmp4 type 3 code 3 src 10.137.0.6 dst 198.18.0.53 ttl 63 \
+         inner ipv4 udp src 198.18.0.53 dst 10.137.0.6 sport 53 dport 40000",
+    );
+    s.expect("counter no-flow on vif3.0 = 1");
+    Ok(())
+}
+
+/// `masquerade` without `random` keeps the client's source port when it is free
+/// (nf_nat_core.c `get_unique_tuple` tries the original tuple first), and conntrack picks up a
+/// connection mid-stream from an ACK (`nf_conntrack_tcp_loose`). So a connection whose flow
+/// was cut by a rule change, and is allowed again, resumes on the same mapping: the server
+/// never sees another port.
+fn nat_keeps_port_cut_flow_resumes(s: &mut Script) -> R {
+    s.about(
+        "The client's own port is kept by NAT; a connection cut by a rule change is refused \
+         while the rule stands, and once it is undone the client's next segment leaves on the \
+         same port and the server's answer comes back",
+    );
+    s.config(
+        Cfg::new()
+            .client(&C3)
+            .step_rules(3, C3.ip, &["action=drop"])
+            .step_rules(4, C3.ip, &["action=accept"]),
+    )?;
+    let syn = handshake(s, &C3, 40000, "198.18.0.10:80")?;
+    let data = |s: &mut Script| {
+        s.send(
+            "vif3.0",
+            tcp(fc(&C3), &at(&C3, 40000), "198.18.0.10:80")
+                .flags("PA")
+                .seq(1001)
+                .ack(5001)
+                .payload(b"more")
+                .frame(),
+        )
+    };
+    data(s)?;
+    data(s)?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?.flags("A").seq(5001).ack(1005).frame(),
+    )?;
+    s.expect("ip frame 0 on eth0: ipv4 tcp src 10.137.0.6 sport 40000 dport 80 flags S");
+    s.expect("event flows-cut on vif3.0 = 1");
+    s.expect("counter rejected-by-rule on vif3.0 = 1");
+    s.expect("frame 1 on vif3.0: ipv4 icmp4 type 3 code 13 inner tcp sport 40000 dport 80");
+    s.expect("tcp frames on eth0 = 3");
+    s.expect("tcp frame 2 on eth0: src 10.137.0.6 sport 40000 dport 80 flags PA seq 1001 paylen 4");
+    s.expect("tcp frame 1 on vif3.0: src 198.18.0.10 dport 40000 flags A ack 1005");
     Ok(())
 }
