@@ -136,6 +136,9 @@ pub enum ConfigError {
     DuplicateVif { name: String, also_uplink: bool },
     /// Two vifs (or a vif and the service itself) with one address.
     AddressInUse { vif: String, addr: Ipv4Addr },
+    /// An interface MTU below the IPv4 minimum of 68 (RFC 791, "Fragmentation"): no packet
+    /// could be fragmented to fit it.
+    BadMtu { iface: String, mtu: u16 },
 }
 
 impl fmt::Display for ConfigError {
@@ -164,6 +167,11 @@ impl fmt::Display for ConfigError {
             ConfigError::AddressInUse { vif, addr } => {
                 write!(f, "vif {vif}: address {addr} is already in use")
             }
+            ConfigError::BadMtu { iface, mtu } => write!(
+                f,
+                "{iface}: MTU {mtu} is below {} (RFC 791: every IPv4 link carries 68 bytes)",
+                crate::frag::MIN_MTU
+            ),
         }
     }
 }
