@@ -1196,6 +1196,8 @@ impl Engine {
             dport,
         };
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
+        let wire_len = self.wire_len(frame, &ip);
+        let size = Self::size_verdict(&ip, wire_len, self.cfg.uplink.mtu);
         let flow = match self.conntrack.lookup_original(&key, now) {
             Some(f) => f,
             None => {
@@ -1203,6 +1205,12 @@ impl Engine {
                 if !allowed {
                     self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
                     return consumed(Reason::RejectedByRule);
+                }
+                // Refused before it is tracked: a packet that never leaves opens no flow
+                // (Linux drops the unconfirmed conntrack entry with the packet).
+                if let Size::TooBig(mtu) = size {
+                    self.icmp_error(id, frame, &ip, IcmpKind::TooBig(mtu), out);
+                    return consumed(Reason::TooBig);
                 }
                 // One client must not take the whole table from the others: with several
                 // clients each may hold at most half of it.
@@ -1215,8 +1223,6 @@ impl Engine {
                 }
             }
         };
-        let wire_len = self.wire_len(frame, &ip);
-        let size = Self::size_verdict(&ip, wire_len, self.cfg.uplink.mtu);
         if let Size::TooBig(mtu) = size {
             self.icmp_error(id, frame, &ip, IcmpKind::TooBig(mtu), out);
             return consumed(Reason::TooBig);

@@ -211,6 +211,11 @@ fn df_packet_bigger_than_uplink_gets_frag_needed_with_its_mtu() {
     assert_eq!(icmp(&back[0]), (3, 4, 1400, "10.137.0.10".into()));
     assert!(frames_on(&out, UPLINK).iter().all(|f| f[12..14] == [8, 6]));
     assert_eq!(e.counters(VIF).expect("c").get(Reason::TooBig), 1);
+    assert_eq!(
+        e.conntrack().len(),
+        0,
+        "a packet that never left opens no flow"
+    );
     // Exactly the MTU fits.
     out.clear();
     let mut f = udp(CLIENT, WORLD, 5000, 7, 1372, true);
