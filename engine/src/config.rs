@@ -24,6 +24,8 @@ pub const DEFAULT_QUBE_MAC: Mac = [0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x00];
 pub const VIRTUAL_DNS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 139, 1, 1), Ipv4Addr::new(10, 139, 1, 2)];
 
 /// Linux `nf_conntrack_max`-like bound on tracked flows.
+/// A vif's MTU when nothing configures one: Ethernet's, and a Xen vif's default.
+pub const DEFAULT_MTU: u16 = 1500;
 pub const DEFAULT_CONNTRACK_MAX: usize = 65_536;
 
 /// The uplink: the interface toward the netvm (sys-net).
@@ -136,6 +138,9 @@ pub enum ConfigError {
     DuplicateVif { name: String, also_uplink: bool },
     /// Two vifs (or a vif and the service itself) with one address.
     AddressInUse { vif: String, addr: Ipv4Addr },
+    /// An interface MTU below the IPv4 minimum of 68 (RFC 791, "Fragmentation"): no packet
+    /// could be fragmented to fit it.
+    BadMtu { iface: String, mtu: u16 },
 }
 
 impl fmt::Display for ConfigError {
@@ -164,6 +169,11 @@ impl fmt::Display for ConfigError {
             ConfigError::AddressInUse { vif, addr } => {
                 write!(f, "vif {vif}: address {addr} is already in use")
             }
+            ConfigError::BadMtu { iface, mtu } => write!(
+                f,
+                "{iface}: MTU {mtu} is below {} (RFC 791: every IPv4 link carries 68 bytes)",
+                crate::frag::MIN_MTU
+            ),
         }
     }
 }
@@ -311,7 +321,7 @@ pub fn from_tree(
             ip: v.ip,
             ip6: v.ip6,
             mac: v.mac,
-            mtu: 1500,
+            mtu: DEFAULT_MTU,
             rules: firewall_entries(tree, &v.ip.to_string()),
             rules6: v
                 .ip6

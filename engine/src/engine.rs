@@ -261,6 +261,30 @@ impl std::fmt::Display for LocalSendError {
 
 impl std::error::Error for LocalSendError {}
 
+/// Why [`Engine::set_mtu`] refused (and changed nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MtuError {
+    /// No interface has this id (a vif that went away).
+    NoSuchIface { iface: IfaceId },
+    /// Below the IPv4 minimum of 68 bytes (RFC 791).
+    TooSmall { iface: String, mtu: u16 },
+}
+
+impl std::fmt::Display for MtuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MtuError::NoSuchIface { iface } => write!(f, "no interface has id {iface}"),
+            MtuError::TooSmall { iface, mtu } => write!(
+                f,
+                "{iface}: MTU {mtu} is below {} (RFC 791: every IPv4 link carries 68 bytes)",
+                frag::MIN_MTU
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MtuError {}
+
 /// How long a failed name lookup waits before it is retried.
 const RESOLVE_RETRY_NS: u64 = 30_000_000_000;
 /// Shortest time an answer is trusted, whatever its TTL says.
@@ -272,6 +296,18 @@ const ARP_RETRY_NS: u64 = 1_000_000_000;
 const ICMP4_ERROR_MAX: usize = 576;
 /// ICMPv6 errors must fit the IPv6 minimum MTU (RFC 4443 2.4 (c)).
 const ICMP6_ERROR_MAX: usize = 1280;
+/// The IPv6 minimum link MTU (RFC 8200 section 5).
+const IPV6_MIN_MTU: u16 = 1280;
+
+/// A packet against the next link's MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Size {
+    Fits,
+    /// IPv4 without DF: fragment it.
+    Fragment,
+    /// Refuse with ICMP fragmentation needed / packet too big carrying this MTU.
+    TooBig(u16),
+}
 
 /// RFC 791's reassembly key: source, destination, protocol, identification.
 type FragKey = (IpAddr, IpAddr, u8, u16);
@@ -469,8 +505,13 @@ impl Engine {
         out: &mut Outbox,
     ) -> Result<(), ConfigError> {
         self.undefer(out);
-        if config.uplink != self.cfg.uplink {
-            // Our own address changed: every NAT mapping is wrong now.
+        Self::check_mtus(&config)?;
+        // Our own address changed: every NAT mapping is wrong now. The MTU is no part of a
+        // mapping: a link whose MTU changes keeps its flows (Linux keeps conntrack entries
+        // across `ip link set mtu`).
+        let mut same_uplink = config.uplink.clone();
+        same_uplink.mtu = self.cfg.uplink.mtu;
+        if same_uplink != self.cfg.uplink {
             self.conntrack.retain(|_| false);
         }
         if config.conntrack_max != self.cfg.conntrack_max {
@@ -481,7 +522,51 @@ impl Engine {
         self.install(config, out)
     }
 
+    /// Every link must carry at least the IPv4 minimum, or fragmenting to it is impossible.
+    fn check_mtus(config: &EngineConfig) -> Result<(), ConfigError> {
+        let links = std::iter::once((&config.uplink.name, config.uplink.mtu))
+            .chain(config.clients.iter().map(|c| (&c.vif, c.mtu)));
+        for (name, mtu) in links {
+            if mtu < frag::MIN_MTU {
+                return Err(ConfigError::BadMtu {
+                    iface: name.clone(),
+                    mtu,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes one interface's MTU at run time (the link's MTU changed, or its configured
+    /// limit did). Flows, NAT mappings, held fragments and learned MACs all stay: only the
+    /// size checks of packets handled from now on change. An error changes nothing.
+    pub fn set_mtu(&mut self, iface: IfaceId, mtu: u16) -> Result<(), MtuError> {
+        let name = self
+            .iface_name(iface)
+            .ok_or(MtuError::NoSuchIface { iface })?
+            .to_string();
+        if mtu < frag::MIN_MTU {
+            return Err(MtuError::TooSmall { iface: name, mtu });
+        }
+        if iface == UPLINK {
+            self.cfg.uplink.mtu = mtu;
+        } else if let Some(&i) = self.by_id.get(&iface) {
+            self.clients[i].cfg.mtu = mtu;
+            if let Some(c) = self.cfg.clients.iter_mut().find(|c| c.vif == name) {
+                c.mtu = mtu;
+            }
+        }
+        Ok(())
+    }
+
+    /// The MTU of an interface, if it exists.
+    pub fn mtu_of(&self, iface: IfaceId) -> Option<u16> {
+        self.iface_name(iface)?;
+        Some(self.mtu(iface))
+    }
+
     fn install(&mut self, config: EngineConfig, out: &mut Outbox) -> Result<(), ConfigError> {
+        Self::check_mtus(&config)?;
         let mut seen = std::collections::BTreeSet::new();
         for c in &config.clients {
             if !seen.insert(c.vif.as_str()) {
@@ -1043,6 +1128,30 @@ impl Engine {
         self.build = pieces;
     }
 
+    /// What a router does with a packet of `wire_len` bytes for a link of `mtu` (Linux
+    /// `ip_forward` / `ip6_forward`).
+    fn size_verdict(ip: &Ip, wire_len: usize, mtu: u16) -> Size {
+        if ip.v6 {
+            // IPv6 is never fragmented by routers and every IPv6 link carries 1280 bytes
+            // (RFC 8200 section 5); Linux `ip6_forward` raises a smaller MTU to 1280 before
+            // comparing, and that is what packet too big reports (RFC 4443 3.2).
+            let mtu = mtu.max(IPV6_MIN_MTU);
+            if wire_len > usize::from(mtu) {
+                return Size::TooBig(mtu);
+            }
+            return Size::Fits;
+        }
+        if wire_len <= usize::from(mtu) {
+            Size::Fits
+        } else if ip.df {
+            // RFC 1191 section 4: fragmentation needed, with the next-hop MTU.
+            Size::TooBig(mtu)
+        } else {
+            // RFC 791: a datagram without DF is fragmented to fit.
+            Size::Fragment
+        }
+    }
+
     fn mtu(&self, iface: IfaceId) -> u16 {
         if iface == UPLINK {
             self.cfg.uplink.mtu
@@ -1164,6 +1273,8 @@ impl Engine {
             Some(_) => tcp_segment(frame, &ip),
             None => None,
         };
+        let wire_len = self.wire_len(frame, &ip);
+        let size = Self::size_verdict(&ip, wire_len, self.cfg.uplink.mtu);
         let flow = match self.conntrack.lookup_original(&key, now) {
             Some(f) => {
                 if let Some(seg) = &seg {
@@ -1183,6 +1294,12 @@ impl Engine {
                     self.icmp_error(id, frame, &ip, IcmpKind::AdminProhibited, out);
                     return consumed(Reason::RejectedByRule);
                 }
+                // Refused before it is tracked: a packet that never leaves opens no flow
+                // (Linux drops the unconfirmed conntrack entry with the packet).
+                if let Size::TooBig(mtu) = size {
+                    self.icmp_error(id, frame, &ip, IcmpKind::TooBig(mtu), out);
+                    return consumed(Reason::TooBig);
+                }
                 // One client must not take the whole table from the others: with several
                 // clients each may hold at most half of it.
                 if self.conntrack.client_flows(id) >= self.per_client_cap() {
@@ -1199,9 +1316,8 @@ impl Engine {
                 }
             }
         };
-        let wire_len = self.wire_len(frame, &ip);
-        if usize::from(self.cfg.uplink.mtu) < wire_len && (ip.df || ip.v6) {
-            self.icmp_error(id, frame, &ip, IcmpKind::TooBig(self.cfg.uplink.mtu), out);
+        if let Size::TooBig(mtu) = size {
+            self.icmp_error(id, frame, &ip, IcmpKind::TooBig(mtu), out);
             return consumed(Reason::TooBig);
         }
         self.conntrack.update(flow, now, Dir::Original, tcp_flags);
@@ -1226,7 +1342,7 @@ impl Engine {
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
         }
-        if usize::from(self.cfg.uplink.mtu) < wire_len {
+        if size == Size::Fragment {
             return self.fragment_out(UPLINK, frame, &ip, out);
         }
         (Verdict::Forward(UPLINK), Reason::Accepted)
@@ -1240,14 +1356,21 @@ impl Engine {
         ip: &Ip,
         out: &mut Outbox,
     ) -> (Verdict, Reason) {
-        if self.offload != Offload::NONE {
-            // Fragments need finished checksums; an offloaded frame this big without DF is
-            // not something a sender's kernel produces.
+        if self.offload.gso_size != 0 {
+            // A GSO super-frame would have to be segmented before it is fragmented; Linux
+            // only builds them for TCP, which always sets DF, so this is never a real
+            // sender's packet.
             return (Verdict::Consumed, Reason::TooBig);
         }
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         buf.extend_from_slice(&frame[..ip.end()]);
+        if self.offload.partial_csum {
+            // No kernel finishes the checksum of a fragment (the transport header is in the
+            // first one only), so it is finished here, as the kernel's own
+            // `skb_checksum_help` does before `ip_fragment`.
+            finish_partial_csum(&mut buf[ip.off..], ip.hlen, ip.proto);
+        }
         self.send_ip(to, &buf, out);
         self.scratch = buf;
         (Verdict::Consumed, Reason::Accepted)
@@ -1420,8 +1543,11 @@ impl Engine {
             return consumed(Reason::TtlExceeded);
         }
         let wire_len = self.wire_len(frame, &ip);
-        if usize::from(client_mtu) < wire_len && (ip.df || ip.v6) {
-            self.icmp_error(UPLINK, frame, &ip, IcmpKind::TooBig(client_mtu), out);
+        let size = Self::size_verdict(&ip, wire_len, client_mtu);
+        if let Size::TooBig(mtu) = size {
+            // Quoted as it arrived (before the NAT is undone): the sender must recognise
+            // its own packet (RFC 1191 section 4, RFC 4443 3.2).
+            self.icmp_error(UPLINK, frame, &ip, IcmpKind::TooBig(mtu), out);
             return consumed(Reason::TooBig);
         }
         let tcp_flags = (l4p == Proto4::Tcp).then_some(l4.flags);
@@ -1431,7 +1557,7 @@ impl Engine {
         wire::nat_rewrite(frame, &ip, NatField::Dst, key.src, port, self.nat_csum());
         decrement_ttl(frame, &ip);
         let to = key.client;
-        if in_place && usize::from(client_mtu) < wire_len {
+        if in_place && size == Size::Fragment {
             return self.fragment_out(to, frame, &ip, out);
         }
         (Verdict::Forward(to), Reason::Accepted)
@@ -1646,20 +1772,7 @@ impl Engine {
         let mut buf = std::mem::take(&mut self.build);
         buf.clear();
         buf.extend_from_slice(packet);
-        if let Some(field) = wire::l4_csum_off(ip.proto) {
-            let t = ip.hlen;
-            if t + field + 2 <= buf.len() {
-                // The field holds the pseudo-header sum: summing the transport bytes with it
-                // gives the full checksum (RFC 1071), as hardware would.
-                let c = !wire::fold(wire::sum(&buf[t..], 0));
-                let c = if ip.proto == wire::PROTO_UDP && c == 0 {
-                    0xffff
-                } else {
-                    c
-                };
-                wire::put16(&mut buf, t + field, c);
-            }
-        }
+        finish_partial_csum(&mut buf, ip.hlen, ip.proto);
         out.push_local(&buf);
         self.build = buf;
     }
@@ -1709,9 +1822,9 @@ impl Engine {
         }
         let (id, mac, mtu) = {
             let c = &self.clients[ci];
-            (c.id, c.cfg.mac, usize::from(c.cfg.mtu))
+            (c.id, c.cfg.mac, c.cfg.mtu)
         };
-        if ip.len > mtu && (ip.v6 || ip.df) {
+        if let Size::TooBig(_) = Self::size_verdict(ip, ip.len, mtu) {
             return Err(LocalSendError::TooBig);
         }
         wire::set_macs(f, &mac, &GATEWAY_MAC);
@@ -1770,8 +1883,7 @@ impl Engine {
                 return Err(LocalSendError::PortNotBound);
             }
         }
-        let mtu = usize::from(self.cfg.uplink.mtu);
-        if ip.len > mtu && (v6 || ip.df) {
+        if let Size::TooBig(_) = Self::size_verdict(&ip, ip.len, self.cfg.uplink.mtu) {
             return Err(LocalSendError::TooBig);
         }
         if !self.netvm_mac_known && self.arp_sent_at.is_none() {
@@ -2299,6 +2411,26 @@ fn ndp_lladdr(frame: &[u8], mut from: usize, end: usize, want: u8) -> Option<Mac
 }
 
 /// TTL / hop limit minus one, with the IPv4 header checksum updated.
+/// Completes a transport checksum the sender's kernel left partial (offloaded): the field
+/// holds the pseudo-header sum, so summing the transport bytes with it gives the full
+/// checksum (RFC 1071), as hardware would. `packet` starts at the IP header.
+fn finish_partial_csum(packet: &mut [u8], hlen: usize, proto: u8) {
+    let Some(field) = wire::l4_csum_off(proto) else {
+        return;
+    };
+    if hlen + field + 2 > packet.len() {
+        return;
+    }
+    let c = !wire::fold(wire::sum(&packet[hlen..], 0));
+    // UDP sends a computed zero as all ones (RFC 768).
+    let c = if proto == wire::PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    };
+    wire::put16(packet, hlen + field, c);
+}
+
 fn decrement_ttl(frame: &mut [u8], ip: &Ip) {
     if ip.v6 {
         frame[ip.off + 7] = frame[ip.off + 7].wrapping_sub(1);

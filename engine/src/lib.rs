@@ -28,5 +28,5 @@ pub mod tcpwin;
 pub mod time;
 pub mod wire;
 
-pub use engine::{Engine, Event, IfaceId, Offload, Outbox, Reason, Verdict, UPLINK};
+pub use engine::{Engine, Event, IfaceId, MtuError, Offload, Outbox, Reason, Verdict, UPLINK};
 pub use time::Instant;

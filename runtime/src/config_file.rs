@@ -29,7 +29,13 @@
 //!       /qubes-firewall/10.137.0.10/0000: action=drop
 //!   - at_packet: 5
 //!     tick_ns: 1704067230000000000   # run the engine's timers at this time (ns, capture clock)
+//!   - at_packet: 7
+//!     link_mtu: {eth0: 1400}         # a link's own MTU changed (what netlink tells a service)
 //! ```
+//!
+//! `link_mtu` stands for the device: a service reads each link's MTU from the kernel and
+//! follows its changes; the `mtu` keys above can only lower it (the effective MTU is the
+//! smaller of the two, flows are kept).
 //!
 //! In a running service, names missing from `dns` are looked up through the uplink; in a
 //! replay they fail to resolve. serde_yaml is used only here, so it can be swapped for a
@@ -127,6 +133,10 @@ pub struct Step {
     /// Replaces the vif list (qubes started and stopped, as XenStore would show it).
     #[serde(default)]
     pub vifs: Option<Vec<VifEntry>>,
+    /// Links whose device MTU changes (`ip link set mtu`, as netlink would report it), by
+    /// interface name.
+    #[serde(default)]
+    pub link_mtu: BTreeMap<String, u16>,
 }
 
 /// The configuration file of a service, and of a replay (see the module documentation).
@@ -254,10 +264,36 @@ impl ConfigFile {
     /// Checks what the schema cannot say.
     pub fn check(&self) -> Result<(), ConfigError> {
         for (i, s) in self.steps.iter().enumerate() {
-            if s.qubesdb.is_empty() && s.tick_ns.is_none() && s.vifs.is_none() {
+            if s.qubesdb.is_empty()
+                && s.tick_ns.is_none()
+                && s.vifs.is_none()
+                && s.link_mtu.is_empty()
+            {
                 return Err(invalid(format!(
-                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb, vifs or tick_ns",
+                    "steps[{i}] (at_packet {}) has nothing to do: give qubesdb, vifs, \
+                     link_mtu or tick_ns",
                     s.at_packet
+                )));
+            }
+            for (name, &mtu) in &s.link_mtu {
+                if mtu < qubes_engine::frag::MIN_MTU {
+                    return Err(invalid(format!(
+                        "steps[{i}]: link_mtu {name}: {mtu} is below {} (RFC 791)",
+                        qubes_engine::frag::MIN_MTU
+                    )));
+                }
+            }
+        }
+        let mtus = std::iter::once(("uplink.mtu".to_string(), self.uplink.mtu)).chain(
+            self.vifs
+                .iter()
+                .filter_map(|v| v.mtu.map(|m| (format!("vifs {}: mtu", v.name), m))),
+        );
+        for (what, mtu) in mtus {
+            if mtu < qubes_engine::frag::MIN_MTU {
+                return Err(invalid(format!(
+                    "{what} {mtu} is below {} (RFC 791: every IPv4 link carries 68 bytes)",
+                    qubes_engine::frag::MIN_MTU
                 )));
             }
         }

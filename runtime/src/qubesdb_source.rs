@@ -7,7 +7,12 @@
 //! does. Everything else in the tree (our addresses, DNS, the vif list) applies when written.
 //!
 //! The vif list, which Qubes keeps in XenStore, is read from `/qubes-vif/<name>/ip`, `mac`,
-//! and optionally `ip6` and `mtu` (our convention; see docs/lab.md).
+//! and optionally `ip6` and `mtu` (our convention; see docs/lab.md). Upstream Qubes has no
+//! MTU key in QubesDB at all: qubes-core-agent-linux `network/vif-route-qubes` leaves the vif
+//! at the kernel's MTU, and Xen's `mtu` key in the vif's XenStore backend directory (libxl,
+//! applied by `set_mtu` in xen tools/hotplug/Linux/xen-network-common.sh) is what a toolstack
+//! sets. `mtu` here stands for that key; `/qubes-uplink-mtu` for the uplink's. Either can only
+//! lower the link's own MTU, which the service reads from the device.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,7 +26,23 @@ use crate::error::ServiceError;
 use crate::source::Desired;
 
 /// `/qubes-vif/<name>/`: ip, mac, ip6, mtu as read.
-type VifKeys = (Option<String>, Option<String>, Option<String>, Option<u16>);
+type VifKeys = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// An MTU key's value: a number from 68 (the IPv4 minimum, RFC 791) to 65535.
+fn parse_mtu(key: &str, v: &str) -> Result<u16, ServiceError> {
+    match v.trim().parse::<u16>() {
+        Ok(m) if m >= qubes_engine::frag::MIN_MTU => Ok(m),
+        _ => Err(bad(format!(
+            "{key}: {v:?} is not an MTU (a number from {} to 65535)",
+            qubes_engine::frag::MIN_MTU
+        ))),
+    }
+}
 
 /// A QubesDB connection and the committed rule snapshots.
 #[derive(Debug)]
@@ -130,7 +151,7 @@ impl QubesDbSource {
                 "ip" => e.0 = Some(v.clone()),
                 "mac" => e.1 = Some(v.clone()),
                 "ip6" => e.2 = Some(v.clone()).filter(|s| !s.is_empty()),
-                "mtu" => e.3 = v.parse().ok(),
+                "mtu" => e.3 = Some(v.clone()),
                 _ => {}
             }
         }
@@ -149,12 +170,16 @@ impl QubesDbSource {
                     })?),
                     None => None,
                 };
+            let mtu = match mtu {
+                Some(m) => Some(parse_mtu(&format!("/qubes-vif/{name}/mtu"), &m)?),
+                None => None,
+            };
             list.push((VifInfo { name, ip, ip6, mac }, mtu));
         }
-        let uplink_mtu = tree
-            .get("/qubes-uplink-mtu")
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(1500);
+        let uplink_mtu = match tree.get("/qubes-uplink-mtu") {
+            Some(m) => parse_mtu("/qubes-uplink-mtu", m)?,
+            None => qubes_engine::config::DEFAULT_MTU,
+        };
         Ok(Desired {
             tree: t,
             vifs: list,

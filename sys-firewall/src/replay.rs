@@ -40,7 +40,13 @@
 //!       /qubes-firewall/10.137.0.10/0000: action=drop
 //!   - at_packet: 5
 //!     tick_ns: 1704067230000000000   # run the engine's timers at this time (ns, capture clock)
+//!   - at_packet: 7
+//!     link_mtu: {eth0: 1400}         # the device's MTU changed, as netlink tells the service
 //! ```
+//!
+//! A `link_mtu` step does what `sys-firewall run` does on an `RTM_NEWLINK` with a new MTU:
+//! `Engine::set_mtu` with the effective MTU (the device's, lowered by a configured `mtu`),
+//! without reconfiguring, so flows are kept; later configuration steps keep it.
 //!
 //! # Time
 //!
@@ -196,6 +202,8 @@ pub struct Replayer {
     out: Outbox,
     frames: Vec<Emitted>,
     events: Vec<EventRecord>,
+    /// Device MTUs set by `link_mtu` steps, by interface name.
+    link_mtu: BTreeMap<String, u16>,
 }
 
 impl Replayer {
@@ -225,7 +233,41 @@ impl Replayer {
             out: Outbox::new(),
             frames: Vec::new(),
             events: Vec::new(),
+            link_mtu: BTreeMap::new(),
         })
+    }
+
+    /// What the configuration allows on an interface (1500 where nothing is configured).
+    fn configured_mtu(&self, name: &str) -> u16 {
+        if name == self.cfg.uplink.name {
+            return self.cfg.uplink.mtu;
+        }
+        self.vifs
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.mtu)
+            .unwrap_or(qubes_engine::config::DEFAULT_MTU)
+    }
+
+    /// A `link_mtu` step: every name checked first, so a bad one changes nothing.
+    fn set_link_mtus(&mut self, i: usize, mtus: &BTreeMap<String, u16>) -> Result<(), ReplayError> {
+        let mut ids = Vec::with_capacity(mtus.len());
+        for (name, &mtu) in mtus {
+            let id = self.engine.iface_by_name(name).ok_or_else(|| {
+                ReplayError::config(format!(
+                    "steps[{i}]: link_mtu {name}: no such interface at this point"
+                ))
+            })?;
+            ids.push((id, name.clone(), mtu));
+        }
+        for (id, name, mtu) in ids {
+            self.link_mtu.insert(name.clone(), mtu);
+            let want = crate::service::effective_mtu(self.configured_mtu(&name), Some(mtu));
+            self.engine
+                .set_mtu(id, want)
+                .map_err(|e| ReplayError::config(format!("steps[{i}]: link_mtu: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The engine's interfaces, uplink first.
@@ -353,15 +395,26 @@ impl Replayer {
                 if let Some(v) = &step.vifs {
                     self.vifs.clone_from(v);
                 }
-                let cfg = self
+                let mut cfg = self
                     .cfg
                     .engine_config_with(&self.tree, &self.vifs, self.seed)
                     .map_err(|e| ReplayError::config(format!("steps[{i}]: {}", e.message())))?;
+                // Links keep the MTU their device has, as in the service.
+                let dev = |n: &str| self.link_mtu.get(n).copied();
+                cfg.uplink.mtu =
+                    crate::service::effective_mtu(cfg.uplink.mtu, dev(&cfg.uplink.name));
+                for c in &mut cfg.clients {
+                    c.mtu = crate::service::effective_mtu(c.mtu, dev(&c.vif));
+                }
                 let now = self.now.max(ts_ns);
                 self.now = now;
                 let mut out = std::mem::take(&mut self.out);
                 out.clear();
                 let applied = self.engine.apply(Instant::from_nanos(now), cfg, &mut out);
+                // A vif that went takes its device with it: one that comes back is a new
+                // device, at its own MTU.
+                let names: Vec<String> = self.engine.ifaces().into_iter().map(|(_, n)| n).collect();
+                self.link_mtu.retain(|n, _| names.contains(n));
                 // A vif that came is an interface of the output capture from now on; one
                 // that went stays listed (its earlier frames name it).
                 for (id, name) in self.engine.ifaces() {
@@ -377,6 +430,9 @@ impl Replayer {
                 };
                 self.out = out;
                 r?;
+            }
+            if !step.link_mtu.is_empty() {
+                self.set_link_mtus(i, &step.link_mtu)?;
             }
             if let Some(t) = step.tick_ns {
                 if t < self.now {
@@ -668,6 +724,36 @@ dns:
             replay(&cfg, &empty, None).expect("replay"),
             replay(&cfg, &empty, None).expect("replay")
         );
+    }
+
+    #[test]
+    fn link_mtu_steps_are_checked_by_name_and_value() {
+        let names = vec!["eth0".to_string(), "vif3.0".to_string()];
+        let empty = write_capture(&names, &[]).expect("write");
+        let cfg = ReplayConfig::from_yaml(&format!(
+            "{CONFIG}steps:\n  - at_packet: 0\n    link_mtu: {{vif7.0: 1400}}\n"
+        ))
+        .expect("valid");
+        let e = replay(&cfg, &empty, None).expect_err("no such interface");
+        assert!(e.to_string().contains("steps[0]: link_mtu vif7.0"), "{e}");
+        let e = ReplayConfig::from_yaml(&format!(
+            "{CONFIG}steps:\n  - at_packet: 0\n    link_mtu: {{eth0: 60}}\n"
+        ))
+        .expect_err("below 68");
+        assert!(e.to_string().contains("link_mtu eth0: 60"), "{e}");
+        let e = ReplayConfig::from_yaml(&format!("{CONFIG}uplink: {{mtu: 20}}\n"))
+            .expect_err("below 68");
+        assert!(e.to_string().contains("uplink.mtu 20"), "{e}");
+        // A good one applies, and a configured lower MTU still caps it.
+        let cfg = ReplayConfig::from_yaml(&format!(
+            "{CONFIG}uplink: {{mtu: 1300}}\nsteps:\n  - at_packet: 0\n    link_mtu: {{eth0: 1400, vif3.0: 1280}}\n"
+        ))
+        .expect("valid");
+        let mut r = Replayer::new(&cfg, None).expect("replayer");
+        r.run_due_steps(1).expect("steps");
+        assert_eq!(r.engine.mtu_of(qubes_engine::UPLINK), Some(1300));
+        let vif = r.engine.iface_by_name("vif3.0").expect("vif");
+        assert_eq!(r.engine.mtu_of(vif), Some(1280));
     }
 
     #[test]

@@ -60,6 +60,9 @@ struct Service {
     local: LocalServices,
     drops: DropLog,
     last_file_check: Clock,
+    /// Each attached device's MTU as the kernel last told it (read at attach, then followed
+    /// through netlink `RTM_NEWLINK`).
+    link_mtu: BTreeMap<String, u16>,
 }
 
 fn random_seed() -> u64 {
@@ -78,9 +81,37 @@ fn random_seed() -> u64 {
 }
 
 /// The engine configuration for what is wanted and what exists: vifs whose netdev is not
-/// there are left out until it appears.
-fn engine_config(d: &Desired, seed: u64) -> Result<EngineConfig, ServiceError> {
-    Ok(d.engine_config(seed, |name| sys::if_index(name).is_some())?)
+/// there are left out until it appears. Each link's MTU is the device's, lowered by a
+/// configured one ([`effective_mtu`]).
+fn engine_config(
+    d: &Desired,
+    seed: u64,
+    link_mtu: &BTreeMap<String, u16>,
+) -> Result<EngineConfig, ServiceError> {
+    let mut cfg = d.engine_config(seed, |name| sys::if_index(name).is_some())?;
+    cfg.uplink.mtu = effective_mtu(cfg.uplink.mtu, link_mtu.get(&cfg.uplink.name).copied());
+    for c in &mut cfg.clients {
+        c.mtu = effective_mtu(c.mtu, link_mtu.get(&c.vif).copied());
+    }
+    Ok(cfg)
+}
+
+/// A link carries what its device carries (the kernel's MTU: `ip link set mtu`, or what the
+/// toolstack set, e.g. Xen's hotplug `set_mtu` from the backend's XenStore `mtu` key in
+/// tools/hotplug/Linux/xen-network-common.sh), and no more than the configuration allows
+/// (the YAML `mtu` keys, `/qubes-uplink-mtu`, `/qubes-vif/<vif>/mtu`; 1500 when none is
+/// given). A device MTU below the IPv4 minimum is not believed: the configured one stays.
+pub fn effective_mtu(configured: u16, device: Option<u16>) -> u16 {
+    match device {
+        Some(d) if d >= qubes_engine::frag::MIN_MTU => d.min(configured),
+        _ => configured,
+    }
+}
+
+/// The MTU a netlink message reports, as the engine holds it (a `u16`: IPv4 and IPv6
+/// without jumbograms never carry more than 65535).
+fn link_mtu_of(mtu: Option<u32>) -> Option<u16> {
+    mtu.map(|m| u16::try_from(m).unwrap_or(u16::MAX))
 }
 
 /// Runs the service until SIGTERM/SIGINT.
@@ -93,7 +124,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         });
     }
     let seed = random_seed();
-    let cfg = engine_config(&desired, seed)?;
+    let cfg = engine_config(&desired, seed, &BTreeMap::new())?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
     let engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
     let control = ControlServer::bind(&opts.control, "sys-firewall")?;
@@ -114,6 +145,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         local,
         drops: DropLog::new(),
         last_file_check: Clock::now(),
+        link_mtu: BTreeMap::new(),
     };
     svc.sync_devices()?;
     svc.control.publish()?;
@@ -151,8 +183,14 @@ impl Service {
                     for knob in sys::quiet_kernel(name) {
                         tracing::warn!(iface = name.as_str(), knob, "could not set");
                     }
-                    tracing::info!(iface = name.as_str(), "attached");
+                    let mtu = s.mtu();
+                    tracing::info!(iface = name.as_str(), mtu, "attached");
+                    match mtu {
+                        Some(m) => self.link_mtu.insert(name.clone(), m),
+                        None => self.link_mtu.remove(name),
+                    };
                     self.devices.insert(*id, s);
+                    self.follow_mtu(*id);
                 }
                 Err(source) if *id == UPLINK => {
                     return Err(ServiceError::Device {
@@ -165,7 +203,47 @@ impl Service {
         }
         let names: Vec<String> = ifaces.into_iter().map(|(_, n)| n).collect();
         self.drops.retain(|n| names.iter().any(|m| m == n));
+        self.link_mtu.retain(|n, _| names.iter().any(|m| m == n));
         Ok(())
+    }
+
+    /// What the configuration allows on an interface, before the device has its say.
+    fn configured_mtu(&self, name: &str) -> u16 {
+        if name == self.desired.uplink {
+            return self.desired.uplink_mtu;
+        }
+        self.desired
+            .vifs
+            .iter()
+            .find(|(v, _)| v.name == name)
+            .and_then(|(_, m)| *m)
+            .unwrap_or(qubes_engine::config::DEFAULT_MTU)
+    }
+
+    /// Brings the engine's MTU of one interface to the effective one. Flows stay: a link
+    /// whose MTU changes carries the same connections, as with a kernel router.
+    fn follow_mtu(&mut self, id: IfaceId) {
+        let Some(name) = self.engine.iface_name(id).map(str::to_string) else {
+            return;
+        };
+        let want = effective_mtu(
+            self.configured_mtu(&name),
+            self.link_mtu.get(&name).copied(),
+        );
+        if self.engine.mtu_of(id) == Some(want) {
+            return;
+        }
+        match self.engine.set_mtu(id, want) {
+            Ok(()) => {
+                tracing::info!(iface = name.as_str(), mtu = want, "MTU");
+                if id == UPLINK {
+                    // The host stack's own packets (DNS lookups) must fit too.
+                    self.local
+                        .configure(self.engine.config(), dns_servers(&self.desired.tree));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "MTU not changed"),
+        }
     }
 
     /// Re-reads the configuration and applies it; on error keeps the old one running.
@@ -177,7 +255,7 @@ impl Service {
     fn apply(&mut self, desired: Desired, why: &str) -> Result<(), ServiceError> {
         let t0 = Clock::now();
         let seed = self.engine.config().seed;
-        let cfg = engine_config(&desired, seed)?;
+        let cfg = engine_config(&desired, seed, &self.link_mtu)?;
         let now = self.now();
         self.engine
             .apply(now, cfg, &mut self.out)
@@ -395,6 +473,22 @@ impl Service {
                 return;
             }
         };
+        // MTU changes of attached links are followed in place (no reconfiguration).
+        for e in &events {
+            if let LinkEvent::Changed(st) = e {
+                let Some(id) = self.engine.iface_by_name(&st.name) else {
+                    continue;
+                };
+                if !self.devices.contains_key(&id) {
+                    continue;
+                }
+                if let Some(m) = link_mtu_of(st.mtu) {
+                    if self.link_mtu.insert(st.name.clone(), m) != Some(m) {
+                        self.follow_mtu(id);
+                    }
+                }
+            }
+        }
         let attached = |svc: &Self, n: &str| svc.devices.values().any(|d| d.name() == n);
         let relevant = events.iter().any(|e| match e {
             LinkEvent::Overrun => true,
@@ -431,7 +525,17 @@ impl Service {
             return Ok(());
         };
         if q.poll_watches()? {
-            let d = q.desired()?;
+            let d = match q.desired() {
+                Ok(d) => d,
+                // A key with a bad value (an MTU that is not one, a vif without an address):
+                // refused like any bad configuration, and the running one stays. Anything
+                // else (QubesDB gone) still ends the service.
+                Err(ServiceError::Config(e)) => {
+                    tracing::error!(error = %e, "QubesDB change could not be applied");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             if let Err(e) = self.apply(d, "QubesDB commit") {
                 tracing::error!(error = %e, "QubesDB change could not be applied");
             }
@@ -460,10 +564,11 @@ impl Service {
         let (mac, known) = self.engine.netvm_mac();
         s.push_str(&format!("config-generation {}\n", self.generation));
         s.push_str(&format!(
-            "uplink {} address {} mac {} netvm {} mac {}{}\n",
+            "uplink {} address {} mac {} mtu {} netvm {} mac {}{}\n",
             cfg.uplink.name,
             cfg.uplink.ip,
             format_mac(&cfg.uplink.mac),
+            cfg.uplink.mtu,
             cfg.uplink.gateway,
             format_mac(&mac),
             if known { "" } else { " (not learned yet)" }
@@ -487,12 +592,13 @@ impl Service {
             let rules = c.rules.iter().filter(|(k, _)| k != "policy").count();
             let flows = ct.iter().filter(|(_, f)| f.key.client == id).count();
             s.push_str(&format!(
-                "client {} address {}{} rules {} flows {}{}\n",
+                "client {} address {}{} rules {} flows {} mtu {}{}\n",
                 c.vif,
                 c.ip,
                 c.ip6.map(|a| format!(" {a}")).unwrap_or_default(),
                 rules,
                 flows,
+                c.mtu,
                 match self.engine.blocked(id) {
                     Some(why) => format!(" BLOCKED: {why}"),
                     None => String::new(),
@@ -519,4 +625,21 @@ impl Service {
 /// `sys-firewall status` / `reload`: one request on the control socket.
 pub fn control(socket: &std::path::Path, command: &str) -> Result<String, ServiceError> {
     qubes_service_runtime::control::request(socket, command, "sys-firewall")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_mtu_counts_and_a_configured_one_may_lower_it() {
+        assert_eq!(effective_mtu(1500, Some(1400)), 1400);
+        assert_eq!(effective_mtu(1400, Some(1500)), 1400);
+        assert_eq!(effective_mtu(1500, Some(9000)), 1500);
+        assert_eq!(effective_mtu(1500, None), 1500);
+        // A device claiming less than IPv4's minimum is not believed.
+        assert_eq!(effective_mtu(1500, Some(0)), 1500);
+        assert_eq!(link_mtu_of(Some(70_000)), Some(u16::MAX));
+        assert_eq!(link_mtu_of(None), None);
+    }
 }

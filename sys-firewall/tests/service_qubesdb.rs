@@ -319,3 +319,73 @@ fn commit_to_enforced_latency() {
     drop(c);
     server.shutdown().expect("shutdown");
 }
+
+/// The `mtu N` of a status line that starts with `prefix`.
+fn status_mtu(status: &str, prefix: &str) -> Option<u16> {
+    let line = status.lines().find(|l| l.starts_with(prefix))?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    w.windows(2)
+        .find(|p| p[0] == "mtu")
+        .and_then(|p| p[1].parse().ok())
+}
+
+#[test]
+fn link_mtus_are_read_followed_and_lowered_by_keys() {
+    if !testkit::require_root("link_mtus_are_read_followed_and_lowered_by_keys") {
+        return;
+    }
+    let mut lab = Lab::new();
+    // A device MTU below 1500 before the service starts: read at attach.
+    ip(&["-n", &lab.ns, "link", "set", "vif3.0", "mtu", "1450"]);
+    let sock = lab.path("qubesdb.sock");
+    let server = Server::bind(&sock)
+        .expect("bind")
+        .with_tree(base_tree())
+        .spawn()
+        .expect("qubesdb");
+    lab.start(&sock);
+    let mut c = Client::connect(&sock).expect("client");
+    wait_handled(&mut c, 1);
+    lab.wait_status("the vif's MTU read at attach", |s| {
+        status_mtu(s, "client vif3.0") == Some(1450) && status_mtu(s, "uplink eth0") == Some(1500)
+    });
+    // Changes follow netlink, flows or not.
+    ip(&["-n", &lab.ns, "link", "set", "eth0", "mtu", "1400"]);
+    lab.wait_status("the uplink's MTU change", |s| {
+        status_mtu(s, "uplink eth0") == Some(1400)
+    });
+    // A configured key lowers it; a reload keeps the device's value where it is lower.
+    c.write("/qubes-vif/vif3.0/mtu", b"1300").expect("write");
+    lab.wait_status("the configured vif MTU", |s| {
+        status_mtu(s, "client vif3.0") == Some(1300) && status_mtu(s, "uplink eth0") == Some(1400)
+    });
+    // A key cannot raise it above the device's.
+    c.write("/qubes-uplink-mtu", b"9000").expect("write");
+    c.write("/qubes-vif/vif3.0/mtu", b"9000").expect("write");
+    lab.wait_status("the device's MTU as the limit", |s| {
+        status_mtu(s, "client vif3.0") == Some(1450) && status_mtu(s, "uplink eth0") == Some(1400)
+    });
+    // A bad value is refused and the running configuration stays.
+    c.write("/qubes-vif/vif3.0/mtu", b"60").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_sys-firewall"))
+        .arg("reload")
+        .arg("--control")
+        .arg(lab.path("control.sock"))
+        .output()
+        .expect("reload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("/qubes-vif/vif3.0/mtu"), "{text}");
+    let s = lab.status();
+    assert_eq!(status_mtu(&s, "client vif3.0"), Some(1450), "{s}");
+    if let Some(mut child) = lab.service.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(c);
+    server.shutdown().expect("shutdown");
+}

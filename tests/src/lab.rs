@@ -765,3 +765,51 @@ pub fn matrix(name: &str) -> Result<()> {
     print!("{}", matrix_text(&topo, state.firewall)?);
     Ok(())
 }
+
+/// `mtu QUBE MTU`: both ends of the qube's link to its netvm get the new MTU. A veth pair
+/// carries what the sender's MTU allows and the receiver drops what exceeds its own, so one
+/// end alone would not make a 1400-byte link.
+pub fn set_mtu(name: &str, qube: &str, mtu: u16) -> Result<()> {
+    state::need_root()?;
+    let (state, topo, paths) = load(name)?;
+    let q = topo.get(qube)?;
+    let (Some(netvm), Some(vif)) = (topo.netvm_of(q), q.vif()) else {
+        return err(format!("{qube} has no netvm, so no link to set an MTU on"));
+    };
+    if !q.running {
+        return err(format!(
+            "{qube} is halted: it has no link (`qubes-lab start {qube}`)"
+        ));
+    }
+    let mtu_s = mtu.to_string();
+    // The netvm's end first: until the qube's end follows, the qube may still send bigger
+    // packets, which the smaller end then drops, as a real link with mismatched ends does.
+    Cmd::ip(&netvm.ns)
+        .args(["link", "set", "dev", &vif, "mtu", &mtu_s])
+        .run()?;
+    Cmd::ip(&q.ns)
+        .args(["link", "set", "dev", "eth0", "mtu", &mtu_s])
+        .run()?;
+    // Our service follows netlink; wait until its status shows the new MTU, so that what
+    // runs next meets it (a Linux sys-firewall uses the link MTU at once).
+    if state.firewall == FirewallKind::Rust {
+        let line = if q.role == Role::Firewall {
+            Some("uplink ".to_string())
+        } else if netvm.role == Role::Firewall {
+            Some(format!("client {vif} "))
+        } else {
+            None
+        };
+        if let Some(prefix) = line {
+            let want = mtu.to_string();
+            service::wait_status(&paths, None, &format!("follow MTU {mtu}"), |st| {
+                st.lines().filter(|l| l.starts_with(&prefix)).any(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    w.windows(2).any(|p| p[0] == "mtu" && p[1] == want)
+                })
+            })?;
+        }
+    }
+    println!("{qube}: eth0 and {vif} in {} have MTU {mtu}", netvm.name);
+    Ok(())
+}

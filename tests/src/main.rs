@@ -117,6 +117,25 @@ struct FirewallArgs {
     args: Vec<String>,
 }
 
+const MTU_HELP: &str = "\
+Sets the MTU of the link between QUBE and its netvm on both ends, as `ip link set mtu` would
+on a real vif: the qube's eth0 and its backend vifD.0 in the netvm (for sys-firewall: its eth0
+and vif2.0 in sys-net). The link then carries at most MTU bytes per IP packet in both
+directions. A Linux netvm follows at once (the kernel uses the link MTU); our service follows
+the netlink change without losing flows. A qube restarted with `start` gets a new vif at the
+default 1500, as a new Xen vif does. MTU is 68 (the IPv4 minimum) to 65535.";
+
+#[derive(Debug, Args)]
+struct MtuArgs {
+    #[command(flatten)]
+    name: NameArg,
+    /// The qube whose link to its netvm changes (sys-firewall, work, personal, ...)
+    qube: String,
+    /// The new MTU (68-65535)
+    #[arg(value_parser = clap::value_parser!(u16).range(68..))]
+    mtu: u16,
+}
+
 #[derive(Debug, Args)]
 struct QubesdbWriteArgs {
     #[command(flatten)]
@@ -210,6 +229,9 @@ enum Command {
     /// Start a halted qube as qvm-start does: the next domid, a new vifN.0, same IP, MAC, rules
     #[command(after_long_help = START_HELP)]
     Start(QubeArgs),
+    /// Set the MTU of a qube's link to its netvm, on both ends of the veth pair
+    #[command(after_long_help = MTU_HELP)]
+    Mtu(MtuArgs),
     /// Write a raw key into a client's netvm's QubesDB tree (tests)
     #[command(hide = true)]
     QubesdbWrite(QubesdbWriteArgs),
@@ -247,6 +269,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
         Command::Firewall(a) => lab::firewall(&a.name.name, &a.qube, &a.args).map(code),
         Command::Matrix(a) => lab::matrix(&a.name).map(|_| ExitCode::SUCCESS),
         Command::RestartFirewall(a) => lab::restart_firewall(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::Mtu(a) => lab::set_mtu(&a.name.name, &a.qube, a.mtu).map(|_| ExitCode::SUCCESS),
         Command::Stop(a) => lifecycle::stop(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
         Command::Start(a) => lifecycle::start(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
         Command::QubesdbWrite(a) => {

@@ -990,3 +990,141 @@ fn restarting_a_qube_gives_it_the_next_vif_and_leaves_other_connections_alone() 
     personal_ok("at the end");
     lab.down();
 }
+
+/// `ping -c1 -W2 -n -M PMTUDISC -s SIZE dst` in a qube: (succeeded, stdout and stderr).
+fn ping(lab: &Lab, qube: &str, pmtudisc: &str, size: u32, dst: &str) -> (bool, String) {
+    let s = size.to_string();
+    let out = lab.cmd_output(
+        &["exec"],
+        &[
+            qube, "--", "ping", "-c1", "-W2", "-n", "-M", pmtudisc, "-s", &s, dst,
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "[{}] {qube}: ping -M {pmtudisc} -s {size} {dst}:\n{text}",
+        lab.name
+    );
+    (out.status.success(), text)
+}
+
+/// A TCP bulk transfer with the world's iperf3 (2 s; `reverse`: the world sends):
+/// (megabytes received, Mbit/s), or the failure's text.
+fn iperf(lab: &Lab, qube: &str, reverse: bool) -> Result<(f64, f64), String> {
+    let mut args = vec![
+        qube,
+        "--",
+        "timeout",
+        "15",
+        "iperf3",
+        "-c",
+        WEB,
+        "-t",
+        "2",
+        "-f",
+        "m",
+        "--connect-timeout",
+        "3000",
+    ];
+    if reverse {
+        args.push("-R");
+    }
+    let out = lab.cmd_output(&["exec"], &args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.trim_end().ends_with("receiver"));
+    let parsed = line.and_then(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let at = |unit: &str| {
+            w.iter()
+                .position(|x| *x == unit)
+                .and_then(|i| w.get(i.wrapping_sub(1)))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let mb = at("MBytes").or_else(|| at("GBytes").map(|g| g * 1024.0))?;
+        Some((mb, at("Mbits/sec")?))
+    });
+    eprintln!(
+        "[{}] {qube}: iperf3{}: {parsed:?}",
+        lab.name,
+        if reverse { " -R" } else { "" }
+    );
+    match (out.status.success(), parsed) {
+        (true, Some(p)) => Ok(p),
+        _ => Err(output_text(&out)),
+    }
+}
+
+#[test]
+fn a_1400_byte_link_gets_frag_needed_fragments_and_working_tcp() {
+    // With the sys-firewall <-> sys-net link at 1400, a router answers DF packets that do not
+    // fit with ICMP fragmentation needed carrying the MTU (RFC 1191 section 4), fragments the
+    // others (RFC 791), and so TCP finds the path MTU and moves data. With a client's link at
+    // 1400, a 1428-byte reply reaches the client as fragments.
+    let Some(lab) = Lab::up() else { return };
+    let mut echo = lab.spawn_in(
+        &lab.ns("work"),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "3000"],
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("connected")
+    );
+    echo.send("before");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok before")
+    );
+    lab.cmd(&["mtu"], &["sys-firewall", "1400"]);
+    // The link changed under an open connection, which carries on.
+    echo.send("after");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok after"),
+        "the connection opened before the MTU change"
+    );
+    drop(echo);
+
+    // 1372 + 8 + 20 = 1400: fits.
+    let (ok, text) = ping(&lab, "work", "do", 1372, WEB);
+    assert!(ok, "a 1400-byte DF ping must pass: {text}");
+    // 1500 bytes with DF: fragmentation needed from the firewall, with the next-hop MTU.
+    let (ok, text) = ping(&lab, "work", "do", 1472, WEB);
+    assert!(!ok, "a 1500-byte DF ping cannot pass a 1400 link: {text}");
+    assert!(
+        text.contains("From 10.137.0.6") && text.contains("Frag needed and DF set (mtu = 1400)"),
+        "want frag-needed (mtu 1400) from sys-firewall: {text}"
+    );
+    // Now the sender knows: the kernel refuses locally, with the MTU it learned.
+    let (ok, text) = ping(&lab, "work", "do", 1472, WEB);
+    assert!(!ok && text.contains("mtu=1400"), "{text}");
+    // Without DF the packet goes through, in fragments.
+    let (ok, text) = ping(&lab, "work", "dont", 1472, WEB);
+    assert!(
+        ok,
+        "a 1500-byte ping without DF must be fragmented, not lost: {text}"
+    );
+    for reverse in [false, true] {
+        let (mb, _) = iperf(&lab, "work", reverse)
+            .unwrap_or_else(|e| panic!("TCP across the 1400 link (reverse {reverse}): {e}"));
+        assert!(mb >= 5.0, "only {mb} MB in 2 s (reverse {reverse})");
+    }
+
+    // The client's own link at 1400.
+    lab.cmd(&["mtu"], &["work", "1400"]);
+    // 1428-byte request (fragmented by work) and 1428-byte reply: the reply must reach work
+    // as fragments (Linux's echo replies carry no DF).
+    let (ok, text) = ping(&lab, "work", "dont", 1400, WEB);
+    assert!(ok, "a 1428-byte reply to a 1400 client must arrive: {text}");
+    let (ok, text) = ping(&lab, "work", "do", 1372, WEB);
+    assert!(ok, "{text}");
+    let (mb, _) = iperf(&lab, "work", true).unwrap_or_else(|e| panic!("TCP to a 1400 client: {e}"));
+    assert!(mb >= 5.0, "only {mb} MB in 2 s to the 1400 client");
+    // Other clients keep their 1500.
+    let (ok, text) = ping(&lab, "personal", "do", 1372, WEB);
+    assert!(ok, "{text}");
+    lab.down();
+}

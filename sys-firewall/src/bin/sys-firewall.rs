@@ -39,7 +39,10 @@ AF_PACKET sockets (in Qubes the kernel's netback creates vifN.M; anywhere else t
 ends), and forwards between them in userspace. It keeps the kernel out of the way on those
 interfaces (no forwarding, no ARP answers, no IPv6), so give them no IP addresses: the service
 answers ARP for its own address itself. Vifs that appear or disappear later are noticed
-(netlink link events). Needs root (CAP_NET_RAW and CAP_NET_ADMIN).
+(netlink link events), and so are MTU changes: each link's MTU is the device's, read at attach
+and followed without losing flows, lowered by a configured `mtu` (YAML `uplink.mtu` and a
+vif's `mtu`; /qubes-uplink-mtu and /qubes-vif/<name>/mtu in QubesDB), 1500 at most when none
+is configured. Needs root (CAP_NET_RAW and CAP_NET_ADMIN).
 
 Configuration, one of:
   --config FILE     the YAML format of `sys-firewall replay --help` (uplink, qubesdb, vifs,
@@ -108,8 +111,10 @@ The configuration (YAML; only qubesdb is required, unknown fields are errors):
   steps:                            # optional changes before input packet N (0-based)
     - {at_packet: 3, qubesdb: {/qubes-firewall/10.137.0.10/0000: action=drop}}
     - {at_packet: 5, tick_ns: 1704067230000000000}   # run timers at this time
+    - {at_packet: 7, link_mtu: {eth0: 1400}}         # a device's MTU changes (netlink)
 
-Set a key to null in a step to remove it. See tests/pcap/README.md for more.";
+Set a key to null in a step to remove it. A link's MTU is the smaller of its configured mtu
+and its link_mtu; a link_mtu step keeps flows. See tests/pcap/README.md for more.";
 
 #[derive(Debug, Args)]
 #[command(after_long_help = REPLAY_HELP)]

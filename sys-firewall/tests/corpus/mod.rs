@@ -63,6 +63,8 @@ struct StepCfg {
     tick_ms: Option<u64>,
     /// The new vif list (qubes started or stopped), in list order.
     vifs: Option<Vec<Client>>,
+    /// Links whose device MTU changes.
+    link_mtu: Vec<(String, u16)>,
 }
 
 /// A replay configuration under construction; rendered to config.yaml.
@@ -137,6 +139,14 @@ impl Cfg {
         self
     }
 
+    /// The configured MTU of a vif already added (the `mtu` of its `vifs` entry).
+    pub fn vif_mtu(mut self, c: &Client, mtu: u16) -> Self {
+        for v in self.vifs.iter_mut().filter(|(v, _)| v.vif == c.vif) {
+            v.1 = Some(mtu);
+        }
+        self
+    }
+
     fn entries(addr: &str, rules: &[&str]) -> Vec<(String, String)> {
         let base = format!("/qubes-firewall/{addr}");
         let mut v = vec![
@@ -208,8 +218,7 @@ impl Cfg {
         self.steps.push(StepCfg {
             at,
             qubesdb: changes,
-            tick_ms: None,
-            vifs: None,
+            ..StepCfg::default()
         });
         self
     }
@@ -229,9 +238,19 @@ impl Cfg {
     pub fn step_tick(mut self, at: usize, ms: u64) -> Self {
         self.steps.push(StepCfg {
             at,
-            qubesdb: Vec::new(),
             tick_ms: Some(ms),
-            vifs: None,
+            ..StepCfg::default()
+        });
+        self
+    }
+
+    /// Before input packet `at`, the device MTU of link `iface` becomes `mtu` (`ip link set
+    /// mtu`, which the service hears through netlink).
+    pub fn step_link_mtu(mut self, at: usize, iface: &str, mtu: u16) -> Self {
+        self.steps.push(StepCfg {
+            at,
+            link_mtu: vec![(iface.to_string(), mtu)],
+            ..StepCfg::default()
         });
         self
     }
@@ -302,6 +321,12 @@ impl Cfg {
                     } else {
                         y.push_str("    vifs:\n");
                         vif_list(&mut y, "      ", &v);
+                    }
+                }
+                if !s.link_mtu.is_empty() {
+                    y.push_str("    link_mtu:\n");
+                    for (n, m) in &s.link_mtu {
+                        let _ = writeln!(y, "      {}: {m}", q(n));
                     }
                 }
                 if let Some(ms) = s.tick_ms {

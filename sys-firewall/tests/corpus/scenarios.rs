@@ -150,6 +150,13 @@ scenarios! {
     "66-malformed-bad-l4-checksums" => malformed_bad_l4_checksums,
     "67-malformed-truncated-arp-ipv6" => malformed_truncated_arp_ipv6,
     "68-client-flows-survive-other-qubes-starting-and-stopping" => flows_survive_other_qubes,
+    "73-uplink-mtu-1400-df-frag-needed" => uplink_mtu_1400_df_frag_needed,
+    "74-uplink-mtu-1400-fragments-without-df" => uplink_mtu_1400_fragments_without_df,
+    "75-client-mtu-1400-reply-fragmented" => client_mtu_1400_reply_fragmented,
+    "76-client-mtu-1400-df-reply-frag-needed" => client_mtu_1400_df_reply_frag_needed,
+    "77-client-mtu-1400-ipv6-reply-packet-too-big" => client_mtu_1400_ipv6_reply_too_big,
+    "78-uplink-link-mtu-drops-during-capture-flow-kept" => uplink_link_mtu_drops_flow_kept,
+    "79-client-link-mtu-drops-during-capture" => client_link_mtu_drops,
     "80-tcp-invalid-flags-open-no-flow" => tcp_invalid_flags_open_no_flow,
     "81-tcp-segments-injected-outside-the-window-dropped" => tcp_injection_outside_window,
     "82-icmp-errors-rate-limited-per-destination" => icmp_errors_rate_limited,
@@ -2403,5 +2410,198 @@ fn nat_keeps_port_cut_flow_resumes(s: &mut Script) -> R {
     s.expect("tcp frames on eth0 = 3");
     s.expect("tcp frame 2 on eth0: src 10.137.0.6 sport 40000 dport 80 flags PA seq 1001 paylen 4");
     s.expect("tcp frame 1 on vif3.0: src 198.18.0.10 dport 40000 flags A ack 1005");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 73-79. Link MTUs below 1500 (tracker issue 8)
+//
+// What a router does (Linux `ip_forward` / `ip6_forward`): a packet bigger than the next
+// link's MTU is fragmented when it is IPv4 without DF (RFC 791: fragments carry multiples of
+// 8 data bytes, so from a 20-byte header (1400 - 20) & !7 = 1376 bytes per fragment), and
+// answered with ICMP fragmentation needed carrying the next-hop MTU when DF is set (RFC 1191
+// section 4: type 3 code 4, the MTU in the low 16 bits of the second word) or ICMPv6 packet
+// too big when it is IPv6 (RFC 4443 3.2: type 2 code 0, the MTU in the second word), quoting
+// the packet as it arrived, from the router's address on the link it came in by.
+
+/// The client's 1428-byte UDP datagram (1400 bytes of payload): within the client's 1500,
+/// 28 bytes over a 1400 link.
+fn big_udp(df: bool, payload: usize) -> Vec<u8> {
+    udp(fc(&C3), &at(&C3, 40000), "198.18.0.10:9000")
+        .df(df)
+        .payload_len(payload)
+        .frame()
+}
+
+fn uplink_mtu_1400_df_frag_needed(s: &mut Script) -> R {
+    s.about(
+        "Uplink MTU 1400: a 1428-byte DF packet gets ICMP fragmentation needed (MTU 1400) from \
+         the gateway; a 1400-byte one fits and goes out",
+    );
+    s.config(Cfg::new().client(&C3).uplink_mtu(1400))?;
+    s.send("vif3.0", big_udp(true, 1400))?;
+    s.send("vif3.0", big_udp(true, 1372))?;
+    s.expect("frames on vif3.0 = 1");
+    s.expect(
+        "frame 0 on vif3.0: ipv4 icmp4 type 3 code 4 mtu 1400 smac fe:ff:ff:ff:ff:ff \
+         dmac 00:16:3e:5e:6c:0a src 10.137.0.6 dst 10.137.0.10 \
+         inner ipv4 udp src 10.137.0.10 dst 198.18.0.10 sport 40000 dport 9000",
+    );
+    s.expect("ip frames on eth0 = 1");
+    s.expect(
+        "ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 df yes iplen 1400 dport 9000",
+    );
+    s.expect("counter too-big on vif3.0 = 1");
+    Ok(())
+}
+
+fn uplink_mtu_1400_fragments_without_df(s: &mut Script) -> R {
+    s.about(
+        "Uplink MTU 1400: a 1428-byte packet without DF goes out NATed in two fragments \
+         (1376 + 32 data bytes), nothing comes back",
+    );
+    s.config(Cfg::new().client(&C3).uplink_mtu(1400))?;
+    s.send("vif3.0", big_udp(false, 1400))?;
+    s.expect("ipv4 frames on eth0 = 2");
+    s.expect(
+        "ipv4 frame 0 on eth0: fragment udp src 10.137.0.6 dst 198.18.0.10 dport 9000 mf yes \
+         fragoff 0 iplen 1396",
+    );
+    s.expect(
+        "ipv4 frame 1 on eth0: fragment src 10.137.0.6 dst 198.18.0.10 mf no fragoff 1376 iplen 52",
+    );
+    s.expect("no frames on vif3.0");
+    s.expect("counter accepted on vif3.0 = 1");
+    Ok(())
+}
+
+/// The client's small request, for a reply to come back to.
+fn small_request(s: &mut Script) -> R<Seen> {
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &at(&C3, 40000), "198.18.0.10:9000")
+            .payload(b"request")
+            .frame(),
+    )?;
+    s.last("eth0", "udp")
+}
+
+fn client_mtu_1400_reply_fragmented(s: &mut Script) -> R {
+    s.about(
+        "Client link MTU 1400: a 1428-byte reply without DF reaches the client in two \
+         fragments, as Linux delivers it",
+    );
+    s.config(Cfg::new().client(&C3).vif_mtu(&C3, 1400))?;
+    let q = small_request(s)?;
+    s.send("eth0", reply_to(&q.d)?.df(false).payload_len(1400).frame())?;
+    s.expect("frames on vif3.0 = 2");
+    s.expect(
+        "ipv4 frame 0 on vif3.0: fragment udp smac fe:ff:ff:ff:ff:ff dmac 00:16:3e:5e:6c:0a \
+         src 198.18.0.10 dst 10.137.0.10 ttl 63 sport 9000 dport 40000 mf yes fragoff 0 iplen 1396",
+    );
+    s.expect(
+        "ipv4 frame 1 on vif3.0: fragment src 198.18.0.10 dst 10.137.0.10 mf no fragoff 1376 \
+         iplen 52",
+    );
+    s.expect("ip frames on eth0 = 1");
+    Ok(())
+}
+
+fn client_mtu_1400_df_reply_frag_needed(s: &mut Script) -> R {
+    s.about(
+        "Client link MTU 1400: a 1428-byte reply with DF is answered toward its sender with \
+         fragmentation needed (MTU 1400), quoting it as it arrived (to the NAT address and port)",
+    );
+    s.config(Cfg::new().client(&C3).vif_mtu(&C3, 1400))?;
+    let q = small_request(s)?;
+    s.send("eth0", reply_to(&q.d)?.df(true).payload_len(1400).frame())?;
+    s.expect("no frames on vif3.0");
+    s.expect("ip frames on eth0 = 2");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 sport $p dport 9000");
+    s.expect(
+        "ip frame 1 on eth0: ipv4 icmp4 type 3 code 4 mtu 1400 src 10.137.0.6 dst 198.18.0.10 \
+         inner ipv4 udp src 198.18.0.10 dst 10.137.0.6 sport 9000 dport $p",
+    );
+    s.expect("counter too-big on eth0 = 1");
+    Ok(())
+}
+
+fn client_mtu_1400_ipv6_reply_too_big(s: &mut Script) -> R {
+    s.about(
+        "Client link MTU 1400: a 1428-byte IPv6 reply is answered toward its sender with \
+         ICMPv6 packet too big (MTU 1400); IPv6 is never fragmented by routers",
+    );
+    s.config(Cfg::new().ipv6().client(&C3V6).vif_mtu(&C3V6, 1400))?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &at6(&C3V6, 40000), "[2001:2::10]:9000")
+            .payload(b"request")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q.d)?.payload_len(1428 - 48).frame())?;
+    s.expect("no frames on vif3.0");
+    s.expect(&format!(
+        "ipv6 frame 0 on eth0: udp src {FW_IP6} dst 2001:2::10 sport $p dport 9000"
+    ));
+    s.expect(&format!(
+        "ip frame 1 on eth0: ipv6 icmp6 type 2 code 0 mtu 1400 src {FW_IP6} dst 2001:2::10 \
+         inner ipv6 udp src 2001:2::10 dst {FW_IP6} sport 9000 dport $p"
+    ));
+    s.expect("counter too-big on eth0 = 1");
+    Ok(())
+}
+
+fn uplink_link_mtu_drops_flow_kept(s: &mut Script) -> R {
+    s.about(
+        "The uplink's device MTU drops from 1500 to 1400 during a flow: the same 1428-byte DF \
+         packet that went out now gets fragmentation needed (MTU 1400); the flow, its NAT port \
+         and its replies carry on",
+    );
+    s.config(Cfg::new().client(&C3).step_link_mtu(2, "eth0", 1400))?;
+    s.send("vif3.0", big_udp(true, 1400))?;
+    let q = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"one").frame())?;
+    // The link changes here (step before input packet 2).
+    s.send("vif3.0", big_udp(true, 1400))?;
+    s.send("vif3.0", big_udp(true, 1372))?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"two").frame())?;
+    s.expect("ip frames on eth0 = 2");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 iplen 1428 sport $p dport 9000");
+    s.expect("ip frame 1 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 iplen 1400 sport $p dport 9000");
+    s.expect("frames on vif3.0 = 3");
+    s.expect("frame 0 on vif3.0: ipv4 udp src 198.18.0.10 dst 10.137.0.10 sport 9000 dport 40000 paylen 3");
+    s.expect(
+        "frame 1 on vif3.0: ipv4 icmp4 type 3 code 4 mtu 1400 src 10.137.0.6 dst 10.137.0.10 \
+         inner ipv4 udp src 10.137.0.10 dst 198.18.0.10 sport 40000 dport 9000",
+    );
+    s.expect("frame 2 on vif3.0: ipv4 udp src 198.18.0.10 dst 10.137.0.10 sport 9000 dport 40000 paylen 3");
+    s.expect("counter no-flow on eth0 = 0");
+    s.expect("counter too-big on vif3.0 = 1");
+    Ok(())
+}
+
+fn client_link_mtu_drops(s: &mut Script) -> R {
+    s.about(
+        "A client's device MTU drops from 1500 to 1400 during a flow: a 1428-byte reply that \
+         went through whole is then fragmented, and with DF answered with fragmentation needed",
+    );
+    s.config(Cfg::new().client(&C3).step_link_mtu(2, "vif3.0", 1400))?;
+    let q = small_request(s)?;
+    s.send("eth0", reply_to(&q.d)?.df(false).payload_len(1400).frame())?;
+    // The link changes here (step before input packet 2).
+    s.send("eth0", reply_to(&q.d)?.df(false).payload_len(1400).frame())?;
+    s.send("eth0", reply_to(&q.d)?.df(true).payload_len(1400).frame())?;
+    s.expect("frames on vif3.0 = 3");
+    s.expect("frame 0 on vif3.0: ipv4 udp src 198.18.0.10 dst 10.137.0.10 iplen 1428 dport 40000");
+    s.expect("ipv4 frame 1 on vif3.0: fragment udp src 198.18.0.10 dst 10.137.0.10 mf yes fragoff 0 iplen 1396");
+    s.expect("ipv4 frame 2 on vif3.0: fragment src 198.18.0.10 dst 10.137.0.10 mf no fragoff 1376 iplen 52");
+    s.expect("ip frames on eth0 = 2");
+    s.expect(
+        "ip frame 1 on eth0: ipv4 icmp4 type 3 code 4 mtu 1400 src 10.137.0.6 dst 198.18.0.10 \
+         inner ipv4 udp src 198.18.0.10 dst 10.137.0.6 sport 9000 dport $p",
+    );
+    s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 sport $p dport 9000");
+    s.expect("counter too-big on eth0 = 1");
     Ok(())
 }
