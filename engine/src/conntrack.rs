@@ -24,8 +24,32 @@
 //!   Only a shortened timeout (RST, FIN, TCP state changes) moves a timer, by a sift-up. So the
 //!   hot path does no heap work, and `expire` costs O(log n) per removed or re-armed flow, each
 //!   flow being re-armed at most once per timeout period.
-//! - An intrusive FIFO list of the flows that have never seen a reply, oldest first: the
-//!   eviction candidates when the table is full.
+//! - Per client, three intrusive FIFO lists of its flows by eviction class, oldest first:
+//!   never replied; replied but not assured, or closing; assured. A flow moves (to the tail of
+//!   its new list) only when its class changes, which the established path never does.
+//!
+//! # Sharing the table between clients
+//!
+//! Clients are untrusted and several may be hostile at once, so "evict the oldest unanswered
+//! flow" is not enough: flows that were answered but never completed (a SYN flood against a
+//! port that answers, the client suppressing its own resets) would fill the table for good.
+//! While there is room anyone may create flows (the table is not partitioned). When it is
+//! full, each *active* client (one holding flows, plus the one asking) has a fair share,
+//! `max(reserve, max_flows / active)`, where the reserve is `max_flows / 64` clamped to
+//! 1..=256, a floor for when there are very many clients:
+//!
+//! - a client at or above its share makes room from its own flows only: its oldest never
+//!   replied flow, else its oldest replied-but-unassured or closing flow; its assured flows are
+//!   kept and the new flow is refused ([`TableFull`]), as Linux's `early_drop` never drops an
+//!   assured entry (net/netfilter/nf_conntrack_core.c);
+//! - a client below its share takes the place of a flow of the client holding the most flows
+//!   (lowest id on a tie), provided that client is over its share: its oldest never replied
+//!   flow, else its oldest unassured or closing flow, else its oldest assured flow.
+//!
+//! So a client is never evicted from while it is within its share, and a client below its
+//! share can always get a flow into a full table, however many clients flood it. Finding the
+//! fullest client scans the active clients (a few dozen vifs at most), and only when the
+//! table is full and a client below its share asks; everything else is O(1).
 //!
 //! # Hashing
 //!
@@ -68,8 +92,8 @@
 //!
 //! `replied` is set by the first reply-direction packet. TCP flows become `assured` once they
 //! are `Established` and have seen a reply (Linux: `IPS_ASSURED` on entering ESTABLISHED with
-//! `IPS_SEEN_REPLY`); UDP and ICMP flows once they have seen a reply. Assured flows are never
-//! evicted.
+//! `IPS_SEEN_REPLY`); UDP and ICMP flows once they have seen a reply. Assured flows are
+//! evicted only to make room for a client below its fair share (above).
 //!
 //! Every packet of a flow sets `expires_at = now + timeout(state)`, with the timeouts below.
 //! One deliberate addition to the plain state table: an `Established` flow that has never seen a
@@ -293,7 +317,8 @@ pub struct Flow {
     pub tcp: TcpState,
     /// A reply-direction packet has been seen.
     pub replied: bool,
-    /// The flow is a real two-way exchange; it is never evicted to make room.
+    /// The flow is a real two-way exchange; it is evicted only to make room for a client below
+    /// its fair share (module docs).
     pub assured: bool,
     /// When the flow was created (or reopened, for TCP).
     pub created: u64,
@@ -339,8 +364,9 @@ pub static PLACEHOLDER_FLOW: Flow = Flow {
     expires_at: 0,
 };
 
-/// No room for a new flow: the table is at `max_flows` and every flow in it has seen a reply,
-/// or every NAT port toward that remote address and port is taken.
+/// No room for a new flow: the table is at `max_flows` and nothing may be evicted for this
+/// client (module docs, "Sharing the table"), or every NAT port toward that remote address and
+/// port is taken.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct TableFull;
 
@@ -464,14 +490,67 @@ struct Slot {
     flow: Flow,
     /// Position of this flow's timer in `ConnTrack::timers`.
     heap_pos: u32,
-    /// Unreplied-list links while live and unreplied; `next` chains the free list while dead.
+    /// Links in its client's list for `class` while live; `next` chains the free list while
+    /// dead.
     prev: u32,
     next: u32,
+    /// Eviction class, the index of the client list the flow is on (see [`flow_class`]).
+    class: u8,
     /// Who sent the first FIN (TCP only).
     fin_dir: Option<Dir>,
     live: bool,
     /// TCP window tracking (crate::tcpwin), both directions.
     win: TcpWindows,
+}
+
+/// Eviction classes, in the order a client's flows are given up: never replied.
+const CLASS_UNREPLIED: u8 = 0;
+/// Replied but not assured (a handshake never completed), or closing.
+const CLASS_UNASSURED: u8 = 1;
+/// Assured and not closing.
+const CLASS_ASSURED: u8 = 2;
+
+/// The eviction class of a flow (module docs, "Sharing the table").
+fn flow_class(f: &Flow) -> u8 {
+    use TcpState as S;
+    if !f.replied {
+        CLASS_UNREPLIED
+    } else if !f.assured
+        || matches!(
+            f.tcp,
+            S::FinWait | S::CloseWait | S::LastAck | S::TimeWait | S::Close
+        )
+    {
+        // Closing connections are what Linux's `early_drop` prefers too (`tcp_can_early_drop`
+        // in net/netfilter/nf_conntrack_proto_tcp.c).
+        CLASS_UNASSURED
+    } else {
+        CLASS_ASSURED
+    }
+}
+
+/// A FIFO of slot ids, linked through the slots' `prev`/`next`.
+#[derive(Clone, Copy, Debug)]
+struct List {
+    head: u32,
+    tail: u32,
+}
+
+const EMPTY_LIST: List = List {
+    head: NIL,
+    tail: NIL,
+};
+
+/// One client's share of the table: how many flows it holds, and its eviction lists by class.
+#[derive(Clone, Copy, Debug)]
+struct ClientFlows {
+    n: u32,
+    lists: [List; 3],
+}
+
+/// The floor of a client's fair share for a table of `max_flows` (module docs).
+fn reserve_for(max_flows: usize) -> usize {
+    (max_flows / 64).clamp(1, 256)
 }
 
 /// A heap entry: `at` is a lower bound of the flow's `expires_at`.
@@ -498,11 +577,12 @@ pub struct ConnTrack {
     orig: HashMap<FlowKey, u32, KeyedState>,
     reply: HashMap<ReplyKey, u32, KeyedState>,
     timers: Vec<Timer>,
-    unreplied_head: u32,
-    unreplied_tail: u32,
     rng: SplitMix64,
-    /// Live flows per client, for per-client limits (client ids are ours, not a client's).
-    per_client: rustc_hash::FxHashMap<u32, u32>,
+    /// Live flows per client and their eviction lists (client ids are ours, not a client's).
+    /// A client's entry exists exactly while it holds flows.
+    per_client: rustc_hash::FxHashMap<u32, ClientFlows>,
+    /// The floor of a client's fair share (module docs).
+    reserve: usize,
     /// Ports of our own address that the service's host stack uses (`(protocol, port)`),
     /// never handed out as NAT ports, whatever the remote.
     reserved: rustc_hash::FxHashSet<(L4, u16)>,
@@ -619,10 +699,9 @@ impl ConnTrack {
             orig: HashMap::with_capacity_and_hasher(pre, hasher.clone()),
             reply: HashMap::with_capacity_and_hasher(pre, hasher),
             timers: Vec::with_capacity(pre),
-            unreplied_head: NIL,
-            unreplied_tail: NIL,
             rng: SplitMix64(seed),
             per_client: rustc_hash::FxHashMap::default(),
+            reserve: reserve_for(max_flows),
             reserved: rustc_hash::FxHashSet::default(),
         }
     }
@@ -690,9 +769,9 @@ impl ConnTrack {
     /// If the key is already tracked and not expired, this is the same as
     /// [`ConnTrack::update`] on that flow (original direction) and returns its id; an expired
     /// flow with the key is replaced. When the table is full, due flows are expired first, then
-    /// the oldest flow that has never seen a reply is evicted. Fails with [`TableFull`] when
-    /// every flow has seen a reply, or when all NAT ports toward this remote address and port
-    /// are taken (nothing is evicted then).
+    /// a flow is evicted as the module docs ("Sharing the table") say. Fails with [`TableFull`]
+    /// when nothing may be evicted for this client, or when all NAT ports toward this remote
+    /// address and port are taken (nothing is evicted then).
     pub fn create(
         &mut self,
         now: u64,
@@ -710,10 +789,7 @@ impl ConnTrack {
             self.expire(now);
         }
         let victim = if self.len >= self.max_flows {
-            if self.unreplied_head == NIL {
-                return Err(TableFull);
-            }
-            Some(self.unreplied_head)
+            Some(self.choose_victim(key.client).ok_or(TableFull)?)
         } else {
             None
         };
@@ -752,10 +828,46 @@ impl ConnTrack {
         });
         self.set_heap_pos(pos);
         self.sift_up(pos);
-        self.list_push_back(id);
         self.len += 1;
-        *self.per_client.entry(key.client).or_insert(0) += 1;
+        self.per_client
+            .entry(key.client)
+            .or_insert(ClientFlows {
+                n: 0,
+                lists: [EMPTY_LIST; 3],
+            })
+            .n += 1;
+        self.list_push_back(id, CLASS_UNREPLIED);
         Ok(FlowId(id))
+    }
+
+    /// A client's fair share of a full table when `active` clients hold (or ask for) flows.
+    fn share(&self, active: usize) -> usize {
+        self.reserve.max(self.max_flows / active.max(1))
+    }
+
+    /// Which flow to evict so that `client` may create one in the full table, if any (module
+    /// docs, "Sharing the table").
+    fn choose_victim(&self, client: u32) -> Option<u32> {
+        let mine = self.per_client.get(&client);
+        let active = self.per_client.len() + usize::from(mine.is_none());
+        let share = self.share(active);
+        if let Some(cf) = mine.filter(|cf| cf.n as usize >= share) {
+            return [CLASS_UNREPLIED, CLASS_UNASSURED]
+                .iter()
+                .map(|&c| cf.lists[usize::from(c)].head)
+                .find(|&h| h != NIL);
+        }
+        // The fullest other client; the key is total, so the result does not depend on the
+        // map's iteration order.
+        let (_, fullest) = self
+            .per_client
+            .iter()
+            .filter(|(&c, _)| c != client)
+            .max_by_key(|(&c, cf)| (cf.n, std::cmp::Reverse(c)))?;
+        if fullest.n as usize <= share {
+            return None;
+        }
+        fullest.lists.iter().map(|l| l.head).find(|&h| h != NIL)
     }
 
     /// A slot for a new flow: the most recently freed one, else a new one at the end.
@@ -765,6 +877,7 @@ impl ConnTrack {
             heap_pos: NIL,
             prev: NIL,
             next: NIL,
+            class: CLASS_UNREPLIED,
             fin_dir,
             live: true,
             win: TcpWindows::default(),
@@ -848,7 +961,6 @@ impl ConnTrack {
         let Some(slot) = self.slots.get_mut(id.0 as usize).filter(|s| s.live) else {
             return;
         };
-        let was_replied = slot.flow.replied;
         let old_expires_at = slot.flow.expires_at;
         let f = &mut slot.flow;
         f.last_seen = now;
@@ -897,18 +1009,14 @@ impl ConnTrack {
         };
         let expires_at = now.saturating_add(timeout);
         f.expires_at = expires_at;
-        let replied = f.replied;
+        let class = flow_class(f);
         let pos = slot.heap_pos as usize;
 
-        // Unreplied list: leave it on the first reply; a reopened flow is a new connection
-        // and goes (back) to the tail.
-        if reopened {
-            if !was_replied {
-                self.list_unlink(id.0);
-            }
-            self.list_push_back(id.0);
-        } else if replied && !was_replied {
+        // Eviction lists: a flow changing class goes to the tail of its new list; a reopened
+        // flow is a new connection and goes (back) to the tail of the unreplied list.
+        if reopened || class != slot.class {
             self.list_unlink(id.0);
+            self.list_push_back(id.0, class);
         }
 
         // Timer: only an earlier deadline moves it (see module docs). The armed time is at most
@@ -1005,7 +1113,18 @@ impl ConnTrack {
 
     /// Live flows of one client (including due ones not yet expired).
     pub fn client_flows(&self, client: u32) -> usize {
-        self.per_client.get(&client).map_or(0, |&n| n as usize)
+        self.per_client.get(&client).map_or(0, |cf| cf.n as usize)
+    }
+
+    /// Clients holding flows.
+    pub fn active_clients(&self) -> usize {
+        self.per_client.len()
+    }
+
+    /// The fair share of a full table for each of the clients holding flows now (module docs,
+    /// "Sharing the table"): what a client may keep when the table is full and others ask.
+    pub fn fair_share(&self) -> usize {
+        self.share(self.per_client.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1049,9 +1168,7 @@ impl ConnTrack {
         self.orig.remove(&flow.key);
         self.reply.remove(&flow.reply_key());
         self.timer_remove(pos);
-        if !flow.replied {
-            self.list_unlink(id);
-        }
+        self.list_unlink(id);
         if let Some(s) = self.slots.get_mut(id as usize) {
             s.live = false;
             s.heap_pos = NIL;
@@ -1060,29 +1177,41 @@ impl ConnTrack {
             self.free_head = id;
         }
         self.len -= 1;
-        if let Some(n) = self.per_client.get_mut(&flow.key.client) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(cf) = self.per_client.get_mut(&flow.key.client) {
+            cf.n -= 1;
+            if cf.n == 0 {
                 self.per_client.remove(&flow.key.client);
             }
         }
     }
 
-    // --- unreplied list (FIFO by creation) ---
+    // --- per-client eviction lists (FIFO by entry into the class) ---
 
-    fn list_push_back(&mut self, id: u32) {
-        let tail = self.unreplied_tail;
-        if let Some(s) = self.slots.get_mut(id as usize) {
-            s.prev = tail;
-            s.next = NIL;
+    /// Appends live slot `id` to its client's list for `class`.
+    fn list_push_back(&mut self, id: u32, class: u8) {
+        let Some(s) = self.slots.get_mut(id as usize) else {
+            return;
+        };
+        let Some(list) = self
+            .per_client
+            .get_mut(&s.flow.key.client)
+            .and_then(|cf| cf.lists.get_mut(usize::from(class)))
+        else {
+            return;
+        };
+        let tail = list.tail;
+        s.prev = tail;
+        s.next = NIL;
+        s.class = class;
+        list.tail = id;
+        if tail == NIL {
+            list.head = id;
+        } else if let Some(t) = self.slots.get_mut(tail as usize) {
+            t.next = id;
         }
-        match self.slots.get_mut(tail as usize) {
-            Some(t) => t.next = id,
-            None => self.unreplied_head = id,
-        }
-        self.unreplied_tail = id;
     }
 
+    /// Takes live slot `id` off its client's list.
     fn list_unlink(&mut self, id: u32) {
         let Some(s) = self.slots.get_mut(id as usize) else {
             return;
@@ -1090,13 +1219,20 @@ impl ConnTrack {
         let (prev, next) = (s.prev, s.next);
         s.prev = NIL;
         s.next = NIL;
+        let Some(list) = self
+            .per_client
+            .get_mut(&s.flow.key.client)
+            .and_then(|cf| cf.lists.get_mut(usize::from(s.class)))
+        else {
+            return;
+        };
         match self.slots.get_mut(prev as usize) {
             Some(p) => p.next = next,
-            None => self.unreplied_head = next,
+            None => list.head = next,
         }
         match self.slots.get_mut(next as usize) {
             Some(n) => n.prev = prev,
-            None => self.unreplied_tail = prev,
+            None => list.tail = prev,
         }
     }
 
@@ -1231,25 +1367,33 @@ mod tests {
                 "heap order"
             );
         }
-        let mut unreplied = Vec::new();
-        let (mut cur, mut prev) = (ct.unreplied_head, NIL);
-        while cur != NIL {
-            let s = &ct.slots[cur as usize];
-            assert!(s.live && !s.flow.replied);
-            assert_eq!(s.prev, prev);
-            unreplied.push(cur);
-            prev = cur;
-            cur = s.next;
+        // Every live flow is on exactly one list: its client's, for its class.
+        let mut listed = BTreeSet::new();
+        assert_eq!(
+            ct.per_client.keys().copied().collect::<BTreeSet<u32>>(),
+            ct.iter()
+                .map(|(_, f)| f.key.client)
+                .collect::<BTreeSet<u32>>(),
+            "client entries exist exactly while they hold flows"
+        );
+        for (&client, cf) in &ct.per_client {
+            for (class, list) in cf.lists.iter().enumerate() {
+                let (mut cur, mut prev) = (list.head, NIL);
+                while cur != NIL {
+                    let s = &ct.slots[cur as usize];
+                    assert!(s.live);
+                    assert_eq!(s.flow.key.client, client);
+                    assert_eq!(usize::from(s.class), class);
+                    assert_eq!(s.class, flow_class(&s.flow), "class of {cur}");
+                    assert_eq!(s.prev, prev);
+                    assert!(listed.insert(cur), "{cur} listed twice");
+                    prev = cur;
+                    cur = s.next;
+                }
+                assert_eq!(list.tail, prev);
+            }
         }
-        assert_eq!(ct.unreplied_tail, prev);
-        let expect: Vec<u32> = live
-            .iter()
-            .copied()
-            .filter(|&i| !ct.slots[i as usize].flow.replied)
-            .collect();
-        let got: BTreeSet<u32> = unreplied.iter().copied().collect();
-        assert_eq!(got.len(), unreplied.len());
-        assert_eq!(got, expect.into_iter().collect());
+        assert_eq!(listed, live.iter().copied().collect::<BTreeSet<u32>>());
         let mut free = 0;
         let mut cur = ct.free_head;
         while cur != NIL {
@@ -1645,17 +1789,197 @@ mod tests {
         }
         assert_eq!(ct.create(8 * S, udp(7), None), Err(TableFull));
         assert_eq!(ct.len(), 3);
-        // A replied but not yet established TCP flow is not evicted either.
+        // A TCP flow whose SYN was answered but whose handshake never finished is not assured:
+        // its own client's next flow takes its place (Linux's early_drop takes any entry that
+        // is not assured), so half-open flows cannot fill the table for good.
         let mut ct = ConnTrack::new(1, 1);
         let t = ct.create(0, tcp(1), Some(TCP_SYN)).expect("room");
         ct.update(t, 0, Dir::Reply, Some(TCP_SYN | TCP_ACK));
-        assert_eq!(ct.create(0, tcp(2), Some(TCP_SYN)), Err(TableFull));
-        // Once they are due, flows are reclaimed instead.
+        let u = ct.create(0, tcp(2), Some(TCP_SYN)).expect("evicts");
+        assert_eq!(ct.lookup_original(&tcp(1), 0), None);
+        // An established (assured) connection stays, and the new flow is refused.
+        ct.update(u, 0, Dir::Reply, Some(TCP_SYN | TCP_ACK));
+        ct.update(u, 0, Dir::Original, Some(TCP_ACK));
+        assert!(flow(&ct, u).assured);
+        assert_eq!(ct.create(0, tcp(3), Some(TCP_SYN)), Err(TableFull));
+        // Once it is due, it is reclaimed instead.
+        let later = TCP_TIMEOUT_ESTABLISHED;
         let e = ct
-            .create(60 * S, tcp(2), Some(TCP_SYN))
+            .create(later, tcp(3), Some(TCP_SYN))
             .expect("expired one");
         assert_eq!(ct.len(), 1);
-        assert_eq!(ct.lookup_original(&tcp(2), 60 * S), Some(e));
+        assert_eq!(ct.lookup_original(&tcp(3), later), Some(e));
+        check_invariants(&ct);
+    }
+
+    /// A TCP SYN of `client` to a port of `dst`.
+    fn syn_key(client: u32, sport: u16, dst: u8) -> FlowKey {
+        key(L4::Tcp, client, sport, v4(198, 18, 1, dst), 80)
+    }
+
+    /// `flooders` clients open half-open connections (SYN answered by SYN/ACK, never
+    /// completed) round-robin, far more than the table holds, while a quiet client keeps 20
+    /// established flows and opens 40 more during the flood: every one of its flows gets in
+    /// and stays.
+    fn flood_against_a_quiet_client(flooders: u32) {
+        const MAX: usize = 1000;
+        const QUIET: u32 = 100;
+        let mut ct = ConnTrack::new(MAX, 3);
+        let mut now = S;
+        let mut quiet = Vec::new();
+        for sport in 0..20u16 {
+            let k = syn_key(QUIET, 1000 + sport, 1);
+            let id = ct.create(now, k, Some(TCP_SYN)).expect("room");
+            ct.update(id, now, Dir::Reply, Some(TCP_SYN | TCP_ACK));
+            ct.update(id, now, Dir::Original, Some(TCP_ACK));
+            assert!(flow(&ct, id).assured);
+            quiet.push(k);
+        }
+        let per_flooder = 6_000u32;
+        let total = per_flooder * flooders;
+        let every = total / 40;
+        for i in 0..total {
+            now += 100_000; // 0.1 ms: nothing expires during the flood
+            let client = 1 + i % flooders;
+            let n = i / flooders;
+            let k = syn_key(client, (n % 60_000) as u16, (n / 60_000) as u8 + 2);
+            // A flooder may be refused nothing here: it always has half-open flows of its own
+            // to give up.
+            let id = ct
+                .create(now, k, Some(TCP_SYN))
+                .expect("flooder makes room from its own");
+            ct.update(id, now, Dir::Reply, Some(TCP_SYN | TCP_ACK));
+            if i % every == every - 1 {
+                let k = syn_key(QUIET, 2000 + quiet.len() as u16, 1);
+                ct.create(now, k, Some(TCP_SYN))
+                    .expect("a client below its share always gets a flow");
+                quiet.push(k);
+            }
+        }
+        assert_eq!(quiet.len(), 60);
+        for k in &quiet {
+            assert!(
+                ct.lookup_original(k, now).is_some(),
+                "quiet flow {k:?} evicted"
+            );
+        }
+        assert_eq!(ct.len(), MAX);
+        assert_eq!(ct.client_flows(QUIET), 60);
+        // The flooders share the rest evenly (round-robin, each evicting its own).
+        let share = (MAX - 60) / flooders as usize;
+        for c in 1..=flooders {
+            let n = ct.client_flows(c);
+            assert!(
+                n.abs_diff(share) <= 1 + share / 50,
+                "flooder {c} holds {n}, share {share}"
+            );
+        }
+        check_invariants(&ct);
+    }
+
+    #[test]
+    fn two_flooders_cannot_push_out_a_quiet_client() {
+        flood_against_a_quiet_client(2);
+    }
+
+    #[test]
+    fn ten_flooders_cannot_push_out_a_quiet_client() {
+        flood_against_a_quiet_client(10);
+    }
+
+    #[test]
+    fn a_client_within_its_share_is_never_evicted_for_another() {
+        // Every flow is opened within 13 s and lives for 120 s: looked up at 100 s.
+        const LATER: u64 = 100 * S;
+        let mut ct = ConnTrack::new(8, 1);
+        let mut now = 0;
+        let mut open = |ct: &mut ConnTrack, client: u32, sport: u16| {
+            now += S;
+            ct.create(now, syn_key(client, sport, 1), Some(TCP_SYN))
+        };
+        for sport in 0..4 {
+            open(&mut ct, 1, sport).expect("room");
+            open(&mut ct, 2, sport).expect("room");
+        }
+        // Full, 4 each: client 1 is at its share (8 / 2) and gives up its own oldest.
+        open(&mut ct, 1, 4).expect("own flow");
+        assert_eq!(ct.lookup_original(&syn_key(1, 0, 1), LATER), None);
+        assert_eq!((ct.client_flows(1), ct.client_flows(2)), (4, 4));
+        // A third client's share is 8 / 3 = 2: it takes from the fullest (a tie: the lower
+        // id), then from the other, then from itself.
+        open(&mut ct, 3, 0).expect("from client 1");
+        assert_eq!((ct.client_flows(1), ct.client_flows(2)), (3, 4));
+        assert_eq!(ct.lookup_original(&syn_key(1, 1, 1), LATER), None);
+        open(&mut ct, 3, 1).expect("from client 2");
+        assert_eq!((ct.client_flows(1), ct.client_flows(2)), (3, 3));
+        assert_eq!(ct.lookup_original(&syn_key(2, 0, 1), LATER), None);
+        open(&mut ct, 3, 2).expect("from itself");
+        assert_eq!(ct.client_flows(3), 2);
+        assert_eq!(ct.lookup_original(&syn_key(3, 0, 1), LATER), None);
+        assert_eq!(ct.fair_share(), 2);
+        check_invariants(&ct);
+    }
+
+    #[test]
+    fn the_reserve_is_kept_whatever_the_number_of_clients() {
+        // 640 flows: a reserve of 10 per client; 64 clients with 10 each fill the table.
+        let mut ct = ConnTrack::new(640, 1);
+        for client in 1..=64u32 {
+            for sport in 0..10 {
+                ct.create(0, syn_key(client, sport, 1), Some(TCP_SYN))
+                    .expect("room");
+            }
+        }
+        assert_eq!(ct.len(), 640);
+        // A 65th client's share would be 640 / 65 = 9, below the reserve: nobody is over 10,
+        // so nobody loses a flow and the new one is refused.
+        assert_eq!(
+            ct.create(0, syn_key(65, 0, 1), Some(TCP_SYN)),
+            Err(TableFull)
+        );
+        assert!((1..=64).all(|c| ct.client_flows(c) == 10));
+        check_invariants(&ct);
+    }
+
+    #[test]
+    fn eviction_order_unreplied_then_unassured_or_closing_then_assured() {
+        let mut ct = ConnTrack::new(5, 1);
+        let c1 = |sport| udp(sport);
+        let a = ct.create(0, c1(1), None).expect("room");
+        ct.update(a, 0, Dir::Reply, None); // assured
+        let b = ct.create(0, c1(2), None).expect("room");
+        ct.update(b, 0, Dir::Reply, None); // assured
+        let c = ct.create(0, tcp(3), Some(TCP_SYN)).expect("room");
+        let d = ct.create(0, tcp(4), Some(TCP_SYN)).expect("room");
+        ct.update(d, S, Dir::Reply, Some(TCP_SYN | TCP_ACK)); // half-open: unassured
+        ct.update(c, 2 * S, Dir::Reply, Some(TCP_SYN | TCP_ACK));
+        ct.update(c, 2 * S, Dir::Original, Some(TCP_ACK)); // established, assured
+        ct.update(c, 3 * S, Dir::Original, Some(TCP_FIN | TCP_ACK)); // closing
+        let _e = ct.create(3 * S, c1(5), None).expect("room"); // unreplied
+        let now = 4 * S;
+        let gone = |ct: &ConnTrack, k: FlowKey| ct.lookup_original(&k, now).is_none();
+        // Alone and at its share: its own unreplied flow goes first.
+        ct.create(now, c1(6), None).expect("evicts e");
+        assert!(gone(&ct, c1(5)));
+        // Client 2 (share 5 / 2 = 2) takes from client 1: the unreplied f...
+        let other = |sport| key(L4::Udp, 2, sport, v4(9, 9, 9, 9), 53);
+        ct.create(now, other(1), None).expect("evicts f");
+        assert!(gone(&ct, c1(6)));
+        // ...then the oldest unassured or closing one: d (half-open since 1 s) before c
+        // (closing since 3 s).
+        ct.create(now, other(2), None).expect("evicts d");
+        assert!(gone(&ct, tcp(4)) && !gone(&ct, tcp(3)));
+        // Client 1 (3 flows, over its share of 2) gives up its own: c, not an assured one.
+        let i = ct.create(now, c1(7), None).expect("evicts c");
+        assert!(gone(&ct, tcp(3)));
+        ct.update(i, now, Dir::Reply, None);
+        // Only assured flows left: client 1 is refused rather than lose them.
+        assert_eq!(ct.create(now, c1(8), None), Err(TableFull));
+        assert!([1, 2, 7].iter().all(|&p| !gone(&ct, c1(p))));
+        // A third client (share 5 / 3 = 1) takes client 1's oldest assured flow: a.
+        let third = key(L4::Udp, 3, 1, v4(9, 9, 9, 9), 53);
+        ct.create(now, third, None).expect("evicts a");
+        assert!(gone(&ct, c1(1)) && !gone(&ct, c1(2)));
         check_invariants(&ct);
     }
 
@@ -1912,7 +2236,8 @@ mod tests {
             id: FlowId,
             flow: Flow,
             fin: Option<Dir>,
-            /// Creation order (reset by a reopen): eviction takes the smallest unreplied.
+            /// When the flow entered its eviction class (creation, a class change, a reopen):
+            /// eviction takes the smallest of a class.
             seq: u64,
         }
 
@@ -1966,6 +2291,20 @@ mod tests {
             }
         }
 
+        /// 0: never replied; 1: replied but not assured, or a closing TCP state; 2: the rest.
+        fn model_class(f: &Flow) -> u8 {
+            use TcpState::*;
+            if !f.replied {
+                0
+            } else if !f.assured
+                || matches!(f.tcp, FinWait | CloseWait | LastAck | TimeWait | Close)
+            {
+                1
+            } else {
+                2
+            }
+        }
+
         fn model_secs(f: &Flow) -> u64 {
             match (f.key.l4, f.tcp) {
                 (L4::Udp, _) => {
@@ -2007,6 +2346,8 @@ mod tests {
                 self.seq += 1;
                 let seq = self.seq;
                 let m = &mut self.flows[i];
+                let class_before = model_class(&m.flow);
+                let mut reopened = false;
                 let f = &mut m.flow;
                 f.last_seen = now;
                 if d == Dir::Reply {
@@ -2021,7 +2362,7 @@ mod tests {
                         f.replied = false;
                         f.assured = false;
                         f.created = now;
-                        m.seq = seq;
+                        reopened = true;
                     } else if f.replied
                         && (old == TcpState::Established || st == TcpState::Established)
                     {
@@ -2031,6 +2372,45 @@ mod tests {
                     f.assured = true;
                 }
                 f.expires_at = now.saturating_add(model_secs(f) * S);
+                if reopened || model_class(&m.flow) != class_before {
+                    m.seq = seq;
+                }
+            }
+
+            /// The flow to evict for a new flow of `client` in the full model table, by the
+            /// rules of the module docs stated plainly: `Err(())` when there is none.
+            fn victim(&self, client: u32) -> Result<usize, ()> {
+                let count = |c: u32| self.flows.iter().filter(|f| f.flow.key.client == c).count();
+                let mut clients: Vec<u32> = self.flows.iter().map(|f| f.flow.key.client).collect();
+                clients.sort_unstable();
+                clients.dedup();
+                let active = clients.len() + usize::from(!clients.contains(&client));
+                let share = (self.max / 64).clamp(1, 256).max(self.max / active);
+                let oldest = |c: u32, classes: &[u8]| {
+                    classes.iter().find_map(|&class| {
+                        self.flows
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, f)| {
+                                f.flow.key.client == c && model_class(&f.flow) == class
+                            })
+                            .min_by_key(|(_, f)| f.seq)
+                            .map(|(i, _)| i)
+                    })
+                };
+                if count(client) >= share {
+                    return oldest(client, &[0, 1]).ok_or(());
+                }
+                let fullest = clients
+                    .iter()
+                    .copied()
+                    .filter(|&c| c != client)
+                    .max_by_key(|&c| (count(c), std::cmp::Reverse(c)))
+                    .ok_or(())?;
+                if count(fullest) <= share {
+                    return Err(());
+                }
+                oldest(fullest, &[0, 1, 2]).ok_or(())
             }
 
             fn expire(&mut self, now: u64) -> usize {
@@ -2088,18 +2468,13 @@ mod tests {
                                 m.expire(now);
                             }
                             let victim = if m.flows.len() >= m.max {
-                                let v = m
-                                    .flows
-                                    .iter()
-                                    .enumerate()
-                                    .filter(|(_, f)| !f.flow.replied)
-                                    .min_by_key(|(_, f)| f.seq)
-                                    .map(|(i, _)| i);
-                                if v.is_none() {
-                                    assert_eq!(got, Err(TableFull));
-                                    continue;
+                                match m.victim(k.client) {
+                                    Ok(v) => Some(v),
+                                    Err(()) => {
+                                        assert_eq!(got, Err(TableFull));
+                                        continue;
+                                    }
                                 }
-                                v
                             } else {
                                 None
                             };

@@ -927,16 +927,6 @@ impl Engine {
         }
     }
 
-    /// Most flows one client may hold: the whole table when it is alone, half of it when
-    /// there are others, so that a compromised qube cannot starve the rest.
-    fn per_client_cap(&self) -> usize {
-        if self.clients.len() <= 1 {
-            usize::MAX
-        } else {
-            self.cfg.conntrack_max.div_ceil(2)
-        }
-    }
-
     /// How the transport checksum of the frame being handled stands, for NAT.
     fn nat_csum(&self) -> NatCsum {
         if self.offload.partial_csum {
@@ -1300,11 +1290,8 @@ impl Engine {
                     self.icmp_error(id, frame, &ip, IcmpKind::TooBig(mtu), out);
                     return consumed(Reason::TooBig);
                 }
-                // One client must not take the whole table from the others: with several
-                // clients each may hold at most half of it.
-                if self.conntrack.client_flows(id) >= self.per_client_cap() {
-                    return consumed(Reason::TableFull);
-                }
+                // The table shares itself out: however many clients flood it, one below its
+                // fair share still gets a flow (conntrack module docs).
                 match self.conntrack.create(now, key, tcp_flags) {
                     Ok(f) => {
                         if let Some(seg) = &seg {

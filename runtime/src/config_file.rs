@@ -21,7 +21,8 @@
 //!     mtu: 1500                      # optional, default 1500
 //! dns:                    # static answers to the engine's name lookups
 //!   web.example: {addrs: [198.18.0.10], ttl: 300}   # ttl in seconds, default 300
-//! conntrack_max: 65536    # optional bound on tracked flows
+//! conntrack_max: 65536    # optional bound on tracked flows; the service defaults to one
+//!                         # from memory as Linux (runtime `memory`), replay to 65536
 //! seed: 1                 # replay only: the NAT seed (the --seed option wins over it)
 //! steps:                  # replay only: changes during the capture
 //!   - at_packet: 3        # before input packet 3 (0-based; the packet count = after the last)

@@ -14,6 +14,7 @@
 //! | [`hoststack`] | the host stack (smoltcp) behind the engine's local delivery |
 //! | [`resolver`] | a sans-IO stub resolver driven by the engine's time |
 //! | [`local`] | the engine, host stack and resolver wired together |
+//! | [`memory`] | the connection table's default size from the machine's memory, as Linux's |
 //! | [`error`] | the errors that stop a service or refuse a configuration |
 
 pub mod config_file;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod event_loop;
 pub mod hoststack;
 pub mod local;
+pub mod memory;
 pub mod qubesdb_source;
 pub mod resolver;
 pub mod signals;

@@ -32,7 +32,7 @@
 //!     mtu: 1500                      # optional, default 1500
 //! dns:                    # static answers to the engine's name lookups; other names fail
 //!   web.example: {addrs: [198.18.0.10], ttl: 300}   # ttl in seconds, default 300
-//! conntrack_max: 65536    # optional bound on tracked flows
+//! conntrack_max: 65536    # optional bound on tracked flows (default 65536, whatever the memory)
 //! seed: 1                 # optional NAT seed (the --seed option wins over it)
 //! steps:                  # optional changes during the capture
 //!   - at_packet: 3        # before input packet 3 (0-based; the packet count = after the last)

@@ -16,6 +16,7 @@ use qubes_service_runtime::control::ControlServer;
 use qubes_service_runtime::droplog::DropLog;
 use qubes_service_runtime::event_loop::{Poller, Token};
 use qubes_service_runtime::local::{dns_servers, LocalServices};
+use qubes_service_runtime::memory;
 use qubes_service_runtime::signals::Signals;
 pub use qubes_service_runtime::source::Source;
 use qubes_service_runtime::source::{ConfigSource, Desired};
@@ -54,6 +55,9 @@ struct Service {
     control: ControlServer,
     source: ConfigSource,
     desired: Desired,
+    /// The connection table size when the configuration names none: from the machine's
+    /// memory, as Linux's `nf_conntrack_max` (runtime `memory`).
+    conntrack_default: usize,
     generation: u64,
     start: Clock,
     out: Outbox,
@@ -82,16 +86,21 @@ fn random_seed() -> u64 {
 
 /// The engine configuration for what is wanted and what exists: vifs whose netdev is not
 /// there are left out until it appears. Each link's MTU is the device's, lowered by a
-/// configured one ([`effective_mtu`]).
+/// configured one ([`effective_mtu`]). A table size the configuration gives
+/// (`conntrack_max`, `/qubes-conntrack-max`) wins over `conntrack_default`.
 fn engine_config(
     d: &Desired,
     seed: u64,
     link_mtu: &BTreeMap<String, u16>,
+    conntrack_default: usize,
 ) -> Result<EngineConfig, ServiceError> {
     let mut cfg = d.engine_config(seed, |name| sys::if_index(name).is_some())?;
     cfg.uplink.mtu = effective_mtu(cfg.uplink.mtu, link_mtu.get(&cfg.uplink.name).copied());
     for c in &mut cfg.clients {
         c.mtu = effective_mtu(c.mtu, link_mtu.get(&c.vif).copied());
+    }
+    if d.conntrack_max.is_none() {
+        cfg.conntrack_max = conntrack_default;
     }
     Ok(cfg)
 }
@@ -124,7 +133,20 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         });
     }
     let seed = random_seed();
-    let cfg = engine_config(&desired, seed, &BTreeMap::new())?;
+    let (conntrack_default, ram) = memory::default_conntrack_max();
+    match ram {
+        Ok(bytes) => tracing::info!(
+            mem_total = bytes,
+            conntrack_default,
+            "connection table size from memory, as Linux's nf_conntrack_max"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            conntrack_default,
+            "cannot read the memory size; default connection table size"
+        ),
+    }
+    let cfg = engine_config(&desired, seed, &BTreeMap::new(), conntrack_default)?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
     let engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
     let control = ControlServer::bind(&opts.control, "sys-firewall")?;
@@ -139,6 +161,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         control,
         source,
         desired,
+        conntrack_default,
         generation: 1,
         start: Clock::now(),
         out: Outbox::new(),
@@ -255,7 +278,7 @@ impl Service {
     fn apply(&mut self, desired: Desired, why: &str) -> Result<(), ServiceError> {
         let t0 = Clock::now();
         let seed = self.engine.config().seed;
-        let cfg = engine_config(&desired, seed, &self.link_mtu)?;
+        let cfg = engine_config(&desired, seed, &self.link_mtu, self.conntrack_default)?;
         let now = self.now();
         self.engine
             .apply(now, cfg, &mut self.out)

@@ -47,6 +47,9 @@ pub struct NetvmConfig {
     pub uplink: Uplink,
     pub qubesdb: BTreeMap<String, String>,
     pub vifs: Vec<Vif>,
+    /// The service's connection table size (`up --conntrack-max`); none: its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack_max: Option<usize>,
 }
 
 /// The MTU of every lab link (veth default, and Xen's).
@@ -97,6 +100,9 @@ impl NetvmConfig {
             quoted(&self.uplink.name),
             self.uplink.mtu
         ));
+        if let Some(n) = self.conntrack_max {
+            out.push_str(&format!("conntrack_max: {n}\n"));
+        }
         out.push_str("qubesdb:\n");
         for (k, v) in &self.qubesdb {
             out.push_str(&format!("  {}: {}\n", key(k), quoted(v)));
@@ -242,6 +248,7 @@ pub fn build(
         },
         qubesdb: db,
         vifs: Vec::new(),
+        conntrack_max: None,
     };
     let mut connected = Vec::new();
     for c in topo.clients_of(netvm) {
@@ -338,6 +345,12 @@ mod tests {
                    vifs:\n  - { name: vif3.0, ip: 10.137.0.10, mac: \"00:16:3e:5e:6c:10\" }\n";
         let parsed = NetvmConfig::parse(doc).expect("doc example");
         assert_eq!(parsed.get("/qubes-ip"), Some("10.137.0.6"));
+        // `up --conntrack-max`: one more top-level key, the service's, kept through a rewrite.
+        let mut small = cfg.clone();
+        small.conntrack_max = Some(1024);
+        let text = small.to_yaml("h");
+        assert!(text.contains("\nconntrack_max: 1024\nqubesdb:\n"), "{text}");
+        assert_eq!(NetvmConfig::parse(&text).expect("parses"), small);
     }
 
     #[test]
@@ -349,6 +362,7 @@ mod tests {
             },
             qubesdb: BTreeMap::new(),
             vifs: vec![],
+            conntrack_max: None,
         };
         let e = |k: &str, v: &str| (k.to_string(), v.to_string());
         cfg.set_firewall(
@@ -383,6 +397,7 @@ mod tests {
             },
             qubesdb: BTreeMap::new(),
             vifs: vec![],
+            conntrack_max: None,
         };
         let vif = |name: &str, last: u8| Vif {
             name: name.to_string(),

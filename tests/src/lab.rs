@@ -32,6 +32,8 @@ pub struct UpOptions {
     pub firewall: FirewallKind,
     pub matrix: bool,
     pub keep_on_error: bool,
+    /// Our service's connection table size (`conntrack_max`); none: its default, from memory.
+    pub conntrack_max: Option<usize>,
 }
 
 fn load_spec(path: Option<&Path>) -> Result<TopologySpec> {
@@ -68,7 +70,18 @@ pub fn up(o: &UpOptions) -> Result<()> {
         topology: spec,
     }
     .write(&paths)?;
-    if let Err(e) = build(&topo, &paths, o.firewall) {
+    if o.conntrack_max.is_some() && o.firewall == FirewallKind::Linux {
+        // net.netfilter.nf_conntrack_max is read-only in a namespace other than the initial
+        // one (and on older kernels one global value): the lab never changes the host's.
+        eprintln!(
+            "note: --conntrack-max applies to our service only; the Linux firewall keeps the \
+             kernel's nf_conntrack_max ({})",
+            fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|e| format!("unreadable: {e}"))
+        );
+    }
+    if let Err(e) = build(&topo, &paths, o.firewall, o.conntrack_max) {
         if o.keep_on_error {
             return Err(Error(format!(
                 "{e}\n(the partial lab is kept: `qubes-lab down --name {}` removes it)",
@@ -99,7 +112,12 @@ fn matrix_text(topo: &Topology, kind: FirewallKind) -> Result<String> {
     ))
 }
 
-fn build(topo: &Topology, paths: &Paths, kind: FirewallKind) -> Result<()> {
+fn build(
+    topo: &Topology,
+    paths: &Paths,
+    kind: FirewallKind,
+    conntrack_max: Option<usize>,
+) -> Result<()> {
     // Namespaces, IPv4 only.
     for ns in topo.namespaces() {
         Cmd::new("ip").args(["netns", "add", &ns]).run()?;
@@ -173,7 +191,11 @@ fn build(topo: &Topology, paths: &Paths, kind: FirewallKind) -> Result<()> {
             .map_err(|e| Error(format!("rule store: {e}")))
     };
     for p in topo.qubes.iter().filter(|q| q.provides_network()) {
-        config::build(topo, p, &rules_of)?.write(&paths.config(&p.name))?;
+        let mut cfg = config::build(topo, p, &rules_of)?;
+        if kind == FirewallKind::Rust && p.role == Role::Firewall {
+            cfg.conntrack_max = conntrack_max;
+        }
+        cfg.write(&paths.config(&p.name))?;
     }
     // DNS configuration of every namespace.
     for q in &topo.qubes {

@@ -63,6 +63,10 @@ struct UpArgs {
     /// When something fails, keep what was built (default: remove it)
     #[arg(long)]
     keep_on_error: bool,
+    /// Our service's connection table size (its `conntrack_max`; default: from memory, as
+    /// Linux). The Linux firewall keeps the kernel's nf_conntrack_max
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    conntrack_max: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +203,15 @@ enum ProbeCommand {
         #[arg(long, default_value_t = 3000)]
         duration_ms: u64,
     },
+    /// TCP SYNs from new source ports at a steady rate, through a raw socket (a SYN flood)
+    SynFlood {
+        dst: SocketAddrV4,
+        /// SYNs per second
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        rate: u32,
+        #[arg(long, default_value_t = 3000)]
+        duration_ms: u64,
+    },
     /// A TCP connection that stays open: each stdin line is sent and its echo awaited
     Echo {
         dst: SocketAddrV4,
@@ -260,6 +273,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 firewall: a.firewall,
                 matrix: !a.no_matrix,
                 keep_on_error: a.keep_on_error,
+                conntrack_max: a.conntrack_max.map(|n| n as usize),
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -319,6 +333,14 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 }
                 ProbeCommand::UdpListen { addr, duration_ms } => {
                     probe::udp_listen(addr, ms(duration_ms))?;
+                    true
+                }
+                ProbeCommand::SynFlood {
+                    dst,
+                    rate,
+                    duration_ms,
+                } => {
+                    probe::syn_flood(dst, rate, ms(duration_ms))?;
                     true
                 }
                 ProbeCommand::Echo { dst, timeout_ms } => probe::echo(dst, ms(timeout_ms))?,

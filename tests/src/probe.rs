@@ -335,6 +335,77 @@ pub fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u
     p
 }
 
+/// An IPv4/TCP SYN from `src` to `dst` (no options, window 64240).
+pub fn tcp_syn_packet(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40);
+    p.extend_from_slice(&[0x45, 0, 0, 40]); // version, IHL, total length 40
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0]); // id, DF, ttl 64, tcp
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    let ck = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&ck.to_be_bytes());
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&src.port().to_be_bytes());
+    tcp.extend_from_slice(&dst.port().to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02]); // ack 0, data offset 5, SYN
+    tcp.extend_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let tck = checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&tck.to_be_bytes());
+    p.extend_from_slice(&tcp);
+    p
+}
+
+/// `probe syn-flood`: TCP SYNs to `dst` from this namespace's own address (the one routed
+/// toward `dst`), a new source port each (1024 upward, wrapping), `rate` per second for
+/// `duration`, through a raw IP socket; prints `sent N SYNs from SRC to DST in MS ms`. Each
+/// SYN opens a flow in the firewall; with the namespace's own resets dropped (the caller's
+/// nftables rule), the server's SYN-ACKs leave them half-open.
+pub fn syn_flood(dst: SocketAddrV4, rate: u32, duration: Duration) -> Result<()> {
+    let route = UdpSocket::bind("0.0.0.0:0").map_err(|e| Error(format!("udp socket: {e}")))?;
+    route
+        .connect(dst)
+        .map_err(|e| Error(format!("no route to {dst}: {e}")))?;
+    let src = match route.local_addr() {
+        Ok(SocketAddr::V4(a)) => *a.ip(),
+        Ok(a) => return Err(Error(format!("source address {a} is not IPv4"))),
+        Err(e) => return Err(Error(format!("source address toward {dst}: {e}"))),
+    };
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
+        .map_err(|e| Error(format!("raw socket: {e} (needs root)")))?;
+    let to = SockAddr::from(SocketAddrV4::new(*dst.ip(), 0));
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    while start.elapsed() < duration {
+        // Paced: catch up with rate x elapsed, then sleep a millisecond.
+        let due = (start.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+        while sent < due {
+            let port = 1024 + (sent % 64_512) as u16;
+            let pkt = tcp_syn_packet(SocketAddrV4::new(src, port), dst, 0x5eed_0000 ^ sent as u32);
+            match sock.send_to(&pkt, &to) {
+                Ok(_) => {}
+                // ENOBUFS (105), a full queue: the way is slower than the flood; skip this one.
+                Err(e)
+                    if e.raw_os_error() == Some(105) || e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error(format!("send {src}:{port} -> {dst}: {e}"))),
+            }
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!(
+        "sent {sent} SYNs from {src} to {dst} in {} ms",
+        start.elapsed().as_millis()
+    );
+    Ok(())
+}
+
 /// `probe spoof`: sends UDP datagrams with any source address through a raw IP socket
 /// (`IPPROTO_RAW`, the header is ours), routed like any packet of the namespace.
 pub fn spoof(src: Ipv4Addr, dst: SocketAddrV4, payload: &str, count: u32) -> Result<()> {

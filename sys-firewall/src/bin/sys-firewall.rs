@@ -106,7 +106,7 @@ The configuration (YAML; only qubesdb is required, unknown fields are errors):
     - {name: vif3.0, ip: 10.137.0.10, ip6: fd09:24ef:4179::a89:a, mac: 00:16:3e:5e:6c:0a}
   dns:                              # answers to dsthost lookups; other names fail
     web.example: {addrs: [198.18.0.10], ttl: 300}
-  conntrack_max: 65536              # optional
+  conntrack_max: 65536              # optional; default from memory, as Linux
   seed: 1                           # optional
   steps:                            # optional changes before input packet N (0-based)
     - {at_packet: 3, qubesdb: {/qubes-firewall/10.137.0.10/0000: action=drop}}

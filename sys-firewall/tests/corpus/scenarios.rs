@@ -150,6 +150,7 @@ scenarios! {
     "66-malformed-bad-l4-checksums" => malformed_bad_l4_checksums,
     "67-malformed-truncated-arp-ipv6" => malformed_truncated_arp_ipv6,
     "68-client-flows-survive-other-qubes-starting-and-stopping" => flows_survive_other_qubes,
+    "69-conntrack-two-flooders-cannot-starve-a-third-client" => conntrack_flooders_cannot_starve,
     "73-uplink-mtu-1400-df-frag-needed" => uplink_mtu_1400_df_frag_needed,
     "74-uplink-mtu-1400-fragments-without-df" => uplink_mtu_1400_fragments_without_df,
     "75-client-mtu-1400-reply-fragmented" => client_mtu_1400_reply_fragmented,
@@ -2603,5 +2604,117 @@ fn client_link_mtu_drops(s: &mut Script) -> R {
     );
     s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.10 sport $p dport 9000");
     s.expect("counter too-big on eth0 = 1");
+    Ok(())
+}
+
+/// A third client qube (vif5.0), for the table-sharing scenario.
+const C5: Client = Client {
+    vif: "vif5.0",
+    ip: "10.137.0.12",
+    ip6: None,
+    mac: "00:16:3e:5e:6c:0c",
+};
+
+/// One half-open connection of a flooder: its SYN, and the server's SYN-ACK to it; the
+/// flooder never completes (nor resets) it.
+fn half_open(s: &mut Script, c: &Client, sport: u16) -> R {
+    s.send(
+        c.vif,
+        tcp(fc(c), &at(c, sport), "198.18.0.10:80")
+            .flags("S")
+            .seq(1000)
+            .frame(),
+    )?;
+    let syn = s.last("eth0", "tcp")?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?.flags("SA").seq(5000).ack(1001).frame(),
+    )
+}
+
+fn conntrack_flooders_cannot_starve(s: &mut Script) -> R {
+    s.about(
+        "With room for 8 flows, two clients flooding half-open connections (answered SYNs, \
+         never completed) fill the table, and a third client still opens a connection and keeps \
+         it while the flood goes on",
+    );
+    s.config(
+        Cfg::new()
+            .client(&C3)
+            .client(&C4)
+            .client(&C5)
+            .conntrack_max(8),
+    )?;
+    // Inputs 0-47: vif3.0 and vif4.0 each open 12 half-open connections, in turn.
+    for i in 0..12 {
+        half_open(s, &C3, 41000 + i)?;
+        half_open(s, &C4, 42000 + i)?;
+    }
+    // 48-50: vif5.0's handshake, to port 443.
+    let syn = handshake(s, &C5, 40000, "198.18.0.10:443")?;
+    // 51-74: the flood goes on, 6 more each.
+    for i in 12..18 {
+        half_open(s, &C3, 41000 + i)?;
+        half_open(s, &C4, 42000 + i)?;
+    }
+    // 75-76: data both ways on vif5.0's connection.
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?
+            .flags("PA")
+            .seq(5001)
+            .ack(1001)
+            .payload(b"hello")
+            .frame(),
+    )?;
+    s.send(
+        "vif5.0",
+        tcp(fc(&C5), &at(&C5, 40000), "198.18.0.10:443")
+            .flags("PA")
+            .seq(1001)
+            .ack(5006)
+            .payload(b"world")
+            .frame(),
+    )?;
+    // The specification (docs/engine.md, "Sharing the connection table"): a full table gives
+    // each active client a share of 8 / active; a flooder at its share makes room from its own
+    // unassured (half-open) flows, so none of its SYNs is refused; a client below its share
+    // takes the place of a flow of the fullest client over its share, and is itself never
+    // evicted from while within its share. Linux's early_drop likewise evicts only entries
+    // that are not assured (net/netfilter/nf_conntrack_core.c), and a half-open one is not.
+    //
+    // Every flooder SYN leaves (24 before, 12 after vif5.0's handshake), and every SYN-ACK
+    // comes back to its flooder.
+    s.expect("tcp frames on eth0 = 39");
+    s.expect("tcp frame 0 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 dport 80 flags S");
+    s.expect("tcp frame 37 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 dport 80 flags S");
+    s.expect("tcp frames on vif3.0 = 18");
+    s.expect("tcp frames on vif4.0 = 18");
+    s.expect("tcp frame 17 on vif4.0: ipv4 src 198.18.0.10 dst 10.137.0.11 sport 80 flags SA");
+    // vif5.0's SYN leaves on eth0 (after the 24 flood SYNs), its SYN-ACK comes back, and its
+    // connection survives the rest of the flood: the server's data reaches it and its own data
+    // leaves with the same NAT port.
+    s.expect(
+        "tcp frame 24 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 443 flags S",
+    );
+    s.expect(
+        "tcp frame 25 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 443 flags A",
+    );
+    s.expect(
+        "tcp frame 38 on eth0: ipv4 src 10.137.0.6 dst 198.18.0.10 sport $p dport 443 flags PA \
+         paylen 5",
+    );
+    s.expect("tcp frames on vif5.0 = 2");
+    s.expect(
+        "tcp frame 0 on vif5.0: ipv4 src 198.18.0.10 dst 10.137.0.12 sport 443 dport 40000 flags SA",
+    );
+    s.expect(
+        "tcp frame 1 on vif5.0: ipv4 src 198.18.0.10 dst 10.137.0.12 sport 443 dport 40000 flags PA \
+         paylen 5",
+    );
+    s.expect("counter table-full on vif3.0 = 0");
+    s.expect("counter table-full on vif4.0 = 0");
+    s.expect("counter table-full on vif5.0 = 0");
+    s.expect("counter no-flow on eth0 = 0");
     Ok(())
 }
