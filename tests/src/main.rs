@@ -212,6 +212,15 @@ enum ProbeCommand {
         #[arg(long, default_value_t = 3000)]
         duration_ms: u64,
     },
+    /// COUNT UDP datagrams to a destination the qube's rules refuse, as fast as they go; then
+    /// counts the ICMP errors that come back about them within WAIT_MS (a router limits them)
+    RefusedBurst {
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+        #[arg(long, default_value_t = 1000)]
+        wait_ms: u64,
+    },
     /// A TCP connection that stays open: each stdin line is sent and its echo awaited
     Echo {
         dst: SocketAddrV4,
@@ -341,6 +350,14 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                     duration_ms,
                 } => {
                     probe::syn_flood(dst, rate, ms(duration_ms))?;
+                    true
+                }
+                ProbeCommand::RefusedBurst {
+                    dst,
+                    count,
+                    wait_ms,
+                } => {
+                    probe::refused_burst(dst, count, ms(wait_ms))?;
                     true
                 }
                 ProbeCommand::Echo { dst, timeout_ms } => probe::echo(dst, ms(timeout_ms))?,

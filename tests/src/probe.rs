@@ -456,6 +456,47 @@ pub fn udp_listen(addr: SocketAddrV4, duration: Duration) -> Result<()> {
     Ok(())
 }
 
+/// `probe refused-burst`: sends `count` UDP datagrams to `dst` from one socket, then counts
+/// the ICMP errors about them (type 3 quoting UDP to `dst`) that arrive by `wait` after the
+/// last. Prints `sent N errors K`.
+pub fn refused_burst(dst: SocketAddrV4, count: u32, wait: Duration) -> Result<()> {
+    let watch = IcmpWatch::open();
+    let Some(raw) = watch.0.as_ref() else {
+        return Err(Error(
+            "cannot open a raw ICMP socket (needs CAP_NET_RAW)".into(),
+        ));
+    };
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| Error(format!("udp socket: {e}")))?;
+    let mut sent = 0u32;
+    for i in 0..count {
+        // Unconnected: the errors the kernel would turn into ECONNREFUSED on a connected
+        // socket are not consumed here, only read from the raw socket.
+        if sock.send_to(&i.to_be_bytes(), dst).is_ok() {
+            sent += 1;
+        }
+    }
+    let deadline = Instant::now() + wait;
+    let mut errors = 0u32;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        match (&*raw).read(&mut buf) {
+            Ok(n) => {
+                if parse_icmp_error(&buf[..n], *dst.ip(), 17, dst.port())
+                    .is_some_and(|e| e.kind == 3)
+                {
+                    errors += 1;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(Error(format!("raw ICMP socket: {e}"))),
+        }
+    }
+    println!("sent {sent} errors {errors}");
+    Ok(())
+}
+
 /// `probe echo`: connects, prints `connected`; then sends every line of stdin and prints
 /// `echo ok LINE`, `no answer` (nothing within the timeout) or `error ...` for each. Echoes of
 /// earlier lines that arrive together are printed on one line (`echo ok two three`).

@@ -611,6 +611,37 @@ fn a_rule_change_made_while_the_firewall_is_down_is_enforced_when_it_returns() {
 }
 
 #[test]
+fn refused_packets_get_a_handful_of_errors_not_one_each() {
+    // A router limits the errors it sends (Linux: a burst of 6 per destination, then one per
+    // second, net/ipv4/icmp.c `icmpv4_xrlim_allow`): 200 refused datagrams from untrusted get a
+    // handful of admin-prohibited errors, not 200.
+    let Some(lab) = Lab::up() else { return };
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("untrusted"), LAB, "probe"])
+        .args(["refused-burst", "198.18.0.10:9", "--count", "200"])
+        .args(["--wait-ms", "500"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run probe");
+    let out = output_text(&out);
+    let line = out.lines().find(|l| l.starts_with("sent ")).unwrap_or("");
+    let nums: Vec<u32> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    eprintln!("[{}] {}: refused burst: {line}", lab.name, kind());
+    let [sent, errors] = nums[..] else {
+        panic!("no result from the probe: {out}")
+    };
+    assert_eq!(sent, 200, "{out}");
+    assert!(
+        (1..=12).contains(&errors),
+        "200 refused datagrams got {errors} ICMP errors (a rate-limited router sends a handful)"
+    );
+    lab.down();
+}
+
+#[test]
 fn rules_that_do_not_parse_block_only_that_client() {
     let Some(lab) = Lab::up() else { return };
     assert_eq!(lab.dns("untrusted", "10.139.1.1").status, "ok");
