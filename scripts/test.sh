@@ -38,5 +38,6 @@ echo "== cargo test (the lab runs our sys-firewall service)"
 cargo test --workspace --locked
 echo "== the lab's end-to-end tests again, against the Linux kernel sys-firewall (the baseline)"
 QUBES_LAB_FIREWALL=linux cargo test --locked -p qubes-lab --test lab_e2e
-echo "== benchmarks build"
+echo "== benchmarks build, and the engine bench's paths work (no timings judged)"
 cargo bench --workspace --locked --no-run
+cargo bench --locked -p qubes-engine --bench engine -- --smoke

@@ -287,7 +287,17 @@ struct Tcp4 {
     sport: u16,
     dport: u16,
     flags: u8,
+    /// Sequence and acknowledgement numbers: the client starts at 1000, the remote at 5000,
+    /// and every later segment of a side carries the same numbers, so all of them stay inside
+    /// the windows the engine tracks.
+    seq: u32,
+    ack: u32,
 }
+
+/// The client's initial sequence number in the bench's connections; the remote's is
+/// `REMOTE_ISN`.
+const CLIENT_ISN: u32 = 1000;
+const REMOTE_ISN: u32 = 5000;
 
 impl Tcp4 {
     fn write(&self, buf: &mut [u8]) {
@@ -312,8 +322,8 @@ impl Tcp4 {
         t.fill(0);
         t[0..2].copy_from_slice(&self.sport.to_be_bytes());
         t[2..4].copy_from_slice(&self.dport.to_be_bytes());
-        t[4..8].copy_from_slice(&1000u32.to_be_bytes());
-        t[8..12].copy_from_slice(&2000u32.to_be_bytes());
+        t[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        t[8..12].copy_from_slice(&self.ack.to_be_bytes());
         t[12] = 5 << 4;
         t[13] = self.flags;
         t[14..16].copy_from_slice(&65_535u16.to_be_bytes());
@@ -411,6 +421,12 @@ impl Bench {
             sport: f.sport,
             dport: TRAFFIC_PORT,
             flags,
+            seq: if flags == TCP_SYN {
+                CLIENT_ISN
+            } else {
+                CLIENT_ISN + 1
+            },
+            ack: if flags == TCP_SYN { 0 } else { REMOTE_ISN + 1 },
         }
     }
 
@@ -423,6 +439,12 @@ impl Bench {
             sport: TRAFFIC_PORT,
             dport: f.nat_port,
             flags,
+            seq: if flags == TCP_SYN_ACK {
+                REMOTE_ISN
+            } else {
+                REMOTE_ISN + 1
+            },
+            ack: CLIENT_ISN + 1,
         }
     }
 
@@ -648,6 +670,8 @@ fn measure_new_flows(b: &mut Bench) -> NewFlows {
             sport: 33_333,
             dport: TRAFFIC_PORT,
             flags: TCP_SYN,
+            seq: CLIENT_ISN,
+            ack: 0,
         }
         .write(w);
         ifaces.push(iface(client));
@@ -732,6 +756,8 @@ fn measure_memory() -> Memory {
             sport: 40_000,
             dport: TRAFFIC_PORT,
             flags: TCP_SYN,
+            seq: CLIENT_ISN,
+            ack: 0,
         }
         .write(&mut frame);
         assert_eq!(b.handle(1, &mut frame), Verdict::Forward(UPLINK));
@@ -881,12 +907,26 @@ fn memory_in_child() -> Memory {
 
 /// The argument that makes this program only measure memory and print it.
 const RSS_CHILD_ARG: &str = "--rss-child";
+/// The argument that runs one small configuration without printing figures (the test suite).
+const SMOKE_ARG: &str = "--smoke";
 
 fn main() {
     if std::env::args().any(|a| a == RSS_CHILD_ARG) {
         let m = measure_memory();
         let rss = m.rss_per_flow.map_or("-".to_string(), |r| r.to_string());
         println!("{} {} {rss}", m.bytes_per_flow, m.max);
+        return;
+    }
+    if std::env::args().any(|a| a == SMOKE_ARG) {
+        // The paths the figures are taken on must work: every measurement asserts that its
+        // packets are forwarded, so a change that breaks them fails here, in the test suite,
+        // and not first when someone measures.
+        match run_config(1, 10) {
+            Outcome::Done(_) => {
+                println!("engine bench smoke: 1 client x 10 rules, all paths forward")
+            }
+            Outcome::Skipped(short, why) => panic!("engine bench smoke skipped: {short}: {why}"),
+        }
         return;
     }
     let started = Instant::now();

@@ -94,7 +94,7 @@ pub enum Reason {
     /// Too big for the next link with DF (or IPv6); answered with ICMP.
     TooBig,
     /// Well-formed but not something a sys-firewall forwards (IPv6 without an address, IPv6
-    /// extension headers, other IP protocols, broadcast).
+    /// extension headers, ICMP messages that are neither queries nor errors, broadcast).
     Unsupported,
     /// Addressed to the firewall itself and not something it serves (Linux rejects it with
     /// host-prohibited).
