@@ -36,7 +36,8 @@ measure() { # kind
 flood_figure() { # kind
   QUBES_LAB_FIREWALL=$1 cargo test --release -q -p qubes-lab --test lab_e2e \
     work_keeps_connecting_while_two_qubes_flood_the_table -- --nocapture 2>&1 \
-    | grep -o 'work during the flood [0-9]*/[0-9]*, right after [0-9]*/[0-9]*' | tail -1 || true
+    | grep -o 'work during the flood [0-9]*/[0-9]*, right after [0-9]*/[0-9]*' | tail -1 \
+    | sed 's/work during the flood /during /' || true
 }
 
 for k in rust linux; do
@@ -48,5 +49,5 @@ printf '\n%-52s %-26s %-26s\n' "figure" "sys-firewall (ours)" "Linux sys-firewal
 printf '%-52s %-26s %-26s\n' "DF ping 1500 B over a 1400 link: ICMP frag-needed" "${df[rust]}" "${df[linux]}"
 printf '%-52s %-26s %-26s\n' "TCP work -> world over a 1400 link, ${SECS}s (Gbit/s)" "${tp[rust]:-?}" "${tp[linux]:-?}"
 printf '%-52s %-26s %-26s\n' "ICMP errors for 200 refused datagrams" "${burst[rust]:-?}" "${burst[linux]:-?}"
-printf '%-52s %-26s %-26s\n' "work while two qubes flood (ok/attempts)" "${flood[rust]:-?}" "${flood[linux]:-?}"
+printf '%-52s %-26s %-26s\n' "work while two qubes flood (ok of attempts)" "${flood[rust]:-?}" "${flood[linux]:-?}"
 echo "(Linux's table cannot be shrunk inside a namespace, so its flood does not fill it)"
