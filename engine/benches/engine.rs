@@ -229,6 +229,9 @@ fn client_mac(i: usize) -> Mac {
 fn config(clients: usize, rules: usize) -> EngineConfig {
     EngineConfig {
         mode: UplinkMode::Masquerade,
+        client_gateway: None,
+        client_gateway6: None,
+        dns_redirect: Vec::new(),
         uplink: UplinkConfig {
             name: "eth0".into(),
             mac: OUR_MAC,

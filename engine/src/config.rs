@@ -102,10 +102,45 @@ pub enum UplinkMode {
     Terminate,
 }
 
+/// DNS redirection for one virtual resolver (upstream qubes-core-agent-linux
+/// `network/qubes-setup-dnat-to-ns`): client queries to `virtual_ip` port 53 (UDP and TCP) go
+/// to `upstream`, and the answers come back from `virtual_ip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsRedirect {
+    pub virtual_ip: Ipv4Addr,
+    /// `None`: no upstream resolver is known; queries are refused at once with ICMP port
+    /// unreachable (upstream drops them, which leaves clients waiting for a timeout).
+    pub upstream: Option<Ipv4Addr>,
+}
+
+/// Pairs the virtual resolvers with the upstream ones as the agent does:
+/// `zip(virtual, cycle(upstream))`, so one upstream serves both virtual addresses; with none,
+/// every virtual resolver refuses.
+pub fn pair_dns(virtual_dns: &[Ipv4Addr], upstream: &[Ipv4Addr]) -> Vec<DnsRedirect> {
+    virtual_dns
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| DnsRedirect {
+            virtual_ip: v,
+            upstream: (!upstream.is_empty()).then(|| upstream[i % upstream.len()]),
+        })
+        .collect()
+}
+
 /// Everything the engine needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     pub uplink: UplinkConfig,
+    /// The address clients use as their gateway when it is not the uplink address: sys-net's
+    /// `/qubes-netvm-gateway`, while its uplink address comes from DHCP. `None`: the uplink
+    /// address, as for every Qubes 4 provider behind another one (a provider's gateway is its
+    /// own visible IP, qubes-core-admin `qubes/vm/mix/net.py`).
+    pub client_gateway: Option<Ipv4Addr>,
+    /// The same for IPv6 (`/qubes-netvm-gateway6`); `None`: the uplink's IPv6 address.
+    pub client_gateway6: Option<Ipv6Addr>,
+    /// DNS redirection (sys-net); empty: queries to the virtual resolvers are forwarded as
+    /// they are, to the netvm, which redirects them (sys-firewall).
+    pub dns_redirect: Vec<DnsRedirect>,
     /// The way out for accepted client traffic.
     pub mode: UplinkMode,
     /// The DNS servers clients are given (`/qubes-netvm-primary-dns`, `-secondary-dns`): what
@@ -244,6 +279,65 @@ fn parse_key<T: std::str::FromStr>(
     }
 }
 
+/// The uplink of the netvm at the end of the chain (sys-net): its address, router and DNS
+/// servers come from DHCP or from static configuration, not from QubesDB (a netvm has no
+/// netvm of its own, so dom0 writes no `/qubes-ip` for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetvmUplink {
+    pub ip: Ipv4Addr,
+    pub router: Ipv4Addr,
+    /// Upstream DNS servers, in order.
+    pub dns: Vec<Ipv4Addr>,
+    /// The uplink device's MAC.
+    pub mac: Mac,
+}
+
+/// [`from_tree`] for a netvm (sys-net): the uplink is `up`; the clients' gateway is
+/// `/qubes-netvm-gateway` (and `-gateway6`), as dom0 writes it for a qube that provides
+/// network; queries to the virtual resolvers (`/qubes-netvm-primary-dns`, `-secondary-dns`)
+/// are redirected to `up.dns`, paired as the agent pairs them ([`pair_dns`]).
+pub fn from_tree_netvm(
+    tree: &BTreeMap<String, String>,
+    vifs: &[VifInfo],
+    uplink_name: &str,
+    uplink_mtu: u16,
+    up: &NetvmUplink,
+) -> Result<EngineConfig, ConfigError> {
+    let gateway: Ipv4Addr =
+        parse_key(tree, "/qubes-netvm-gateway")?.ok_or(ConfigError::MissingKey {
+            key: "/qubes-netvm-gateway",
+            why: "the netvm's clients need a gateway address",
+        })?;
+    let gateway6: Option<Ipv6Addr> = parse_key(tree, "/qubes-netvm-gateway6")?;
+    let mut t = tree.clone();
+    // The uplink is ours, not dom0's: an address learnt by DHCP replaces anything the tree
+    // might say, and IPv6 on the uplink is not configured here.
+    t.insert("/qubes-ip".into(), up.ip.to_string());
+    t.insert("/qubes-gateway".into(), up.router.to_string());
+    t.insert("/qubes-mac".into(), format_mac(&up.mac));
+    t.remove("/qubes-ip6");
+    t.remove("/qubes-gateway6");
+    let mut cfg = from_tree(&t, vifs, uplink_name, uplink_mtu)?;
+    if let Some(c) = cfg.clients.iter().find(|c| c.ip == gateway) {
+        return Err(ConfigError::AddressInUse {
+            vif: c.vif.clone(),
+            addr: gateway,
+        });
+    }
+    cfg.client_gateway = Some(gateway);
+    cfg.client_gateway6 = gateway6;
+    let virtual_dns: Vec<Ipv4Addr> = cfg
+        .dns
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    cfg.dns_redirect = pair_dns(&virtual_dns, &up.dns);
+    Ok(cfg)
+}
+
 /// The entries of `/qubes-firewall/<addr>/` with the prefix removed (`policy`, `0000`, ...).
 pub fn firewall_entries(tree: &BTreeMap<String, String>, addr: &str) -> Vec<(String, String)> {
     let prefix = format!("/qubes-firewall/{addr}/");
@@ -331,6 +425,9 @@ pub fn from_tree(
     }
     Ok(EngineConfig {
         mode: UplinkMode::Masquerade,
+        client_gateway: None,
+        client_gateway6: None,
+        dns_redirect: Vec::new(),
         uplink: UplinkConfig {
             name: uplink_name.to_string(),
             mac,
@@ -351,6 +448,70 @@ pub fn from_tree(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtual_resolvers_pair_as_the_agent_pairs_them() {
+        let v = [VIRTUAL_DNS[0], VIRTUAL_DNS[1]];
+        let a = Ipv4Addr::new(198, 18, 0, 53);
+        let b = Ipv4Addr::new(198, 18, 0, 54);
+        let c = Ipv4Addr::new(198, 18, 0, 55);
+        let ups = |r: Vec<DnsRedirect>| r.into_iter().map(|r| r.upstream).collect::<Vec<_>>();
+        assert_eq!(ups(pair_dns(&v, &[a, b])), [Some(a), Some(b)]);
+        // zip(virtual, cycle(upstream)): one upstream serves both; extra upstreams are unused.
+        assert_eq!(ups(pair_dns(&v, &[a])), [Some(a), Some(a)]);
+        assert_eq!(ups(pair_dns(&v, &[a, b, c])), [Some(a), Some(b)]);
+        assert_eq!(ups(pair_dns(&v, &[])), [None, None]);
+        assert_eq!(pair_dns(&v, &[a])[1].virtual_ip, VIRTUAL_DNS[1]);
+    }
+
+    #[test]
+    fn a_netvm_takes_its_uplink_from_the_lease_and_its_clients_gateway_from_the_tree() {
+        let up = NetvmUplink {
+            ip: Ipv4Addr::new(198, 18, 0, 100),
+            router: Ipv4Addr::new(198, 18, 0, 1),
+            dns: vec![Ipv4Addr::new(198, 18, 0, 53)],
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        let vifs = [VifInfo {
+            name: "vif6.0".into(),
+            ip: Ipv4Addr::new(10, 137, 0, 6),
+            ip6: None,
+            mac: DEFAULT_QUBE_MAC,
+        }];
+        let missing = from_tree_netvm(&tree(&[]), &vifs, "eth0", 1500, &up);
+        assert!(
+            matches!(
+                missing,
+                Err(ConfigError::MissingKey {
+                    key: "/qubes-netvm-gateway",
+                    ..
+                })
+            ),
+            "{missing:?}"
+        );
+        // A tree that says otherwise about the uplink does not win over the lease.
+        let t = tree(&[
+            ("/qubes-netvm-gateway", "10.137.0.5"),
+            ("/qubes-ip", "10.137.0.99"),
+        ]);
+        let cfg = from_tree_netvm(&t, &vifs, "eth0", 1500, &up).expect("config");
+        assert_eq!(cfg.uplink.ip, up.ip);
+        assert_eq!(cfg.uplink.gateway, up.router);
+        assert_eq!(cfg.uplink.mac, up.mac);
+        assert_eq!(cfg.client_gateway, Some(Ipv4Addr::new(10, 137, 0, 5)));
+        assert_eq!(cfg.dns_redirect.len(), 2);
+        assert!(cfg
+            .dns_redirect
+            .iter()
+            .all(|r| r.upstream == Some(up.dns[0])));
+        // The gateway cannot also be a client's address.
+        let t = tree(&[("/qubes-netvm-gateway", "10.137.0.6")]);
+        let clash = from_tree_netvm(&t, &vifs, "eth0", 1500, &up);
+        assert!(
+            matches!(clash, Err(ConfigError::AddressInUse { .. })),
+            "{clash:?}"
+        );
+    }
 
     fn tree(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
         entries

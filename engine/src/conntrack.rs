@@ -326,15 +326,24 @@ pub struct Flow {
     pub last_seen: u64,
     /// The flow is gone at this time (absent for lookups at `now >= expires_at`).
     pub expires_at: u64,
+    /// Where the flow really goes when it is not `key.dst`: a DNS query to a virtual resolver
+    /// redirected to its upstream (sys-net, as `qubes-setup-dnat-to-ns` does). Replies come
+    /// from here and are shown to the client as from `key.dst`.
+    pub dnat: Option<Ipv4Addr>,
 }
 
 impl Flow {
+    /// The remote end on the uplink: `key.dst`, or where DNS redirection sent the flow.
+    pub fn remote(&self) -> IpAddr {
+        self.dnat.map_or(self.key.dst, IpAddr::V4)
+    }
+
     /// The key replies to this flow carry on the uplink. For ICMP the remote "port" is always
     /// 0, whatever the flow key's `dport` says.
     pub fn reply_key(&self) -> ReplyKey {
         ReplyKey {
             l4: self.key.l4,
-            remote: self.key.dst,
+            remote: self.remote(),
             rport: match self.key.l4 {
                 L4::Icmp => 0,
                 _ => self.key.dport,
@@ -362,6 +371,7 @@ pub static PLACEHOLDER_FLOW: Flow = Flow {
     created: 0,
     last_seen: 0,
     expires_at: 0,
+    dnat: None,
 };
 
 /// No room for a new flow: the table is at `max_flows` and nothing may be evicted for this
@@ -778,6 +788,18 @@ impl ConnTrack {
         key: FlowKey,
         tcp_flags: Option<u8>,
     ) -> Result<FlowId, TableFull> {
+        self.create_to(now, key, None, tcp_flags)
+    }
+
+    /// [`ConnTrack::create`] for a flow redirected to `dnat` instead of `key.dst` (see
+    /// [`Flow::dnat`]); the NAT port is chosen toward where the flow really goes.
+    pub fn create_to(
+        &mut self,
+        now: u64,
+        key: FlowKey,
+        dnat: Option<Ipv4Addr>,
+        tcp_flags: Option<u8>,
+    ) -> Result<FlowId, TableFull> {
         if let Some(&id) = self.orig.get(&key) {
             if self.live_slot(id).is_some_and(|s| s.flow.expires_at > now) {
                 self.update(FlowId(id), now, Dir::Original, tcp_flags);
@@ -793,7 +815,8 @@ impl ConnTrack {
         } else {
             None
         };
-        let nat_port = self.pick_nat_port(&key)?;
+        let remote = dnat.map_or(key.dst, IpAddr::V4);
+        let nat_port = self.pick_nat_port(&key, remote)?;
         if let Some(v) = victim {
             // Its reply key differs from the one just chosen, which was free.
             self.remove_slot(v);
@@ -817,6 +840,7 @@ impl ConnTrack {
             created: now,
             last_seen: now,
             expires_at: now.saturating_add(timeout),
+            dnat,
         };
         let id = self.alloc_slot(flow, fin_dir)?;
         self.orig.insert(key, id);
@@ -908,7 +932,7 @@ impl ConnTrack {
     /// Ports below 1024 are not kept: the uplink's privileged ports are not a client's to
     /// claim. Otherwise random draws, then a scan from a random point, which also proves
     /// exhaustion. [`L4::Other`] flows have no ports to translate: their own or nothing.
-    fn pick_nat_port(&mut self, key: &FlowKey) -> Result<u16, TableFull> {
+    fn pick_nat_port(&mut self, key: &FlowKey, remote: IpAddr) -> Result<u16, TableFull> {
         let (lo, n) = match key.l4 {
             L4::Icmp => (0u32, 65_536u32),
             L4::Tcp | L4::Udp => (1024, 64_512),
@@ -916,7 +940,7 @@ impl ConnTrack {
         };
         let mut rk = ReplyKey {
             l4: key.l4,
-            remote: key.dst,
+            remote,
             rport: match key.l4 {
                 L4::Icmp => 0,
                 _ => key.dport,
@@ -2508,6 +2532,7 @@ mod tests {
                                 created: now,
                                 last_seen: now,
                                 expires_at: 0,
+                                dnat: None,
                             };
                             flow.expires_at = now + model_secs(&flow) * S;
                             m.seq += 1;

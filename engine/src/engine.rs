@@ -107,10 +107,13 @@ pub enum Reason {
     /// `PACKET_OTHERHOST` in `ip_rcv`), or broadcast/multicast, which only the firewall's own
     /// services may take (`ip_forward` forwards `PACKET_HOST` frames only).
     NotForUs,
+    /// A DNS query to a virtual resolver that has no upstream resolver (sys-net without a
+    /// lease or configured servers): refused at once with ICMP port unreachable.
+    NoUpstreamDns,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Accepted,
         Reason::RejectedByRule,
         Reason::Spoofed,
@@ -124,6 +127,7 @@ impl Reason {
         Reason::Local,
         Reason::Invalid,
         Reason::NotForUs,
+        Reason::NoUpstreamDns,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +145,7 @@ impl Reason {
             Reason::Local => "local",
             Reason::Invalid => "invalid",
             Reason::NotForUs => "not-for-us",
+            Reason::NoUpstreamDns => "no-upstream-dns",
         }
     }
 }
@@ -506,13 +511,31 @@ impl Engine {
     ) -> Result<(), ConfigError> {
         self.undefer(out);
         Self::check_mtus(&config)?;
-        // Our own address changed: every NAT mapping is wrong now. The MTU is no part of a
-        // mapping: a link whose MTU changes keeps its flows (Linux keeps conntrack entries
-        // across `ip link set mtu`).
-        let mut same_uplink = config.uplink.clone();
-        same_uplink.mtu = self.cfg.uplink.mtu;
-        if same_uplink != self.cfg.uplink {
-            self.conntrack.retain(|_| false);
+        // A NAT mapping is our address and a port: the flows of a family whose uplink address
+        // moved cannot go on (the remote end would see another source). Nothing else about
+        // the uplink is part of a mapping, so its MTU, the netvm's address or our MAC may
+        // change under open flows (Linux keeps conntrack entries across `ip link set mtu`, and
+        // a DHCP renewal that keeps the address keeps every connection).
+        let (old, new) = (&self.cfg.uplink, &config.uplink);
+        let (v4_moved, v6_moved) = (old.ip != new.ip, old.ip6 != new.ip6);
+        if v4_moved || v6_moved {
+            self.conntrack.retain(|f| {
+                if f.key.dst.is_ipv4() {
+                    !v4_moved
+                } else {
+                    !v6_moved
+                }
+            });
+        }
+        // A new netvm (or router) has to be found again.
+        if old.gateway != new.gateway || old.name != new.name {
+            self.netvm_mac = GATEWAY_MAC;
+            self.netvm_mac_known = false;
+            self.arp_sent_at = None;
+        }
+        if old.gateway6 != new.gateway6 || old.name != new.name {
+            self.netvm_mac6 = GATEWAY_MAC;
+            self.netvm_mac6_known = false;
         }
         if config.conntrack_max != self.cfg.conntrack_max {
             let mut ct = ConnTrack::new(config.conntrack_max, config.seed);
@@ -1158,6 +1181,37 @@ impl Engine {
         }
     }
 
+    /// The clients' gateway address ([`EngineConfig::client_gateway`]).
+    fn client_gw(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.cfg
+                .client_gateway6
+                .or(self.cfg.uplink.ip6)
+                .map(IpAddr::V6)
+        } else {
+            Some(IpAddr::V4(
+                self.cfg.client_gateway.unwrap_or(self.cfg.uplink.ip),
+            ))
+        }
+    }
+
+    /// Where DNS redirection sends a client's packet, if it is a query to a virtual
+    /// resolver: `Some(Some(upstream))`, or `Some(None)` when that resolver has no upstream.
+    fn dns_redirect(&self, ip: &Ip, l4: &wire::L4) -> Option<Option<Ipv4Addr>> {
+        if self.cfg.dns_redirect.is_empty()
+            || l4.dport != 53
+            || !matches!(ip.proto, wire::PROTO_UDP | wire::PROTO_TCP)
+        {
+            return None;
+        }
+        let IpAddr::V4(dst) = ip.dst else { return None };
+        self.cfg
+            .dns_redirect
+            .iter()
+            .find(|r| r.virtual_ip == dst)
+            .map(|r| r.upstream)
+    }
+
     fn client_by_ip(&self, a: &IpAddr) -> Option<usize> {
         match a {
             IpAddr::V4(a) => self.by_ip4.get(a).copied(),
@@ -1201,8 +1255,9 @@ impl Engine {
             Ok(l4) => l4,
             Err(r) => return consumed(r),
         };
-        // To the firewall itself.
-        if Some(ip.dst) == self.our_ip(ip.v6) {
+        // To the firewall itself: its gateway address, or its uplink address where the two
+        // differ (sys-net).
+        if Some(ip.dst) == self.client_gw(ip.v6) || Some(ip.dst) == self.our_ip(ip.v6) {
             return consumed(self.local_from_client(c, frame, &ip, &l4, out));
         }
         if is_special(&ip.dst) {
@@ -1292,7 +1347,15 @@ impl Engine {
                 }
                 // The table shares itself out: however many clients flood it, one below its
                 // fair share still gets a flow (conntrack module docs).
-                match self.conntrack.create(now, key, tcp_flags) {
+                let dnat = match self.dns_redirect(&ip, &l4) {
+                    Some(None) => {
+                        self.icmp_error(id, frame, &ip, IcmpKind::PortUnreachable, out);
+                        return consumed(Reason::NoUpstreamDns);
+                    }
+                    Some(Some(upstream)) => Some(upstream),
+                    None => None,
+                };
+                match self.conntrack.create_to(now, key, dnat, tcp_flags) {
                     Ok(f) => {
                         if let Some(seg) = &seg {
                             self.conntrack.tcp_open(f, seg);
@@ -1308,7 +1371,10 @@ impl Engine {
             return consumed(Reason::TooBig);
         }
         self.conntrack.update(flow, now, Dir::Original, tcp_flags);
-        let nat_port = self.conntrack.get(flow).nat_port;
+        let (nat_port, dnat) = {
+            let f = self.conntrack.get(flow);
+            (f.nat_port, f.dnat)
+        };
         let Some(our) = self.our_ip(ip.v6) else {
             return consumed(Reason::Unsupported);
         };
@@ -1325,6 +1391,10 @@ impl Engine {
         wire::set_macs(frame, &dst_mac, &self.cfg.uplink.mac);
         let port = (!matches!(l4p, Proto4::Other(_))).then_some(nat_port);
         wire::nat_rewrite(frame, &ip, NatField::Src, our, port, self.nat_csum());
+        if let Some(upstream) = dnat {
+            let csum = self.nat_csum();
+            wire::nat_rewrite(frame, &ip, NatField::Dst, IpAddr::V4(upstream), None, csum);
+        }
         decrement_ttl(frame, &ip);
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
@@ -1542,6 +1612,11 @@ impl Engine {
         wire::set_macs(frame, &client_mac, &GATEWAY_MAC);
         let port = (!matches!(l4p, Proto4::Other(_))).then_some(key.sport);
         wire::nat_rewrite(frame, &ip, NatField::Dst, key.src, port, self.nat_csum());
+        if self.conntrack.get(flow).dnat.is_some() {
+            // From the virtual resolver the client asked, not the upstream one.
+            let csum = self.nat_csum();
+            wire::nat_rewrite(frame, &ip, NatField::Src, key.dst, None, csum);
+        }
         decrement_ttl(frame, &ip);
         let to = key.client;
         if in_place && size == Size::Fragment {
@@ -1601,7 +1676,10 @@ impl Engine {
         ) else {
             return Reason::NoFlow;
         };
-        let key = self.conntrack.get(flow).key;
+        let (key, dnat) = {
+            let f = self.conntrack.get(flow);
+            (f.key, f.dnat)
+        };
         let Some(client) = self.client(key.client) else {
             return Reason::NoFlow;
         };
@@ -1624,6 +1702,17 @@ impl Engine {
             port,
             NatCsum::Quoted,
         );
+        if dnat.is_some() {
+            // The quoted query went to the virtual resolver, as far as the client knows.
+            wire::nat_rewrite(
+                &mut buf,
+                &inner,
+                NatField::Dst,
+                key.dst,
+                None,
+                NatCsum::Quoted,
+            );
+        }
         // The ICMP checksum is recomputed in full below.
         wire::nat_rewrite(&mut buf, ip, NatField::Dst, key.src, None, NatCsum::Full);
         decrement_ttl(&mut buf, ip);
@@ -2126,6 +2215,7 @@ impl Engine {
             let (ty, code, mtu) = match kind {
                 IcmpKind::AdminProhibited => (3, 13, 0),
                 IcmpKind::HostProhibited => (3, 10, 0),
+                IcmpKind::PortUnreachable => (3, 3, 0),
                 IcmpKind::TimeExceeded => (11, 0, 0),
                 IcmpKind::TooBig(m) => (3, 4, m),
             };
@@ -2172,6 +2262,12 @@ impl Engine {
         let qlen = quoted.len().min(ICMP4_ERROR_MAX - 28);
         let total = 28 + qlen;
         let id = self.next_ip_id();
+        // From our address on the link it goes out by: the clients' gateway toward a client.
+        let src = if iface == UPLINK {
+            self.cfg.uplink.ip
+        } else {
+            self.cfg.client_gateway.unwrap_or(self.cfg.uplink.ip)
+        };
         let mut f = std::mem::take(&mut self.build);
         f.clear();
         f.resize(ETH_LEN + total, 0);
@@ -2179,7 +2275,7 @@ impl Engine {
         wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
         let o = ETH_LEN;
         Ipv4Repr {
-            src: self.cfg.uplink.ip,
+            src,
             dst,
             protocol: wire::PROTO_ICMP,
             ttl: 64,
@@ -2209,7 +2305,12 @@ impl Engine {
         kind: IcmpKind,
         out: &mut Outbox,
     ) {
-        let Some(our) = self.cfg.uplink.ip6 else {
+        let our = if iface == UPLINK {
+            self.cfg.uplink.ip6
+        } else {
+            self.cfg.client_gateway6.or(self.cfg.uplink.ip6)
+        };
+        let Some(our) = our else {
             return;
         };
         if ip.proto == wire::PROTO_ICMPV6 {
@@ -2222,6 +2323,7 @@ impl Engine {
         let IpAddr::V6(dst) = ip.src else { return };
         let (ty, code, mtu): (u8, u8, u32) = match kind {
             IcmpKind::AdminProhibited | IcmpKind::HostProhibited => (1, 1, 0),
+            IcmpKind::PortUnreachable => (1, 4, 0),
             IcmpKind::TimeExceeded => (3, 0, 0),
             IcmpKind::TooBig(m) => (2, 0, u32::from(m)),
         };
@@ -2313,12 +2415,11 @@ impl Engine {
 enum IcmpKind {
     AdminProhibited,
     HostProhibited,
+    PortUnreachable,
     TimeExceeded,
     TooBig(u16),
 }
 
-/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
-/// timestamp, information and address mask requests; ICMPv6 echo).
 /// The TCP segment of a packet whose transport header was checked ([`wire::parse_l4_with`]).
 fn tcp_segment(frame: &[u8], ip: &Ip) -> Option<tcpwin::Segment> {
     let t = frame.get(ip.l4()..ip.end())?;
@@ -2326,6 +2427,8 @@ fn tcp_segment(frame: &[u8], ip: &Ip) -> Option<tcpwin::Segment> {
     tcpwin::Segment::parse(t, t.len().saturating_sub(doff))
 }
 
+/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
+/// timestamp, information and address mask requests; ICMPv6 echo).
 fn is_icmp_query(v6: bool, ty: u8) -> bool {
     if v6 {
         ty == 128

@@ -1313,6 +1313,9 @@ impl Model {
     fn config(&self) -> EngineConfig {
         EngineConfig {
             mode: UplinkMode::Masquerade,
+            client_gateway: None,
+            client_gateway6: None,
+            dns_redirect: Vec::new(),
             uplink: UplinkConfig {
                 name: "eth0".into(),
                 mac: OUR_MAC,

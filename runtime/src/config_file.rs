@@ -6,6 +6,9 @@
 //! uplink:                 # the interface toward the netvm
 //!   name: eth0            # default eth0
 //!   mtu: 1500             # default 1500
+//!   address: 198.18.0.100 # sys-net only, static addressing: its own address (else DHCP);
+//!   router: 198.18.0.1    #   the next hop, and the upstream DNS servers the virtual
+//!   dns: [198.18.0.53]    #   resolvers are redirected to (none: DNS is refused at once)
 //! qubesdb:                # the qube's QubesDB keys, as dom0 writes them
 //!   /qubes-ip: 10.137.0.6
 //!   /qubes-gateway: 10.137.0.5
@@ -32,6 +35,8 @@
 //!     tick_ns: 1704067230000000000   # run the engine's timers at this time (ns, capture clock)
 //!   - at_packet: 7
 //!     link_mtu: {eth0: 1400}         # a link's own MTU changed (what netlink tells a service)
+//!   - at_packet: 9                   # sys-net: the lease changed (a DHCP renewal)
+//!     uplink: {address: 198.18.0.101, router: 198.18.0.1, dns: [198.18.0.54]}
 //! ```
 //!
 //! `link_mtu` stands for the device: a service reads each link's MTU from the kernel and
@@ -84,6 +89,16 @@ pub struct UplinkSection {
     pub name: String,
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// sys-net with static addressing (and replays of sys-net): the uplink's own address.
+    /// Without it, sys-net asks DHCP; sys-firewall never sets it (its address is `/qubes-ip`).
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
+    /// With `address`: the router behind the uplink.
+    #[serde(default)]
+    pub router: Option<Ipv4Addr>,
+    /// With `address`: the upstream DNS servers the virtual resolvers are redirected to.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 impl Default for UplinkSection {
@@ -91,8 +106,21 @@ impl Default for UplinkSection {
         UplinkSection {
             name: default_uplink_name(),
             mtu: default_mtu(),
+            address: None,
+            router: None,
+            dns: Vec::new(),
         }
     }
+}
+
+/// A replay step's new uplink lease (sys-net): what a DHCP renewal with other values gives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseChange {
+    pub address: Ipv4Addr,
+    pub router: Ipv4Addr,
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// One entry of `vifs`.
@@ -138,6 +166,9 @@ pub struct Step {
     /// interface name.
     #[serde(default)]
     pub link_mtu: BTreeMap<String, u16>,
+    /// sys-net replays: the uplink's lease changes to this.
+    #[serde(default)]
+    pub uplink: Option<LeaseChange>,
 }
 
 /// The configuration file of a service, and of a replay (see the module documentation).
@@ -269,11 +300,17 @@ impl ConfigFile {
                 && s.tick_ns.is_none()
                 && s.vifs.is_none()
                 && s.link_mtu.is_empty()
+                && s.uplink.is_none()
             {
                 return Err(invalid(format!(
                     "steps[{i}] (at_packet {}) has nothing to do: give qubesdb, vifs, \
-                     link_mtu or tick_ns",
+                     link_mtu, uplink or tick_ns",
                     s.at_packet
+                )));
+            }
+            if s.uplink.is_some() && self.uplink.address.is_none() {
+                return Err(invalid(format!(
+                    "steps[{i}]: uplink: a lease change needs a netvm uplink (uplink.address)"
                 )));
             }
             for (name, &mtu) in &s.link_mtu {
@@ -298,6 +335,20 @@ impl ConfigFile {
                 )));
             }
         }
+        match (self.uplink.address, self.uplink.router) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "uplink.address needs uplink.router (the next hop of the uplink)",
+                ))
+            }
+            (None, Some(_)) => return Err(invalid("uplink.router without uplink.address")),
+            _ => {}
+        }
+        if self.uplink.address.is_none() && !self.uplink.dns.is_empty() {
+            return Err(invalid(
+                "uplink.dns without uplink.address (only sys-net redirects DNS)",
+            ));
+        }
         if self.conntrack_max == Some(0) {
             return Err(invalid("conntrack_max must be at least 1"));
         }
@@ -312,6 +363,17 @@ impl ConfigFile {
             }
         }
         Ok(())
+    }
+
+    /// The statically configured netvm uplink (`uplink.address`), if any. The MAC is Qubes'
+    /// default; a service replaces it with its device's.
+    pub fn netvm_uplink(&self) -> Option<config::NetvmUplink> {
+        Some(config::NetvmUplink {
+            ip: self.uplink.address?,
+            router: self.uplink.router?,
+            dns: self.uplink.dns.clone(),
+            mac: DEFAULT_QUBE_MAC,
+        })
     }
 
     /// The vif list as XenStore would give it.
@@ -352,7 +414,12 @@ impl ConfigFile {
                 mac: v.mac,
             })
             .collect();
-        let mut cfg = config::from_tree(tree, &infos, &self.uplink.name, self.uplink.mtu)?;
+        let mut cfg = match self.netvm_uplink() {
+            Some(up) => {
+                config::from_tree_netvm(tree, &infos, &self.uplink.name, self.uplink.mtu, &up)?
+            }
+            None => config::from_tree(tree, &infos, &self.uplink.name, self.uplink.mtu)?,
+        };
         for (client, vif) in cfg.clients.iter_mut().zip(vifs) {
             if let Some(mtu) = vif.mtu {
                 client.mtu = mtu;

@@ -385,7 +385,14 @@ impl Replayer {
                 break;
             }
             self.next_step += 1;
-            if !step.qubesdb.is_empty() || step.vifs.is_some() {
+            if let Some(lease) = &step.uplink {
+                // What sys-net does when DHCP hands it another lease: the same configuration,
+                // the uplink's address, router and upstream DNS replaced.
+                self.cfg.uplink.address = Some(lease.address);
+                self.cfg.uplink.router = Some(lease.router);
+                self.cfg.uplink.dns.clone_from(&lease.dns);
+            }
+            if !step.qubesdb.is_empty() || step.vifs.is_some() || step.uplink.is_some() {
                 for (k, v) in &step.qubesdb {
                     match v {
                         Some(v) => self.tree.insert(k.clone(), v.clone()),

@@ -167,6 +167,11 @@ scenarios! {
     "86-other-ip-protocols-forwarded-and-answered" => other_ip_protocols,
     "87-client-icmp-error-about-a-tracked-flow-translated" => client_icmp_error_translated,
     "88-nat-keeps-the-client-port-so-a-cut-flow-resumes" => nat_keeps_port_cut_flow_resumes,
+    "95-sysnet-dns-to-virtual-resolvers-redirected-upstream" => sysnet_dns_redirected,
+    "96-sysnet-one-upstream-serves-both-virtual-resolvers" => sysnet_one_upstream,
+    "97-sysnet-no-upstream-dns-refused-at-once" => sysnet_no_upstream_refused,
+    "98-sysnet-lease-renewal-keeps-flows-and-follows-new-dns" => sysnet_lease_keeps_flows,
+    "99-sysnet-new-lease-address-moves-nat" => sysnet_lease_address_moves_nat,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2716,5 +2721,193 @@ fn conntrack_flooders_cannot_starve(s: &mut Script) -> R {
     s.expect("counter table-full on vif4.0 = 0");
     s.expect("counter table-full on vif5.0 = 0");
     s.expect("counter no-flow on eth0 = 0");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 95-99. sys-net: the netvm at the end of the chain (tracker issue 9)
+//
+// sys-net's uplink address, router and upstream resolvers come from DHCP (here: the replay's
+// static `uplink` section, and `uplink` steps for a new lease); its clients' gateway is
+// `/qubes-netvm-gateway`. Queries to the virtual resolvers are redirected to the upstream ones
+// as qubes-core-agent-linux `network/qubes-setup-dnat-to-ns` does: `dnat to` per virtual
+// address, paired `zip(virtual, cycle(upstream))`.
+
+/// sys-firewall as sys-net's client, on vif6.0.
+const SYSFW: Client = Client {
+    vif: "vif6.0",
+    ip: FW_IP,
+    ip6: None,
+    mac: FW_MAC,
+};
+
+const LEASE: &str = "198.18.0.100";
+const ROUTER: &str = "198.18.0.1";
+
+fn sysnet_dns_redirected(s: &mut Script) -> R {
+    s.about(
+        "sys-net redirects DNS to the virtual resolvers to its upstream ones: 10.139.1.1 to the \
+         first, 10.139.1.2 to the second, UDP and TCP, masqueraded to its lease; the answers \
+         come back from the virtual address; a ping of its gateway is answered from it",
+    );
+    s.config(Cfg::netvm(LEASE, ROUTER, &["198.18.0.53", "198.18.0.54"]).client(&SYSFW))?;
+    let c = fc(&SYSFW);
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40000", "10.139.1.1:53")
+            .payload(b"q1")
+            .frame(),
+    )?;
+    let q1 = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q1.d)?.payload(b"a1").frame())?;
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40001", "10.139.1.2:53")
+            .payload(b"q2")
+            .frame(),
+    )?;
+    s.send(
+        "vif6.0",
+        tcp(c, "10.137.0.6:40002", "10.139.1.1:53")
+            .flags("S")
+            .frame(),
+    )?;
+    s.send("vif6.0", ping(c, FW_IP, NETVM_IP, 9, 1).frame())?;
+    s.expect("ip frames on eth0 = 3");
+    s.expect(
+        "ip frame 0 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.53 sport $p dport 53 ttl 63",
+    );
+    s.expect("ip frame 1 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.54 dport 53");
+    s.expect("ip frame 2 on eth0: ipv4 tcp src 198.18.0.100 dst 198.18.0.53 dport 53 flags S");
+    s.expect("frames on vif6.0 = 2");
+    s.expect(
+        "frame 0 on vif6.0: ipv4 udp src 10.139.1.1 dst 10.137.0.6 sport 53 dport 40000 paylen 2",
+    );
+    s.expect("frame 1 on vif6.0: ipv4 icmp4 type 0 src 10.137.0.5 dst 10.137.0.6 echo-id 9");
+    Ok(())
+}
+
+fn sysnet_one_upstream(s: &mut Script) -> R {
+    s.about(
+        "With one upstream resolver both virtual resolvers go to it (the agent cycles the \
+         upstream list)",
+    );
+    s.config(Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"]).client(&SYSFW))?;
+    let c = fc(&SYSFW);
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40000", "10.139.1.1:53")
+            .payload(b"q1")
+            .frame(),
+    )?;
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40001", "10.139.1.2:53")
+            .payload(b"q2")
+            .frame(),
+    )?;
+    s.expect("ip frames on eth0 = 2");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.53 dport 53");
+    s.expect("ip frame 1 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.53 dport 53");
+    Ok(())
+}
+
+/// Upstream drops the queries when no resolver is known, which leaves every client waiting for
+/// its timeout; refusing with port unreachable (RFC 1122 3.2.2.1) ends the wait at once.
+fn sysnet_no_upstream_refused(s: &mut Script) -> R {
+    s.about(
+        "Without an upstream resolver, a query to a virtual resolver is refused at once with \
+         ICMP port unreachable from the gateway; nothing leaves on the uplink",
+    );
+    s.config(Cfg::netvm(LEASE, ROUTER, &[]).client(&SYSFW))?;
+    let c = fc(&SYSFW);
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40000", "10.139.1.1:53")
+            .payload(b"q1")
+            .frame(),
+    )?;
+    s.expect("no ip frames on eth0");
+    s.expect("counter no-upstream-dns on vif6.0 = 1");
+    s.expect(
+        "frame 0 on vif6.0: ipv4 icmp4 type 3 code 3 src 10.137.0.5 dst 10.137.0.6 \
+         inner ipv4 udp src 10.137.0.6 dst 10.139.1.1 dport 53",
+    );
+    Ok(())
+}
+
+fn sysnet_lease_keeps_flows(s: &mut Script) -> R {
+    s.about(
+        "A renewal that keeps the address but names another DNS server keeps the open TCP \
+         connection on its mapping, and new queries go to the new server",
+    );
+    s.config(
+        Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"])
+            .client(&SYSFW)
+            .step_lease(3, LEASE, ROUTER, &["198.18.0.54"]),
+    )?;
+    let syn = handshake(s, &SYSFW, 40000, "198.18.0.10:80")?;
+    s.send(
+        "vif6.0",
+        tcp(fc(&SYSFW), "10.137.0.6:40000", "198.18.0.10:80")
+            .flags("PA")
+            .seq(1001)
+            .ack(5001)
+            .payload(b"more")
+            .frame(),
+    )?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?.flags("A").seq(5001).ack(1005).frame(),
+    )?;
+    s.send(
+        "vif6.0",
+        udp(fc(&SYSFW), "10.137.0.6:40001", "10.139.1.1:53")
+            .payload(b"q")
+            .frame(),
+    )?;
+    s.expect("tcp frames on eth0 = 3");
+    s.expect(
+        "tcp frame 2 on eth0: src 198.18.0.100 sport 40000 dport 80 flags PA seq 1001 paylen 4",
+    );
+    s.expect("tcp frames on vif6.0 = 2");
+    s.expect("tcp frame 1 on vif6.0: src 198.18.0.10 dst 10.137.0.6 dport 40000 flags A ack 1005");
+    s.expect("udp frame 0 on eth0: src 198.18.0.100 dst 198.18.0.54 dport 53");
+    Ok(())
+}
+
+/// A mapping is the address and port: with a new address, the old mappings cannot go on.
+/// The client's next segment is picked up as a new flow from the new address (keeping its
+/// port, as masquerade does); what comes back to the old address is no longer ours.
+fn sysnet_lease_address_moves_nat(s: &mut Script) -> R {
+    s.about(
+        "A new lease with another address: traffic leaves from the new address, and packets \
+         to the old address are no longer accepted",
+    );
+    s.config(
+        Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"])
+            .client(&SYSFW)
+            .step_lease(3, "198.18.0.101", ROUTER, &["198.18.0.53"]),
+    )?;
+    let syn = handshake(s, &SYSFW, 40000, "198.18.0.10:80")?;
+    s.send(
+        "vif6.0",
+        tcp(fc(&SYSFW), "10.137.0.6:40000", "198.18.0.10:80")
+            .flags("PA")
+            .seq(1001)
+            .ack(5001)
+            .payload(b"more")
+            .frame(),
+    )?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?.flags("A").seq(5001).ack(1005).frame(),
+    )?;
+    s.expect("tcp frame 0 on eth0: src 198.18.0.100 sport 40000 dport 80 flags S");
+    s.expect(
+        "tcp frame 2 on eth0: src 198.18.0.101 sport 40000 dport 80 flags PA seq 1001 paylen 4",
+    );
+    s.expect("tcp frames on vif6.0 = 1");
+    s.expect("counter no-flow on eth0 = 1");
     Ok(())
 }
