@@ -110,10 +110,13 @@ pub enum Reason {
     /// A DNS query to a virtual resolver that has no upstream resolver (sys-net without a
     /// lease or configured servers): refused at once with ICMP port unreachable.
     NoUpstreamDns,
+    /// The uplink has no address (sys-net before its first lease, or after it expired):
+    /// nothing can leave; answered with ICMP net unreachable, as a router without a route.
+    NoUplink,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Accepted,
         Reason::RejectedByRule,
         Reason::Spoofed,
@@ -128,6 +131,7 @@ impl Reason {
         Reason::Invalid,
         Reason::NotForUs,
         Reason::NoUpstreamDns,
+        Reason::NoUplink,
     ];
 
     pub fn name(self) -> &'static str {
@@ -146,6 +150,7 @@ impl Reason {
             Reason::Invalid => "invalid",
             Reason::NotForUs => "not-for-us",
             Reason::NoUpstreamDns => "no-upstream-dns",
+            Reason::NoUplink => "no-uplink",
         }
     }
 }
@@ -375,6 +380,10 @@ pub struct Engine {
     netvm_mac: Mac,
     netvm_mac_known: bool,
     arp_sent_at: Option<u64>,
+    /// Frames waiting for the router's MAC (a netvm's uplink, where the next hop is a real
+    /// host and no default MAC reaches it): sent once ARP answers, as Linux's neighbour
+    /// queue (`unres_qlen`) holds them.
+    arp_pending: Vec<Vec<u8>>,
     netvm_mac6: Mac,
     netvm_mac6_known: bool,
     names: BTreeMap<String, NameEntry>,
@@ -411,6 +420,7 @@ impl Engine {
             netvm_mac: GATEWAY_MAC,
             netvm_mac_known: false,
             arp_sent_at: None,
+            arp_pending: Vec::new(),
             netvm_mac6: GATEWAY_MAC,
             netvm_mac6_known: false,
             names: BTreeMap::new(),
@@ -532,6 +542,7 @@ impl Engine {
             self.netvm_mac = GATEWAY_MAC;
             self.netvm_mac_known = false;
             self.arp_sent_at = None;
+            self.arp_pending.clear();
         }
         if old.gateway6 != new.gateway6 || old.name != new.name {
             self.netvm_mac6 = GATEWAY_MAC;
@@ -1284,6 +1295,10 @@ impl Engine {
             self.icmp_error(id, frame, &ip, IcmpKind::TimeExceeded, out);
             return consumed(Reason::TtlExceeded);
         }
+        if !ip.v6 && self.cfg.uplink.ip.is_unspecified() {
+            self.icmp_error(id, frame, &ip, IcmpKind::NetUnreachable, out);
+            return consumed(Reason::NoUplink);
+        }
         let (l4p, sport, dport) = match ip.proto {
             wire::PROTO_TCP => (Proto4::Tcp, l4.sport, l4.dport),
             wire::PROTO_UDP => (Proto4::Udp, l4.sport, l4.dport),
@@ -1396,6 +1411,12 @@ impl Engine {
             wire::nat_rewrite(frame, &ip, NatField::Dst, IpAddr::V4(upstream), None, csum);
         }
         decrement_ttl(frame, &ip);
+        if !self.netvm_mac_known && self.cfg.client_gateway.is_some() && size != Size::Fragment {
+            // Behind a netvm's uplink the next hop is a real router: nothing reaches it
+            // before ARP has found it.
+            self.hold_for_arp(&frame[..ip.end()]);
+            return consumed(Reason::Accepted);
+        }
         if !in_place {
             return (Verdict::Forward(UPLINK), Reason::Accepted);
         }
@@ -1403,6 +1424,16 @@ impl Engine {
             return self.fragment_out(UPLINK, frame, &ip, out);
         }
         (Verdict::Forward(UPLINK), Reason::Accepted)
+    }
+
+    /// Most frames held for ARP (Linux's default `unres_qlen_bytes` holds about as much).
+    const ARP_PENDING_MAX: usize = 64;
+
+    fn hold_for_arp(&mut self, frame: &[u8]) {
+        if self.arp_pending.len() >= Self::ARP_PENDING_MAX {
+            self.arp_pending.remove(0);
+        }
+        self.arp_pending.push(frame.to_vec());
     }
 
     /// An IPv4 packet without DF too big for the next link: fragmented (Linux ip_forward does).
@@ -2026,6 +2057,10 @@ impl Engine {
                 if spa == self.cfg.uplink.gateway && sha != [0; 6] && sha[0] & 1 == 0 {
                     self.netvm_mac = sha;
                     self.netvm_mac_known = true;
+                    for mut f in std::mem::take(&mut self.arp_pending) {
+                        wire::set_macs(&mut f, &sha, &self.cfg.uplink.mac);
+                        out.push_frame(UPLINK, &f);
+                    }
                 }
                 if op == 1 && tpa == self.cfg.uplink.ip {
                     let mac = self.cfg.uplink.mac;
@@ -2216,6 +2251,7 @@ impl Engine {
                 IcmpKind::AdminProhibited => (3, 13, 0),
                 IcmpKind::HostProhibited => (3, 10, 0),
                 IcmpKind::PortUnreachable => (3, 3, 0),
+                IcmpKind::NetUnreachable => (3, 0, 0),
                 IcmpKind::TimeExceeded => (11, 0, 0),
                 IcmpKind::TooBig(m) => (3, 4, m),
             };
@@ -2324,6 +2360,7 @@ impl Engine {
         let (ty, code, mtu): (u8, u8, u32) = match kind {
             IcmpKind::AdminProhibited | IcmpKind::HostProhibited => (1, 1, 0),
             IcmpKind::PortUnreachable => (1, 4, 0),
+            IcmpKind::NetUnreachable => (1, 0, 0),
             IcmpKind::TimeExceeded => (3, 0, 0),
             IcmpKind::TooBig(m) => (2, 0, u32::from(m)),
         };
@@ -2416,6 +2453,7 @@ enum IcmpKind {
     AdminProhibited,
     HostProhibited,
     PortUnreachable,
+    NetUnreachable,
     TimeExceeded,
     TooBig(u16),
 }

@@ -189,6 +189,8 @@ impl QubesDbSource {
                 .get("/qubes-conntrack-max")
                 .and_then(|m| m.parse().ok()),
             static_dns: BTreeMap::new(),
+            // In Qubes a netvm's address comes from DHCP, never from QubesDB.
+            static_uplink: None,
         })
     }
 

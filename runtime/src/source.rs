@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use qubes_engine::config::{self, EngineConfig, VifInfo};
+use qubes_engine::config::{self, EngineConfig, NetvmUplink, VifInfo};
 
 use crate::config_file::{ConfigFile, DnsEntry};
 use crate::error::{ConfigError, ServiceError};
@@ -33,6 +33,8 @@ pub struct Desired {
     pub conntrack_max: Option<usize>,
     /// Static answers to name lookups (YAML `dns`); other names go to the resolver.
     pub static_dns: BTreeMap<String, DnsEntry>,
+    /// sys-net with static addressing (YAML `uplink.address`, `router`, `dns`).
+    pub static_uplink: Option<NetvmUplink>,
 }
 
 impl Desired {
@@ -69,6 +71,7 @@ impl Desired {
             uplink_mtu: cfg.uplink.mtu,
             conntrack_max: cfg.conntrack_max,
             static_dns: cfg.dns.clone(),
+            static_uplink: cfg.netvm_uplink(),
         })
     }
 
@@ -79,10 +82,26 @@ impl Desired {
         seed: u64,
         present: impl Fn(&str) -> bool,
     ) -> Result<EngineConfig, ConfigError> {
+        self.engine_config_as(seed, present, None)
+    }
+
+    /// [`Desired::engine_config`] for a netvm (sys-net) whose uplink is `netvm`: its lease,
+    /// or its static address.
+    pub fn engine_config_as(
+        &self,
+        seed: u64,
+        present: impl Fn(&str) -> bool,
+        netvm: Option<&NetvmUplink>,
+    ) -> Result<EngineConfig, ConfigError> {
         let here: Vec<&(VifInfo, Option<u16>)> =
             self.vifs.iter().filter(|(v, _)| present(&v.name)).collect();
         let infos: Vec<VifInfo> = here.iter().map(|(v, _)| v.clone()).collect();
-        let mut cfg = config::from_tree(&self.tree, &infos, &self.uplink, self.uplink_mtu)?;
+        let mut cfg = match netvm {
+            Some(up) => {
+                config::from_tree_netvm(&self.tree, &infos, &self.uplink, self.uplink_mtu, up)?
+            }
+            None => config::from_tree(&self.tree, &infos, &self.uplink, self.uplink_mtu)?,
+        };
         for (client, (_, mtu)) in cfg.clients.iter_mut().zip(&here) {
             if let Some(m) = mtu {
                 client.mtu = *m;

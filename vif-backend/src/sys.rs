@@ -50,6 +50,20 @@ pub(crate) fn setsockopt<T>(
 }
 
 /// The MTU of interface `name`, read from sysfs.
+/// The MAC of interface `name` (sysfs `address`), if it exists and has one.
+pub fn if_mac(name: &str) -> Option<[u8; 6]> {
+    if name.contains('/') || name.is_empty() {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).ok()?;
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for d in mac.iter_mut() {
+        *d = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 pub fn if_mtu(name: &str) -> Option<u16> {
     if name.contains('/') || name.is_empty() {
         return None;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sys_firewall::replay;
-use sys_firewall::service::{self, RunOptions, Source};
+use sys_firewall::service::{self, Role, RunOptions, Source};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -163,6 +163,7 @@ fn run_service(args: RunArgs) -> ExitCode {
     match service::run(RunOptions {
         source,
         control: args.control,
+        role: Role::Firewall,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -173,7 +174,7 @@ fn run_service(args: RunArgs) -> ExitCode {
 }
 
 fn control(args: &ControlArgs, command: &str) -> ExitCode {
-    match service::control(&args.control, command) {
+    match service::control(&args.control, command, Role::Firewall) {
         Ok(text) => {
             print!("{text}");
             if text.starts_with("error") {

@@ -2743,12 +2743,19 @@ const SYSFW: Client = Client {
 
 const LEASE: &str = "198.18.0.100";
 const ROUTER: &str = "198.18.0.1";
+const ROUTER_MAC: &str = "02:00:00:00:00:01";
+
+/// The router answers sys-net's ARP request (RFC 826).
+fn router_arp(s: &mut Script) -> R {
+    s.send("eth0", arp_reply(ROUTER_MAC, ROUTER, FW_MAC, LEASE))
+}
 
 fn sysnet_dns_redirected(s: &mut Script) -> R {
     s.about(
         "sys-net redirects DNS to the virtual resolvers to its upstream ones: 10.139.1.1 to the \
          first, 10.139.1.2 to the second, UDP and TCP, masqueraded to its lease; the answers \
-         come back from the virtual address; a ping of its gateway is answered from it",
+         come back from the virtual address; a ping of its gateway is answered from it. The \
+         first query waits for the router's ARP answer, as Linux's neighbour queue holds it",
     );
     s.config(Cfg::netvm(LEASE, ROUTER, &["198.18.0.53", "198.18.0.54"]).client(&SYSFW))?;
     let c = fc(&SYSFW);
@@ -2758,6 +2765,7 @@ fn sysnet_dns_redirected(s: &mut Script) -> R {
             .payload(b"q1")
             .frame(),
     )?;
+    router_arp(s)?;
     let q1 = s.last("eth0", "udp")?;
     s.send("eth0", reply_to(&q1.d)?.payload(b"a1").frame())?;
     s.send(
@@ -2773,9 +2781,11 @@ fn sysnet_dns_redirected(s: &mut Script) -> R {
             .frame(),
     )?;
     s.send("vif6.0", ping(c, FW_IP, NETVM_IP, 9, 1).frame())?;
+    s.expect("frame 0 on eth0: arp-request sha 00:16:3e:5e:6c:00 spa 198.18.0.100 tpa 198.18.0.1");
     s.expect("ip frames on eth0 = 3");
     s.expect(
-        "ip frame 0 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.53 sport $p dport 53 ttl 63",
+        "ip frame 0 on eth0: ipv4 udp dmac 02:00:00:00:00:01 src 198.18.0.100 dst 198.18.0.53 \
+         sport $p dport 53 ttl 63",
     );
     s.expect("ip frame 1 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.54 dport 53");
     s.expect("ip frame 2 on eth0: ipv4 tcp src 198.18.0.100 dst 198.18.0.53 dport 53 flags S");
@@ -2793,6 +2803,7 @@ fn sysnet_one_upstream(s: &mut Script) -> R {
          upstream list)",
     );
     s.config(Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"]).client(&SYSFW))?;
+    router_arp(s)?;
     let c = fc(&SYSFW);
     s.send(
         "vif6.0",
@@ -2844,8 +2855,9 @@ fn sysnet_lease_keeps_flows(s: &mut Script) -> R {
     s.config(
         Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"])
             .client(&SYSFW)
-            .step_lease(3, LEASE, ROUTER, &["198.18.0.54"]),
+            .step_lease(4, LEASE, ROUTER, &["198.18.0.54"]),
     )?;
+    router_arp(s)?;
     let syn = handshake(s, &SYSFW, 40000, "198.18.0.10:80")?;
     s.send(
         "vif6.0",
@@ -2887,8 +2899,9 @@ fn sysnet_lease_address_moves_nat(s: &mut Script) -> R {
     s.config(
         Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"])
             .client(&SYSFW)
-            .step_lease(3, "198.18.0.101", ROUTER, &["198.18.0.53"]),
+            .step_lease(4, "198.18.0.101", ROUTER, &["198.18.0.53"]),
     )?;
+    router_arp(s)?;
     let syn = handshake(s, &SYSFW, 40000, "198.18.0.10:80")?;
     s.send(
         "vif6.0",

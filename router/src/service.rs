@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant as Clock};
 
-use qubes_engine::config::{format_mac, EngineConfig};
+use qubes_engine::config::{format_mac, EngineConfig, NetvmUplink};
 use qubes_engine::{Engine, Event, IfaceId, Instant, Outbox, Verdict, UPLINK};
 use qubes_service_runtime::control::ControlServer;
 use qubes_service_runtime::droplog::DropLog;
@@ -25,12 +25,35 @@ use vif_backend::afpacket::PacketSocket;
 use vif_backend::link::{LinkEvent, LinkMonitor};
 use vif_backend::{offload, sys, Device, RxBurst, TxFrame};
 
-/// `sys-firewall run` options.
+/// Which router qube runs: where its uplink's address comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// sys-firewall: the uplink is `/qubes-ip` behind `/qubes-gateway`, as dom0 writes them
+    /// for a qube with a netvm.
+    Firewall,
+    /// sys-net, the netvm at the end of the chain: the uplink's address, router and upstream
+    /// DNS are static (the configuration's `uplink.address`) or learnt by DHCP; its clients'
+    /// gateway is `/qubes-netvm-gateway`.
+    Net,
+}
+
+impl Role {
+    /// The service's name, in logs and on the control socket.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Firewall => "sys-firewall",
+            Role::Net => "sys-net",
+        }
+    }
+}
+
+/// `sys-firewall run` / `sys-net run` options.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub source: Source,
     /// The control socket (`status`, `reload`).
     pub control: PathBuf,
+    pub role: Role,
 }
 
 /// Frames handled per interface before looking at the others, so one busy vif cannot starve
@@ -48,6 +71,9 @@ const TOKEN_QUBESDB: Token = 3;
 const TOKEN_DEVICE: Token = 1 << 32;
 
 struct Service {
+    role: Role,
+    /// sys-net: the lease DHCP gave (none yet, or with static addressing).
+    lease: Option<NetvmUplink>,
     engine: Engine,
     /// Devices by engine interface id (stable: a vif keeps its id while it exists).
     devices: BTreeMap<IfaceId, PacketSocket>,
@@ -93,8 +119,9 @@ fn engine_config(
     seed: u64,
     link_mtu: &BTreeMap<String, u16>,
     conntrack_default: usize,
+    netvm: Option<&NetvmUplink>,
 ) -> Result<EngineConfig, ServiceError> {
-    let mut cfg = d.engine_config(seed, |name| sys::if_index(name).is_some())?;
+    let mut cfg = d.engine_config_as(seed, |name| sys::if_index(name).is_some(), netvm)?;
     cfg.uplink.mtu = effective_mtu(cfg.uplink.mtu, link_mtu.get(&cfg.uplink.name).copied());
     for c in &mut cfg.clients {
         c.mtu = effective_mtu(c.mtu, link_mtu.get(&c.vif).copied());
@@ -146,15 +173,24 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
             "cannot read the memory size; default connection table size"
         ),
     }
-    let cfg = engine_config(&desired, seed, &BTreeMap::new(), conntrack_default)?;
+    let netvm = netvm_uplink(opts.role, &desired, None);
+    let cfg = engine_config(
+        &desired,
+        seed,
+        &BTreeMap::new(),
+        conntrack_default,
+        netvm.as_ref(),
+    )?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
     let engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
-    let control = ControlServer::bind(&opts.control, "sys-firewall")?;
+    let control = ControlServer::bind(&opts.control, opts.role.name())?;
     let links = LinkMonitor::open().map_err(|source| ServiceError::System {
         what: "netlink link monitor",
         source,
     })?;
     let mut svc = Service {
+        role: opts.role,
+        lease: None,
         engine,
         devices: BTreeMap::new(),
         links,
@@ -177,11 +213,33 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
     tracing::info!(
         generation = svc.generation,
         clients = svc.engine.config().clients.len(),
-        "sys-firewall running"
+        "{} running",
+        opts.role.name()
     );
     let result = svc.main_loop(&signals);
-    tracing::info!("sys-firewall stopped; clients have no forwarding");
+    tracing::info!("{} stopped; clients have no forwarding", opts.role.name());
     result
+}
+
+/// The uplink a netvm runs with: its static address, else its lease, else none yet (0.0.0.0:
+/// the engine forwards nothing and answers net unreachable). `None` for sys-firewall.
+fn netvm_uplink(role: Role, d: &Desired, lease: Option<&NetvmUplink>) -> Option<NetvmUplink> {
+    if role != Role::Net {
+        return None;
+    }
+    let mac = sys::if_mac(&d.uplink).unwrap_or(qubes_engine::config::DEFAULT_QUBE_MAC);
+    let mut up = d
+        .static_uplink
+        .clone()
+        .or_else(|| lease.cloned())
+        .unwrap_or(NetvmUplink {
+            ip: std::net::Ipv4Addr::UNSPECIFIED,
+            router: std::net::Ipv4Addr::UNSPECIFIED,
+            dns: Vec::new(),
+            mac,
+        });
+    up.mac = mac;
+    Some(up)
 }
 
 impl Service {
@@ -278,7 +336,14 @@ impl Service {
     fn apply(&mut self, desired: Desired, why: &str) -> Result<(), ServiceError> {
         let t0 = Clock::now();
         let seed = self.engine.config().seed;
-        let cfg = engine_config(&desired, seed, &self.link_mtu, self.conntrack_default)?;
+        let netvm = netvm_uplink(self.role, &desired, self.lease.as_ref());
+        let cfg = engine_config(
+            &desired,
+            seed,
+            &self.link_mtu,
+            self.conntrack_default,
+            netvm.as_ref(),
+        )?;
         let now = self.now();
         self.engine
             .apply(now, cfg, &mut self.out)
@@ -596,6 +661,28 @@ impl Service {
             format_mac(&mac),
             if known { "" } else { " (not learned yet)" }
         ));
+        if self.role == Role::Net {
+            let how = if self.desired.static_uplink.is_some() {
+                "static"
+            } else if self.lease.is_some() {
+                "dhcp"
+            } else {
+                "none (waiting for DHCP)"
+            };
+            s.push_str(&format!(
+                "addressing {how} gateway-for-clients {}\n",
+                cfg.client_gateway
+                    .map_or("-".to_string(), |g| g.to_string())
+            ));
+            for r in &cfg.dns_redirect {
+                s.push_str(&format!(
+                    "dns {} -> {}\n",
+                    r.virtual_ip,
+                    r.upstream
+                        .map_or("refused (no upstream)".to_string(), |u| u.to_string())
+                ));
+            }
+        }
         let ct = self.engine.conntrack();
         s.push_str(&format!("flows {} of {}\n", ct.len(), ct.max_flows()));
         let counters_line = |c: &qubes_engine::engine::Counters| {
@@ -645,9 +732,13 @@ impl Service {
     }
 }
 
-/// `sys-firewall status` / `reload`: one request on the control socket.
-pub fn control(socket: &std::path::Path, command: &str) -> Result<String, ServiceError> {
-    qubes_service_runtime::control::request(socket, command, "sys-firewall")
+/// `sys-firewall status` / `reload` (or sys-net's): one request on the control socket.
+pub fn control(
+    socket: &std::path::Path,
+    command: &str,
+    role: Role,
+) -> Result<String, ServiceError> {
+    qubes_service_runtime::control::request(socket, command, role.name())
 }
 
 #[cfg(test)]

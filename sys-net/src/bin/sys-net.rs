@@ -1,0 +1,145 @@
+//! The sys-net command: the router service loop (crate `qubes-router`) in its netvm role.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use qubes_router::service::{self, Role, RunOptions, Source};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sys-net",
+    version,
+    about = "The sys-net service qube: the netvm at the end of the Qubes default chain"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the netvm on real interfaces (the service qube's main job).
+    Run(RunArgs),
+    /// Print the running service's state: addressing, DNS redirection, clients, counters.
+    Status(ControlArgs),
+    /// Make the running service re-read its configuration (as SIGHUP does).
+    Reload(ControlArgs),
+}
+
+/// Where the control socket is unless told otherwise.
+const DEFAULT_CONTROL: &str = "/run/sys-net.sock";
+
+const RUN_HELP: &str = "\
+sys-net owns the uplink (a kernel netdev named by the configuration: a NIC, or any Ethernet
+device) and serves the qubes attached to it (sys-firewall, and any qube whose netvm it is) on
+their vifs, as a Qubes sys-net does, with the kernel out of the way: the kernel keeps no
+address on the uplink or the vifs and forwards nothing; the uplink's address, ARP, NAT and the
+downstream firewall live in this process. Needs root (CAP_NET_RAW and CAP_NET_ADMIN).
+
+The uplink's address:
+  static            the configuration's uplink section names it:
+                      uplink: {name: eth0, address: 198.18.0.100, router: 198.18.0.1,
+                               dns: [198.18.0.53, 198.18.0.54]}
+  none yet          without one, nothing leaves: clients get ICMP net unreachable at once.
+
+The clients' gateway is /qubes-netvm-gateway (dom0 writes it for a qube that provides network).
+DNS to the virtual resolvers (/qubes-netvm-primary-dns, -secondary-dns; default 10.139.1.1 and
+10.139.1.2) is redirected to the upstream servers, paired as the Qubes agent pairs them (one
+upstream serves both); with none, queries are refused at once with ICMP port unreachable.
+Everything from the clients leaves masqueraded to the uplink address; nothing from the uplink
+gets in unless it belongs to a tracked flow. Each client's Qubes firewall rules
+(/qubes-firewall/<ip>/...) apply as in sys-firewall.
+
+Configuration, one of:
+  --config FILE     YAML (as `sys-firewall replay --help` describes, with the uplink section
+                    above), re-read whenever the file changes;
+  --qubesdb SOCKET  a QubesDB daemon, with the uplink named by --uplink.
+
+Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the service, after which
+nothing is forwarded (fail closed). Logs go to stderr (RUST_LOG=debug for more).";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = RUN_HELP)]
+struct RunArgs {
+    /// YAML configuration file (re-read on change)
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "qubesdb",
+        required_unless_present = "qubesdb"
+    )]
+    config: Option<PathBuf>,
+    /// QubesDB daemon socket (default /var/run/qubes/qubesdb.sock)
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/qubes/qubesdb.sock")]
+    qubesdb: Option<PathBuf>,
+    /// Uplink interface name when the configuration comes from QubesDB
+    #[arg(long, default_value = "eth0")]
+    uplink: String,
+    /// Control socket for `status` and `reload`
+    #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// The running service's control socket
+    #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run(args) => run_service(args),
+        Command::Status(args) => control(&args, "status"),
+        Command::Reload(args) => control(&args, "reload"),
+    }
+}
+
+fn run_service(args: RunArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let source = match (args.config, args.qubesdb) {
+        (Some(c), _) => Source::Yaml(c),
+        (None, Some(q)) => Source::QubesDb {
+            socket: q,
+            uplink: args.uplink,
+        },
+        (None, None) => {
+            eprintln!("sys-net run: give --config FILE or --qubesdb [SOCKET]");
+            return ExitCode::from(2);
+        }
+    };
+    match service::run(RunOptions {
+        source,
+        control: args.control,
+        role: Role::Net,
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sys-net run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn control(args: &ControlArgs, command: &str) -> ExitCode {
+    match service::control(&args.control, command, Role::Net) {
+        Ok(text) => {
+            print!("{text}");
+            if text.starts_with("error") {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("sys-net: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! `sys-net run` on real interfaces, in namespaces the test creates: a world (a router at
+//! 198.18.0.1 and a DNS server, dnsmasq, at 198.18.0.53), sys-net with its uplink toward it and
+//! one vif, and a client qube (sys-firewall's place) behind the vif. The kernel of the sys-net
+//! namespace holds no address and forwards nothing: everything the client reaches, it reaches
+//! through the service.
+//!
+//! The test runs itself again inside the client's namespace (`ip netns exec`) for what needs a
+//! socket there (a DNS query).
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SYS_NET: &str = env!("CARGO_BIN_EXE_sys-net");
+const CHILD_ENV: &str = "SYS_NET_TEST_DNS_QUERY";
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn output(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("spawn");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The namespaces and processes of one test, removed on drop.
+struct Lab {
+    tag: String,
+    dir: tempfile::TempDir,
+    procs: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        for n in ["net", "world", "client"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(n)])
+                .output();
+        }
+    }
+}
+
+impl Lab {
+    fn ns(&self, which: &str) -> String {
+        format!("{}-{which}", self.tag)
+    }
+
+    fn new() -> Lab {
+        let tag = format!(
+            "sn{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = Lab {
+            tag,
+            dir: tempfile::tempdir().expect("tempdir"),
+            procs: Vec::new(),
+        };
+        let (net, world, client) = (lab.ns("net"), lab.ns("world"), lab.ns("client"));
+        for n in [&net, &world, &client] {
+            ip(&["netns", "add", n]);
+        }
+        // sys-net's uplink, toward the world's router.
+        ip(&[
+            "-n", &net, "link", "add", "eth0", "type", "veth", "peer", "name", "weth0",
+        ]);
+        ip(&["-n", &net, "link", "set", "weth0", "netns", &world]);
+        ip(&["-n", &world, "addr", "add", "198.18.0.1/24", "dev", "weth0"]);
+        ip(&[
+            "-n",
+            &world,
+            "addr",
+            "add",
+            "198.18.0.53/24",
+            "dev",
+            "weth0",
+        ]);
+        ip(&["-n", &world, "link", "set", "weth0", "up"]);
+        ip(&["-n", &world, "link", "set", "lo", "up"]);
+        // The client's vif, and its own end as setup-ip configures it.
+        ip(&[
+            "-n", &net, "link", "add", "vif6.0", "type", "veth", "peer", "name", "ceth0",
+        ]);
+        ip(&["-n", &net, "link", "set", "ceth0", "netns", &client]);
+        ip(&[
+            "-n",
+            &client,
+            "link",
+            "set",
+            "ceth0",
+            "address",
+            "00:16:3e:5e:6c:00",
+            "name",
+            "eth0",
+        ]);
+        ip(&["-n", &client, "addr", "add", "10.137.0.6/32", "dev", "eth0"]);
+        ip(&["-n", &client, "link", "set", "eth0", "up"]);
+        ip(&["-n", &client, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &client,
+            "route",
+            "add",
+            "10.137.0.5",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        ip(&[
+            "-n",
+            &client,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.137.0.5",
+            "dev",
+            "eth0",
+            "onlink",
+        ]);
+        for l in ["eth0", "vif6.0"] {
+            ip(&["-n", &net, "link", "set", l, "up"]);
+        }
+        lab
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn start_dns(&mut self) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("world"), "dnsmasq", "--no-daemon"])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--bind-interfaces",
+                "--listen-address=198.18.0.53",
+                "--port=53",
+            ])
+            .args(["--address=/web.test/198.18.0.10"])
+            .arg(format!("--pid-file={}", self.path("dnsmasq.pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        self.procs.push(child);
+    }
+
+    fn start(&mut self, config: &str) -> usize {
+        let cfg = self.path("sys-net.yaml");
+        std::fs::write(&cfg, config).expect("write config");
+        let control = self.path("control.sock");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("net"), SYS_NET, "run", "--config"])
+            .arg(&cfg)
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("sys-net.log")).expect("log"))
+            .spawn()
+            .expect("start sys-net");
+        self.procs.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !control.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "sys-net did not start: {}",
+                std::fs::read_to_string(self.path("sys-net.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.procs.len() - 1
+    }
+
+    fn status(&self) -> String {
+        output(
+            Command::new(SYS_NET)
+                .arg("status")
+                .arg("--control")
+                .arg(self.path("control.sock")),
+        )
+        .1
+    }
+
+    fn ping(&self, dst: &str) -> (bool, String) {
+        output(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns("client"),
+            "ping",
+            "-c1",
+            "-W2",
+            "-n",
+            dst,
+        ]))
+    }
+
+    /// A DNS query for web.test from the client to `server`, answered (or not) within 2 s.
+    fn dns(&self, server: &str) -> String {
+        let (_, text) = output(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns("client")])
+                .arg(std::env::current_exe().expect("current_exe"))
+                .args(["--exact", "dns_query_child", "--nocapture"])
+                .env(CHILD_ENV, server),
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("DNS: "))
+            .unwrap_or("no result")
+            .to_string()
+    }
+}
+
+const CONFIG: &str = "\
+uplink: {name: eth0, address: 198.18.0.100, router: 198.18.0.1, dns: [198.18.0.53]}
+qubesdb:
+  /qubes-netvm-network: 10.137.0.5
+  /qubes-netvm-gateway: 10.137.0.5
+  /qubes-netvm-netmask: 255.255.255.255
+  /qubes-netvm-primary-dns: 10.139.1.1
+  /qubes-netvm-secondary-dns: 10.139.1.2
+  /qubes-firewall/10.137.0.6: ''
+  /qubes-firewall/10.137.0.6/policy: drop
+  /qubes-firewall/10.137.0.6/0000: action=accept
+vifs:
+  - {name: vif6.0, ip: 10.137.0.6, mac: '00:16:3e:5e:6c:00'}
+";
+
+/// Not a test of its own: run inside the client's namespace by [`Lab::dns`].
+#[test]
+fn dns_query_child() {
+    let Some(server) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let server = server.to_string_lossy().to_string();
+    // A query for web.test A (RFC 1035 4.1), id 0x5151, recursion desired.
+    let mut q = vec![0x51, 0x51, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["web", "test"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.connect(format!("{server}:53")).expect("connect");
+    sock.send(&q).expect("send");
+    let mut buf = [0u8; 512];
+    match sock.recv(&mut buf) {
+        // The answer's address is the last 4 bytes of its only A record.
+        Ok(n) if n >= 16 && buf[..2] == [0x51, 0x51] => {
+            let a = &buf[n - 4..n];
+            println!("DNS: answer {}.{}.{}.{}", a[0], a[1], a[2], a[3]);
+        }
+        Ok(n) => println!("DNS: bad answer of {n} bytes"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            println!("DNS: refused")
+        }
+        Err(e) => println!("DNS: error {e}"),
+    }
+}
+
+#[test]
+fn sys_net_serves_its_client_with_the_kernel_out_of_the_way() {
+    if !testkit::require_root("sys_net_serves_its_client_with_the_kernel_out_of_the_way") {
+        return;
+    }
+    if Command::new("dnsmasq").arg("--version").output().is_err() {
+        testkit::not_run(
+            "sys_net_serves_its_client_with_the_kernel_out_of_the_way",
+            "dnsmasq is not installed (scripts/setup-debian.sh installs it)",
+        );
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_dns();
+    let svc = lab.start(CONFIG);
+
+    let status = lab.status();
+    assert!(status.contains("addressing static"), "{status}");
+    assert!(status.contains("dns 10.139.1.1 -> 198.18.0.53"), "{status}");
+    assert!(status.contains("dns 10.139.1.2 -> 198.18.0.53"), "{status}");
+
+    // The gateway answers, and the world is reached through NAT: the world has no route to
+    // 10.137.0.0/16, so an answer means the source was sys-net's lease.
+    let (ok, text) = lab.ping("10.137.0.5");
+    assert!(ok, "ping of the gateway: {text}");
+    let (ok, text) = lab.ping("198.18.0.1");
+    assert!(ok, "ping of the world's router through sys-net: {text}");
+    // Both virtual resolvers lead to the one upstream server.
+    for server in ["10.139.1.1", "10.139.1.2"] {
+        let mut answer = String::new();
+        // dnsmasq may still be starting.
+        for _ in 0..10 {
+            answer = lab.dns(server);
+            if answer.starts_with("answer") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(answer, "answer 198.18.0.10", "query to {server}");
+    }
+
+    // The kernel of sys-net's namespace holds no address on the uplink or the vif, and does
+    // not forward.
+    for dev in ["eth0", "vif6.0"] {
+        let (_, addrs) = output(Command::new("ip").args([
+            "-n",
+            &lab.ns("net"),
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            dev,
+        ]));
+        assert!(
+            !addrs.contains("inet"),
+            "the kernel holds an address on {dev}: {addrs}"
+        );
+    }
+    let (_, fwd) = output(Command::new("ip").args([
+        "netns",
+        "exec",
+        &lab.ns("net"),
+        "cat",
+        "/proc/sys/net/ipv4/ip_forward",
+    ]));
+    assert_eq!(fwd.trim(), "0", "the kernel forwards");
+
+    // Killed outright, it leaves nothing forwarding.
+    let child = &mut lab.procs[svc];
+    let _ = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let (ok, text) = lab.ping("198.18.0.1");
+    assert!(!ok, "the world is still reached with sys-net dead: {text}");
+    assert!(Path::new(&lab.path("sys-net.log")).exists());
+}
+
+#[test]
+fn without_an_upstream_resolver_dns_is_refused_at_once() {
+    if !testkit::require_root("without_an_upstream_resolver_dns_is_refused_at_once") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start(&CONFIG.replace("dns: [198.18.0.53]", "dns: []"));
+    let status = lab.status();
+    assert!(
+        status.contains("dns 10.139.1.1 -> refused (no upstream)"),
+        "{status}"
+    );
+    // Refused, not timed out: the client's socket gets ECONNREFUSED from the port
+    // unreachable, where a drop would leave it waiting out its 2 s.
+    let answer = lab.dns("10.139.1.1");
+    assert_eq!(answer, "refused", "{}", lab.status());
+}
