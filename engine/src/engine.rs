@@ -2446,8 +2446,6 @@ enum IcmpKind {
     TooBig(u16),
 }
 
-/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
-/// timestamp, information and address mask requests; ICMPv6 echo).
 /// Replaces each address of `map` (from, to) found as the source or destination of the IPv4
 /// packet `ip` in `frame`, and of the packet an ICMP error quotes, keeping every checksum
 /// right incrementally (a checksum that was wrong stays wrong, so checking it afterwards
@@ -2503,6 +2501,8 @@ fn map_addrs(frame: &mut [u8], ip: &Ip, map: &[(Ipv4Addr, Ipv4Addr); 2], csum: N
     now
 }
 
+/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
+/// timestamp, information and address mask requests; ICMPv6 echo).
 /// The TCP segment of a packet whose transport header was checked ([`wire::parse_l4_with`]).
 fn tcp_segment(frame: &[u8], ip: &Ip) -> Option<tcpwin::Segment> {
     let t = frame.get(ip.l4()..ip.end())?;
