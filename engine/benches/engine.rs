@@ -251,6 +251,7 @@ fn config(clients: usize, rules: usize) -> EngineConfig {
                 mtu: 1500,
                 rules: rule_set(i as u64 + 1, rules),
                 rules6: Vec::new(),
+                visible: None,
             })
             .collect(),
         conntrack_max: DEFAULT_CONNTRACK_MAX,

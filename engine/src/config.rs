@@ -65,6 +65,25 @@ pub struct ClientConfig {
     pub rules: Vec<(String, String)>,
     /// The entries under `/qubes-firewall/<ip6>/`, for IPv6 traffic.
     pub rules6: Vec<(String, String)>,
+    /// The addresses the client itself is configured with, when dom0's `net.fake-ip` makes
+    /// them differ from the real ones (`/mapped-ip/<ip>/visible-ip` and `visible-gateway`):
+    /// its traffic is translated on the vif, and its IPv6 dropped ([`Visible`]).
+    pub visible: Option<Visible>,
+}
+
+/// A client's own view of its addressing, when it differs from the rest of the chain.
+///
+/// Upstream (qubes-core-agent-linux `network/vif-route-qubes`) sources
+/// `network/vif-qubes-nat.sh` when both `/mapped-ip/<ip>/visible-ip` and `visible-gateway`
+/// are set and the visible address differs from the real one; that script puts the vif in a
+/// namespace whose nftables `antispoof` table rewrites the addresses statelessly and disables
+/// IPv6 on the vif.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visible {
+    /// The address the client is configured with (`visible-ip`).
+    pub ip: Ipv4Addr,
+    /// The gateway the client is configured with (`visible-gateway`).
+    pub gateway: Ipv4Addr,
 }
 
 /// Bounds on IPv4 reassembly.
@@ -173,6 +192,13 @@ pub enum ConfigError {
     DuplicateVif { name: String, also_uplink: bool },
     /// Two vifs (or a vif and the service itself) with one address.
     AddressInUse { vif: String, addr: Ipv4Addr },
+    /// A `/mapped-ip/<ip>/...` value no client can be configured with (`why` says which rule
+    /// it breaks).
+    BadVisible {
+        key: String,
+        value: String,
+        why: &'static str,
+    },
     /// An interface MTU below the IPv4 minimum of 68 (RFC 791, "Fragmentation"): no packet
     /// could be fragmented to fit it.
     BadMtu { iface: String, mtu: u16 },
@@ -204,6 +230,7 @@ impl fmt::Display for ConfigError {
             ConfigError::AddressInUse { vif, addr } => {
                 write!(f, "vif {vif}: address {addr} is already in use")
             }
+            ConfigError::BadVisible { key, value, why } => write!(f, "{key}: {value:?} {why}"),
             ConfigError::BadMtu { iface, mtu } => write!(
                 f,
                 "{iface}: MTU {mtu} is below {} (RFC 791: every IPv4 link carries 68 bytes)",
@@ -347,11 +374,66 @@ pub fn firewall_entries(tree: &BTreeMap<String, String>, addr: &str) -> Vec<(Str
         .collect()
 }
 
+/// The client's own view of its addresses from `/mapped-ip/<ip>/visible-ip` and
+/// `visible-gateway`, as `vif-route-qubes` decides whether to source `vif-qubes-nat.sh`:
+/// only when both are set and the visible address is not the real one (`[ -n "$appvm_ip" ] &&
+/// [ -n "$appvm_gw_ip" ] && [ "$appvm_ip" != "$netvm_ip" ]`). dom0 writes both keys for every
+/// client (reference 4.2: `visible-ip` equal to the real address without `net.fake-ip`), so
+/// the usual case is no translation. Values are checked even when they turn out not to be used,
+/// so a typo is not silently ignored.
+fn visible_of(
+    tree: &BTreeMap<String, String>,
+    real: Ipv4Addr,
+) -> Result<Option<Visible>, ConfigError> {
+    let read = |what: &str| -> Result<Option<Ipv4Addr>, ConfigError> {
+        let k = format!("/mapped-ip/{real}/{what}");
+        let Some(a) = parse_key::<Ipv4Addr>(tree, &k)? else {
+            return Ok(None);
+        };
+        // A host cannot be configured with these (dom0 validates the features only as IPv4
+        // addresses, qubes/vm/mix/net.py); translating to them would make packets no router
+        // forwards.
+        let why = if a.is_unspecified() {
+            Some("is the unspecified address")
+        } else if a.is_broadcast() || a.is_multicast() {
+            Some("is not a unicast address")
+        } else if a.is_loopback() {
+            Some("is a loopback address")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(ConfigError::BadVisible {
+                key: k,
+                value: a.to_string(),
+                why,
+            }),
+            None => Ok(Some(a)),
+        }
+    };
+    let ip = read("visible-ip")?;
+    let gateway = read("visible-gateway")?;
+    match (ip, gateway) {
+        (Some(ip), Some(gateway)) if ip != real => {
+            if ip == gateway {
+                return Err(ConfigError::BadVisible {
+                    key: format!("/mapped-ip/{real}/visible-gateway"),
+                    value: gateway.to_string(),
+                    why: "is the client's own visible address",
+                });
+            }
+            Ok(Some(Visible { ip, gateway }))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Builds the engine configuration from a QubesDB-shaped tree and the vif list.
 ///
 /// Keys read (reference 4.2): `/qubes-ip`, `/qubes-gateway`, `/qubes-mac`, `/qubes-ip6`,
 /// `/qubes-gateway6`, `/qubes-netvm-primary-dns`, `/qubes-netvm-secondary-dns` (default: the
-/// virtual DNS 10.139.1.1 and 10.139.1.2) and `/qubes-firewall/<client ip>/...`.
+/// virtual DNS 10.139.1.1 and 10.139.1.2), `/qubes-firewall/<client ip>/...` and
+/// `/mapped-ip/<client ip>/visible-ip`, `visible-gateway` ([`Visible`]).
 pub fn from_tree(
     tree: &BTreeMap<String, String>,
     vifs: &[VifInfo],
@@ -421,6 +503,7 @@ pub fn from_tree(
                 .ip6
                 .map(|a| firewall_entries(tree, &a.to_string()))
                 .unwrap_or_default(),
+            visible: visible_of(tree, v.ip)?,
         });
     }
     Ok(EngineConfig {

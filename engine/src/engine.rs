@@ -20,7 +20,9 @@ use qubes_rules::classifier::{Classifier, Packet, PacketProto, UnresolvedPolicy}
 use qubes_rules::{Action, Family};
 use rustc_hash::FxHashMap;
 
-use crate::config::{ClientConfig, ConfigError, EngineConfig, Mac, UplinkMode, GATEWAY_MAC};
+use crate::config::{
+    ClientConfig, ConfigError, EngineConfig, Mac, UplinkMode, Visible, GATEWAY_MAC,
+};
 use crate::conntrack::{ConnTrack, Dir, FlowKey, ReplyKey, L4 as Proto4};
 use crate::frag::{self, Reassembler};
 use crate::ratelimit::IcmpLimiter;
@@ -620,7 +622,13 @@ impl Engine {
         for cc in &config.clients {
             match by_vif.remove(&cc.vif) {
                 Some(mut prev) => {
-                    if prev.cfg.ip != cc.ip || prev.cfg.ip6 != cc.ip6 {
+                    // A changed view (fake addresses) is a reconnection for the client: upstream
+                    // applies it only when the vif comes up, after purging its conntrack
+                    // entries (vif-route-qubes `conntrack_purge`).
+                    if prev.cfg.ip != cc.ip
+                        || prev.cfg.ip6 != cc.ip6
+                        || prev.cfg.visible != cc.visible
+                    {
                         cut.insert(prev.id);
                     }
                     // A client gaining or losing IPv6 needs its IPv6 rules (re)read too.
@@ -1077,7 +1085,11 @@ impl Engine {
         // Spoofed fragments are dropped before they take reassembly memory.
         match ci {
             Some(c) => {
-                if ip.src != IpAddr::V4(self.clients[c].cfg.ip) {
+                // A client with fake addresses sends from its visible one; the datagram is
+                // translated once whole (client_frame), so its transport checksum follows.
+                let cfg = &self.clients[c].cfg;
+                let own = cfg.visible.map_or(cfg.ip, |v| v.ip);
+                if ip.src != IpAddr::V4(own) {
                     return Reason::Spoofed;
                 }
             }
@@ -1243,6 +1255,13 @@ impl Engine {
     ) -> (Verdict, Reason) {
         let id = self.clients[c].id;
         let consumed = |r| (Verdict::Consumed, r);
+        let mut ip = ip;
+        if let Some(vis) = self.clients[c].cfg.visible {
+            ip = match self.translate_from_visible(c, vis, frame, &ip) {
+                Ok(ip) => ip,
+                Err(r) => return consumed(r),
+            };
+        }
         let client = &self.clients[c];
         if ip.v6 {
             let Some(own6) = client.cfg.ip6 else {
@@ -1436,6 +1455,71 @@ impl Engine {
         self.arp_pending.push(frame.to_vec());
     }
 
+    /// A packet from client `c`, which has fake addresses: translated to the real ones before
+    /// anything else looks at it, so spoofing checks, rules, flows and NAT work on the real
+    /// view as for any client.
+    ///
+    /// Upstream (vif-qubes-nat.sh, chain `antispoof` on the client's side of the namespace):
+    /// `ip saddr $appvm_ip ip saddr set $netvm_ip fwd to $netns_netvm_if`, policy drop: only
+    /// IPv4 from the visible address passes, with the real address as its source, and IPv6 is
+    /// disabled on the vif (`disable_ipv6`). Beyond upstream, which rewrites only that source
+    /// (and, back, only the destination), the visible gateway becomes ours and an ICMP
+    /// error's quoted packet is translated too, so that pings of the gateway are answered and
+    /// ICMP errors name the flows the client knows (RFC 5508 REQ-3 for a NAT's ICMP errors);
+    /// `to_visible` undoes all of it toward the client. Our real address is not reachable
+    /// under another name: answering it would show the client the address it is not meant to
+    /// see (what upstream's optional `undetectable_netvm_ips` is for).
+    #[cold]
+    fn translate_from_visible(
+        &self,
+        c: usize,
+        vis: Visible,
+        frame: &mut [u8],
+        ip: &Ip,
+    ) -> Result<Ip, Reason> {
+        if ip.v6 {
+            return Err(Reason::Unsupported);
+        }
+        if ip.src != IpAddr::V4(vis.ip) {
+            return Err(Reason::Spoofed);
+        }
+        // "Ours" is the clients' gateway: the uplink address in sys-firewall, the
+        // `/qubes-netvm-gateway` in sys-net.
+        let our = self.cfg.client_gateway.unwrap_or(self.cfg.uplink.ip);
+        let real = self.clients[c].cfg.ip;
+        if ip.dst == IpAddr::V4(our) && vis.gateway != our {
+            return Err(Reason::Local);
+        }
+        Ok(map_addrs(
+            frame,
+            ip,
+            &[(vis.ip, real), (vis.gateway, our)],
+            self.nat_csum(),
+        ))
+    }
+
+    /// A frame the engine built for interface `iface` (an ICMP error, an echo reply, a host
+    /// stack packet): for a client with fake addresses, its real address becomes its visible
+    /// one and our address its visible gateway, in the packet and in the one an ICMP error
+    /// quotes, so the client never sees either real address (see `translate_from_visible`).
+    fn to_visible(&self, iface: IfaceId, f: &mut [u8]) {
+        let Some(client) = self.client(iface) else {
+            return;
+        };
+        let Some(vis) = client.cfg.visible else {
+            return;
+        };
+        if f.len() < ETH_LEN || wire::ethertype(f) != wire::ETHERTYPE_IPV4 {
+            return;
+        }
+        let Ok(ip) = wire::parse_ipv4(f, ETH_LEN) else {
+            return;
+        };
+        let our = self.cfg.client_gateway.unwrap_or(self.cfg.uplink.ip);
+        let map = [(client.cfg.ip, vis.ip), (our, vis.gateway)];
+        map_addrs(f, &ip, &map, NatCsum::Full);
+    }
+
     /// An IPv4 packet without DF too big for the next link: fragmented (Linux ip_forward does).
     fn fragment_out(
         &mut self,
@@ -1619,6 +1703,12 @@ impl Engine {
             return consumed(Reason::NoFlow);
         };
         let (client_mac, client_mtu) = (client.cfg.mac, client.cfg.mtu);
+        // A client with fake addresses gets its replies at its visible address
+        // (vif-qubes-nat.sh, chain `reverse`: `ip daddr $netvm_ip ip daddr set $appvm_ip`).
+        let client_addr = match client.cfg.visible {
+            Some(v) if !ip.v6 => IpAddr::V4(v.ip),
+            _ => key.src,
+        };
         if l4p == Proto4::Tcp {
             let in_window = tcp_segment(frame, &ip)
                 .is_some_and(|seg| self.conntrack.tcp_in_window(flow, Dir::Reply, &seg));
@@ -1648,6 +1738,14 @@ impl Engine {
             let csum = self.nat_csum();
             wire::nat_rewrite(frame, &ip, NatField::Src, key.dst, None, csum);
         }
+        wire::nat_rewrite(
+            frame,
+            &ip,
+            NatField::Dst,
+            client_addr,
+            port,
+            self.nat_csum(),
+        );
         decrement_ttl(frame, &ip);
         let to = key.client;
         if in_place && size == Size::Fragment {
@@ -1757,6 +1855,7 @@ impl Engine {
         };
         let c = !wire::fold(wire::sum(&buf[l4o..ip.end()], acc));
         wire::put16(&mut buf, l4o + 2, c);
+        self.to_visible(key.client, &mut buf);
         out.push_frame(key.client, &buf);
         self.build = buf;
         Reason::Accepted
@@ -1935,6 +2034,7 @@ impl Engine {
             return Err(LocalSendError::TooBig);
         }
         wire::set_macs(f, &mac, &GATEWAY_MAC);
+        self.to_visible(id, f);
         self.send_ip(id, f, out);
         Ok(())
     }
@@ -2028,6 +2128,9 @@ impl Engine {
         match ci {
             Some(c) => {
                 let client = &self.clients[c].cfg;
+                if let Some(vis) = client.visible {
+                    return self.arp_visible(c, vis, op, spa, tpa, out);
+                }
                 if spa != client.ip && !spa.is_unspecified() {
                     return Reason::Spoofed;
                 }
@@ -2074,6 +2177,35 @@ impl Engine {
                 Reason::Unsupported
             }
         }
+    }
+
+    /// ARP from a client with fake addresses. Upstream the vif is in its own namespace whose
+    /// only address on the client's side is the visible gateway (vif-qubes-nat.sh: `ip addr
+    /// add "$appvm_gw_ip" dev "$netns_appvm_if"`, no proxy ARP there), and its ingress chain
+    /// lets through only ARP sent from the visible address (`arp saddr ip $appvm_ip accept`,
+    /// policy drop). So only a who-has for the visible gateway is answered; probes and
+    /// gratuitous ARP for the client's own address are not.
+    fn arp_visible(
+        &mut self,
+        c: usize,
+        vis: Visible,
+        op: u16,
+        spa: Ipv4Addr,
+        tpa: Ipv4Addr,
+        out: &mut Outbox,
+    ) -> Reason {
+        if spa.is_unspecified() {
+            return Reason::Unsupported;
+        }
+        if spa != vis.ip {
+            return Reason::Spoofed;
+        }
+        if op != 1 || tpa != vis.gateway {
+            return Reason::Unsupported;
+        }
+        let (id, mac) = (self.clients[c].id, self.clients[c].cfg.mac);
+        self.arp_reply(id, GATEWAY_MAC, vis.gateway, mac, vis.ip, out);
+        Reason::Accepted
     }
 
     fn arp_reply(
@@ -2328,6 +2460,7 @@ impl Engine {
         f[t + 8..t + 8 + qlen].copy_from_slice(&quoted[..qlen]);
         let c = wire::checksum(&f[t..]);
         wire::put16(&mut f, t + 2, c);
+        self.to_visible(iface, &mut f);
         out.push_frame(iface, &f);
         self.build = f;
     }
@@ -2442,6 +2575,7 @@ impl Engine {
             wire::put16(&mut f, t + 2, 0);
             let c = wire::checksum(&f[t..ip.end()]);
             wire::put16(&mut f, t + 2, c);
+            self.to_visible(iface, &mut f);
         }
         out.push_frame(iface, &f);
         self.build = f;
@@ -2458,6 +2592,63 @@ enum IcmpKind {
     TooBig(u16),
 }
 
+/// Replaces each address of `map` (from, to) found as the source or destination of the IPv4
+/// packet `ip` in `frame`, and of the packet an ICMP error quotes, keeping every checksum
+/// right incrementally (a checksum that was wrong stays wrong, so checking it afterwards
+/// still catches it). Returns `ip` with its new addresses. Fragments are left alone: only
+/// whole datagrams are translated (their transport header is in the first fragment only).
+fn map_addrs(frame: &mut [u8], ip: &Ip, map: &[(Ipv4Addr, Ipv4Addr); 2], csum: NatCsum) -> Ip {
+    let look = |a: IpAddr| {
+        map.iter()
+            .find(|(from, _)| IpAddr::V4(*from) == a)
+            .map(|&(_, to)| IpAddr::V4(to))
+    };
+    let mut now = *ip;
+    if ip.v6 || ip.fragment {
+        return now;
+    }
+    if let Some(to) = look(ip.src) {
+        wire::nat_rewrite(frame, ip, NatField::Src, to, None, csum);
+        now.src = to;
+    }
+    if let Some(to) = look(ip.dst) {
+        wire::nat_rewrite(frame, ip, NatField::Dst, to, None, csum);
+        now.dst = to;
+    }
+    let t = ip.l4();
+    if ip.proto != wire::PROTO_ICMP || t + 8 > ip.end() || !is_icmp_error(false, frame[t]) {
+        return now;
+    }
+    let Some(inner) = wire::parse_ipv4_quoted(frame, t + 8, ip.end()) else {
+        return now;
+    };
+    let (isrc, idst) = (look(inner.src), look(inner.dst));
+    if isrc.is_none() && idst.is_none() {
+        return now;
+    }
+    // What the quote's rewrite may touch: its header, and its transport checksum (TCP's ends
+    // 18 bytes in). The outer ICMP checksum covers those bytes, so it follows their sum; the
+    // span starts 8 bytes into the ICMP message, on a 16-bit boundary.
+    let span = inner.off..(inner.l4() + 18).min(inner.end());
+    let before = wire::fold(wire::sum(&frame[span.clone()], 0));
+    if let Some(to) = isrc {
+        wire::nat_rewrite(frame, &inner, NatField::Src, to, None, NatCsum::Quoted);
+    }
+    if let Some(to) = idst {
+        wire::nat_rewrite(frame, &inner, NatField::Dst, to, None, NatCsum::Quoted);
+    }
+    // An offloaded ICMPv4 checksum is summed over the message later (it has no
+    // pseudo-header part), so only a complete one needs updating.
+    if csum != NatCsum::Partial {
+        let after = wire::fold(wire::sum(&frame[span], 0));
+        let c = wire::csum_update16(wire::be16(frame, t + 2), before, after);
+        wire::put16(frame, t + 2, c);
+    }
+    now
+}
+
+/// ICMP queries that conntrack tracks as flows (Linux nf_conntrack_proto_icmp: echo,
+/// timestamp, information and address mask requests; ICMPv6 echo).
 /// The TCP segment of a packet whose transport header was checked ([`wire::parse_l4_with`]).
 fn tcp_segment(frame: &[u8], ip: &Ip) -> Option<tcpwin::Segment> {
     let t = frame.get(ip.l4()..ip.end())?;

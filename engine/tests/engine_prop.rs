@@ -1339,6 +1339,7 @@ impl Model {
                         mtu: 1500,
                         rules: s.rules4.entries(),
                         rules6: s.rules6.entries(),
+                        visible: None,
                     }
                 })
                 .collect(),

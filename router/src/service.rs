@@ -702,10 +702,14 @@ impl Service {
             let rules = c.rules.iter().filter(|(k, _)| k != "policy").count();
             let flows = ct.iter().filter(|(_, f)| f.key.client == id).count();
             s.push_str(&format!(
-                "client {} address {}{} rules {} flows {} mtu {}{}\n",
+                "client {} address {}{}{} rules {} flows {} mtu {}{}\n",
                 c.vif,
                 c.ip,
                 c.ip6.map(|a| format!(" {a}")).unwrap_or_default(),
+                // The client's own view, when dom0 gave it fake addresses.
+                c.visible
+                    .map(|v| format!(" visible {} gateway {}", v.ip, v.gateway))
+                    .unwrap_or_default(),
                 rules,
                 flows,
                 c.mtu,

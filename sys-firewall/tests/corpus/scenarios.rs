@@ -167,6 +167,12 @@ scenarios! {
     "86-other-ip-protocols-forwarded-and-answered" => other_ip_protocols,
     "87-client-icmp-error-about-a-tracked-flow-translated" => client_icmp_error_translated,
     "88-nat-keeps-the-client-port-so-a-cut-flow-resumes" => nat_keeps_port_cut_flow_resumes,
+    "89-fake-ip-tcp-udp-out-and-back-in-the-clients-view" => fake_ip_tcp_udp_out_and_back,
+    "90-fake-ip-pings-of-the-world-and-the-visible-gateway" => fake_ip_pings,
+    "91-fake-ip-refused-flow-answered-from-the-visible-gateway" => fake_ip_refused_flow,
+    "92-fake-ip-icmp-errors-about-a-flow-translated-both-ways" => fake_ip_icmp_errors,
+    "93-fake-ip-arp-answered-only-for-the-visible-gateway" => fake_ip_arp,
+    "94-fake-ip-real-address-ipv6-and-real-gateway-refused" => fake_ip_refused_traffic,
     "95-sysnet-dns-to-virtual-resolvers-redirected-upstream" => sysnet_dns_redirected,
     "96-sysnet-one-upstream-serves-both-virtual-resolvers" => sysnet_one_upstream,
     "97-sysnet-no-upstream-dns-refused-at-once" => sysnet_no_upstream_refused,
@@ -2922,5 +2928,277 @@ fn sysnet_lease_address_moves_nat(s: &mut Script) -> R {
     );
     s.expect("tcp frames on vif6.0 = 1");
     s.expect("counter no-flow on eth0 = 1");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake addresses (dom0's net.fake-ip / net.fake-gateway)
+//
+// The specification is qubes-core-agent-linux `network/vif-route-qubes` and
+// `network/vif-qubes-nat.sh`. When `/mapped-ip/<ip>/visible-ip` and `visible-gateway` are
+// both set and the visible address is not the real one, the vif goes into a namespace whose
+// nftables `antispoof` table (netdev family, stateless) does, toward the netvm, `ip saddr
+// $appvm_ip ip saddr set $netvm_ip fwd` (only IPv4 from the visible address passes, with the
+// real address as source; policy drop) and `arp ... arp saddr ip $appvm_ip accept`, and
+// toward the client `ip daddr $netvm_ip ip daddr set $appvm_ip fwd`; the namespace holds the
+// visible gateway as its address on the client's side (so answers ARP for it), and IPv6 is
+// disabled on the vif (`disable_ipv6`). docs/engine.md ("fake addresses") adds what the
+// engine does beyond that script: the visible gateway is ours (pinging it is pinging the
+// firewall), and ICMP errors are translated in their quotes too, so the client never sees
+// 10.137.0.10 or 10.137.0.6. The client: real 10.137.0.10 on vif3.0, visible 192.168.1.128,
+// visible gateway 192.168.1.1.
+
+const FAKE_IP: &str = "192.168.1.128";
+const FAKE_GW: &str = "192.168.1.1";
+
+/// C3 with fake addresses, as dom0 writes them for `net.fake-ip` 192.168.1.128 and
+/// `net.fake-gateway` 192.168.1.1.
+fn fake_cfg(c: Cfg) -> Cfg {
+    c.set("/mapped-ip/10.137.0.10/visible-ip", FAKE_IP)
+        .set("/mapped-ip/10.137.0.10/visible-gateway", FAKE_GW)
+}
+
+fn fake_at(port: u16) -> String {
+    format!("{FAKE_IP}:{port}")
+}
+
+fn fake_ip_tcp_udp_out_and_back(s: &mut Script) -> R {
+    s.about(
+        "A client with fake addresses (visible 192.168.1.128, gateway 192.168.1.1, real \
+         10.137.0.10): its TCP handshake and a UDP request leave from 10.137.0.6, and the \
+         replies reach it at 192.168.1.128",
+    );
+    s.config(fake_cfg(Cfg::new().client(&C3)))?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &fake_at(40000), "198.18.0.10:80")
+            .flags("S")
+            .seq(1000)
+            .frame(),
+    )?;
+    let syn = s.last("eth0", "tcp")?;
+    s.send(
+        "eth0",
+        reply_to(&syn.d)?.flags("SA").seq(5000).ack(1001).frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &fake_at(40000), "198.18.0.10:80")
+            .flags("A")
+            .seq(1001)
+            .ack(5001)
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &fake_at(40001), "198.18.0.53:53")
+            .payload(b"query")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"answer").frame())?;
+    // Toward the netvm: `ip saddr set $netvm_ip` (the real address), then masquerade as for
+    // any client (the client's port is kept: docs/engine.md, NAT).
+    s.expect("ip frames on eth0 = 3");
+    s.expect(
+        "ip frame 0 on eth0: ipv4 tcp src 10.137.0.6 dst 198.18.0.10 sport $t dport 80 flags S",
+    );
+    s.expect(
+        "ip frame 1 on eth0: ipv4 tcp src 10.137.0.6 dst 198.18.0.10 sport $t dport 80 flags A",
+    );
+    s.expect("ip frame 2 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.53 sport $u dport 53");
+    // Toward the client: `ip daddr $netvm_ip ip daddr set $appvm_ip`: every frame it gets is
+    // to its visible address, never to 10.137.0.10.
+    s.expect("ip frames on vif3.0 = 2");
+    s.expect(
+        "ip frame 0 on vif3.0: ipv4 tcp smac fe:ff:ff:ff:ff:ff dmac 00:16:3e:5e:6c:0a \
+         src 198.18.0.10 dst 192.168.1.128 sport 80 dport 40000 flags SA",
+    );
+    s.expect(
+        "ip frame 1 on vif3.0: ipv4 udp src 198.18.0.53 dst 192.168.1.128 sport 53 dport 40001 \
+         paylen 6",
+    );
+    s.expect("counter accepted on vif3.0 = 3");
+    s.expect("counter spoofed on vif3.0 = 0");
+    Ok(())
+}
+
+fn fake_ip_pings(s: &mut Script) -> R {
+    s.about(
+        "A client with fake addresses pings the world (out from 10.137.0.6, the reply to \
+         192.168.1.128) and its visible gateway, which answers from 192.168.1.1",
+    );
+    s.config(fake_cfg(Cfg::new().client(&C3)))?;
+    s.send(
+        "vif3.0",
+        ping(fc(&C3), FAKE_IP, "198.18.0.10", 7, 1).frame(),
+    )?;
+    let p = s.last("eth0", "icmp4")?;
+    s.send("eth0", reply_to(&p.d)?.frame())?;
+    s.send("vif3.0", ping(fc(&C3), FAKE_IP, FAKE_GW, 8, 1).frame())?;
+    s.expect("ip frames on eth0 = 1");
+    s.expect("ip frame 0 on eth0: ipv4 icmp4 type 8 src 10.137.0.6 dst 198.18.0.10");
+    s.expect("ip frames on vif3.0 = 2");
+    s.expect(
+        "ip frame 0 on vif3.0: ipv4 icmp4 type 0 src 198.18.0.10 dst 192.168.1.128 echo-id 7 \
+         echo-seq 1",
+    );
+    // The visible gateway is the firewall as the client sees it (docs/engine.md: pings of the
+    // gateway are answered); the answer comes from the address it pinged.
+    s.expect(
+        "ip frame 1 on vif3.0: ipv4 icmp4 type 0 smac fe:ff:ff:ff:ff:ff src 192.168.1.1 \
+         dst 192.168.1.128 echo-id 8 echo-seq 1",
+    );
+    Ok(())
+}
+
+fn fake_ip_refused_flow(s: &mut Script) -> R {
+    s.about(
+        "A client with fake addresses opens a flow its rules refuse: admin-prohibited comes \
+         from its visible gateway, quoting its packet as it sent it (from 192.168.1.128)",
+    );
+    s.config(fake_cfg(Cfg::new().client_rules(
+        &C3,
+        &["action=accept proto=tcp dstports=443-443"],
+    )))?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &fake_at(40000), "198.18.0.10:80")
+            .flags("S")
+            .seq(1000)
+            .frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &fake_at(40001), "198.18.0.10:443")
+            .flags("S")
+            .seq(1000)
+            .frame(),
+    )?;
+    // The agent's `reject with icmp type admin-prohibited` (docs/engine.md, refused flows),
+    // seen through the namespace's translation back.
+    s.expect("ip frames on vif3.0 = 1");
+    s.expect(
+        "ip frame 0 on vif3.0: ipv4 icmp4 type 3 code 13 src 192.168.1.1 dst 192.168.1.128 \
+         inner ipv4 tcp src 192.168.1.128 dst 198.18.0.10 sport 40000 dport 80 seq 1000 ttl 64",
+    );
+    s.expect("counter rejected-by-rule on vif3.0 = 1");
+    // The accepted one leaves as usual.
+    s.expect("ip frames on eth0 = 1");
+    s.expect("ip frame 0 on eth0: ipv4 tcp src 10.137.0.6 dst 198.18.0.10 dport 443 flags S");
+    Ok(())
+}
+
+fn fake_ip_icmp_errors(s: &mut Script) -> R {
+    s.about(
+        "ICMP errors about a flow of a client with fake addresses: one from a router reaches \
+         it addressed and quoted in its own view (192.168.1.128); its own port unreachable \
+         about a reply leaves from 10.137.0.6 quoting our address and NAT port",
+    );
+    s.config(fake_cfg(Cfg::new().client(&C3)))?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &fake_at(40000), "198.18.0.53:53")
+            .payload(b"query")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    s.send(
+        "eth0",
+        icmp_error(from_netvm(), "198.18.0.1", FW_IP, 11, 0, [0; 4], &q.ip()?).frame(),
+    )?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"answer").frame())?;
+    // The reply as the client got it: 198.18.0.53:53 -> 192.168.1.128:40000, TTL 63.
+    let got = udp(from_netvm(), "198.18.0.53:53", &fake_at(40000))
+        .payload(b"answer")
+        .ttl(63)
+        .ip_packet();
+    s.send(
+        "vif3.0",
+        icmp_error(fc(&C3), FAKE_IP, "198.18.0.53", 3, 3, [0; 4], &got).frame(),
+    )?;
+    s.expect("ip frames on vif3.0 = 2");
+    s.expect(
+        "ip frame 0 on vif3.0: ipv4 icmp4 type 11 code 0 src 198.18.0.1 dst 192.168.1.128 \
+         inner ipv4 udp src 192.168.1.128 dst 198.18.0.53 sport 40000 dport 53",
+    );
+    s.expect("ip frame 1 on vif3.0: ipv4 udp src 198.18.0.53 dst 192.168.1.128 dport 40000");
+    s.expect("ip frames on eth0 = 2");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 10.137.0.6 dst 198.18.0.53 sport $p dport 53");
+    s.expect(
+        "ip frame 1 on eth0: ipv4 icmp4 type 3 code 3 src 10.137.0.6 dst 198.18.0.53 \
+         inner ipv4 udp src 198.18.0.53 dst 10.137.0.6 sport 53 dport $p",
+    );
+    Ok(())
+}
+
+fn fake_ip_arp(s: &mut Script) -> R {
+    s.about(
+        "ARP from a client with fake addresses: its who-has for the visible gateway is \
+         answered; its probes and gratuitous ARP for its own address, and who-has for the real \
+         gateway, its real address or another host, are not; ARP from its real address is \
+         spoofed",
+    );
+    s.config(fake_cfg(Cfg::new().client(&C3)))?;
+    s.send("vif3.0", arp_request(C3.mac, FAKE_IP, FAKE_GW))?;
+    s.send("vif3.0", arp_request(C3.mac, "0.0.0.0", FAKE_IP))?;
+    s.send("vif3.0", arp_request(C3.mac, FAKE_IP, FAKE_IP))?;
+    s.send("vif3.0", arp_request(C3.mac, FAKE_IP, FW_IP))?;
+    s.send("vif3.0", arp_request(C3.mac, FAKE_IP, C3.ip))?;
+    s.send("vif3.0", arp_request(C3.mac, FAKE_IP, "192.168.1.2"))?;
+    s.send("vif3.0", arp_request(C3.mac, C3.ip, FAKE_GW))?;
+    // The namespace's only address on the client's side is the visible gateway (`ip addr add
+    // "$appvm_gw_ip" dev "$netns_appvm_if"`), answered with the vif's MAC (the backend's,
+    // fe:ff:ff:ff:ff:ff); only ARP sent from the visible address is let in.
+    s.expect("frames on vif3.0 = 1");
+    s.expect(
+        "frame 0 on vif3.0: arp-reply dmac 00:16:3e:5e:6c:0a sha fe:ff:ff:ff:ff:ff \
+         spa 192.168.1.1 tha 00:16:3e:5e:6c:0a tpa 192.168.1.128",
+    );
+    s.expect("counter unsupported on vif3.0 = 5");
+    s.expect("counter spoofed on vif3.0 = 1");
+    s.expect("no frames on eth0");
+    Ok(())
+}
+
+fn fake_ip_refused_traffic(s: &mut Script) -> R {
+    s.about(
+        "A client with fake addresses may not send from its real address, gets no IPv6 even \
+         with an IPv6 address, and cannot reach the real gateway 10.137.0.6; a client without \
+         fake addresses (dom0's default mapping) beside it is untouched",
+    );
+    s.config(
+        fake_cfg(Cfg::new().ipv6().client(&C3V6).client(&C4))
+            .set("/mapped-ip/10.137.0.11/visible-ip", C4.ip)
+            .set("/mapped-ip/10.137.0.11/visible-gateway", FW_IP),
+    )?;
+    s.send(
+        "vif3.0",
+        udp(fc(&C3), &at(&C3, 40000), "198.18.0.53:53").frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        tcp(fc(&C3), &at6(&C3V6, 40000), "[2001:2::10]:80").frame(),
+    )?;
+    s.send(
+        "vif3.0",
+        ndp_solicit(C3.mac, "fd09:24ef:4179::a89:a", FW_IP6),
+    )?;
+    s.send("vif3.0", ping(fc(&C3), FAKE_IP, FW_IP, 9, 1).frame())?;
+    s.send("vif4.0", ping(fc(&C4), C4.ip, "198.18.0.10", 4, 1).frame())?;
+    let p = s.last("eth0", "icmp4")?;
+    s.send("eth0", reply_to(&p.d)?.frame())?;
+    // vif-qubes-nat.sh: only IPv4 from the visible address passes the namespace's ingress
+    // chain (policy drop), and IPv6 is disabled on the vif (no NDP answer either). The real
+    // gateway under its own name would show the client the address it is not to see
+    // (upstream's optional `undetectable_netvm_ips`): to the firewall itself, unanswered.
+    s.expect("no frames on vif3.0");
+    s.expect("counter spoofed on vif3.0 = 1");
+    s.expect("counter unsupported on vif3.0 = 2");
+    s.expect("counter local on vif3.0 = 1");
+    // vif-route-qubes leaves a client whose visible address is its real one alone.
+    s.expect("ip frames on eth0 = 1");
+    s.expect("ip frame 0 on eth0: ipv4 icmp4 type 8 src 10.137.0.6 dst 198.18.0.10 echo-id 4");
+    s.expect("ip frame 0 on vif4.0: ipv4 icmp4 type 0 src 198.18.0.10 dst 10.137.0.11 echo-id 4");
     Ok(())
 }
