@@ -194,6 +194,7 @@ pub struct Outbox {
     data: Vec<u8>,
     frames: Vec<(IfaceId, usize, usize)>,
     local: Vec<(usize, usize)>,
+    dhcp: Vec<(usize, usize)>,
     pub events: Vec<Event>,
 }
 
@@ -206,7 +207,21 @@ impl Outbox {
         self.data.clear();
         self.frames.clear();
         self.local.clear();
+        self.dhcp.clear();
         self.events.clear();
+    }
+
+    /// Appends a DHCP message (the UDP payload) for the service's DHCP client
+    /// ([`Engine::set_dhcp_client`]).
+    pub fn push_dhcp(&mut self, payload: &[u8]) {
+        let start = self.data.len();
+        self.data.extend_from_slice(payload);
+        self.dhcp.push((start, payload.len()));
+    }
+
+    /// The DHCP messages that came for the service's DHCP client, in order.
+    pub fn dhcp_messages(&self) -> impl Iterator<Item = &[u8]> {
+        self.dhcp.iter().map(|&(s, l)| &self.data[s..s + l])
     }
 
     /// Appends an IP packet for the service's host stack ([`Engine::bind_local`]).
@@ -399,6 +414,8 @@ pub struct Engine {
     link_group: bool,
     /// The time of the frame or tick being handled, for what needs it deep in the path.
     now: u64,
+    /// The service runs a DHCP client on the uplink (sys-net).
+    dhcp_client: bool,
     icmp_limit: IcmpLimiter,
     /// Where each held IPv4 datagram came in (`None`: the uplink; else the client), so
     /// a reassembly timeout is answered back through that interface and nowhere else.
@@ -432,6 +449,7 @@ impl Engine {
             offload: Offload::NONE,
             link_group: false,
             now: 0,
+            dhcp_client: false,
             icmp_limit: IcmpLimiter::new(),
             ip_id: (config.seed as u16) ^ 0x5a5a,
             scratch: Vec::with_capacity(65_536),
@@ -1046,6 +1064,17 @@ impl Engine {
             Err(IpError::Malformed) => return (Verdict::Consumed, Reason::Malformed),
             Err(IpError::Unsupported) => return (Verdict::Consumed, Reason::Unsupported),
         };
+        if ci.is_none() && self.dhcp_client && !ip.fragment && ip.proto == wire::PROTO_UDP {
+            // To the DHCP client (RFC 2131 4.1): a server sends to the address it offers, or
+            // to broadcast, before that address is ours, so neither the IP destination nor
+            // the NAT path decides; the client checks what it gets (xid, chaddr).
+            if let Some(l4) = wire::parse_l4(frame, &ip) {
+                if l4.sport == 67 && l4.dport == 68 {
+                    out.push_dhcp(&frame[ip.l4() + 8..ip.end()]);
+                    return (Verdict::Consumed, Reason::Accepted);
+                }
+            }
+        }
         if ip.fragment {
             if self.link_group {
                 // Only forwarding reassembles, and nothing sent to a group is forwarded.
@@ -1958,6 +1987,56 @@ impl Engine {
 
     // ---------------------------------------------------------------------------------------
     // The firewall's own traffic
+
+    /// Whether the service runs a DHCP client on the uplink: DHCP messages to port 68 that
+    /// arrive there go to [`Outbox::dhcp_messages`], and [`Engine::send_dhcp`] sends.
+    pub fn set_dhcp_client(&mut self, on: bool) {
+        self.dhcp_client = on;
+    }
+
+    /// Sends a DHCP client message (RFC 2131 4.1: UDP from port 68 to port 67) on the uplink:
+    /// from `src` (0.0.0.0 until an address is leased) to `dst` (255.255.255.255, or the server
+    /// when renewing), to the Ethernet broadcast address unless `dst` is the router whose MAC
+    /// ARP found.
+    pub fn send_dhcp(&mut self, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], out: &mut Outbox) {
+        let udp_len = 8 + payload.len();
+        let total = Ipv4Repr::HEADER_LEN + udp_len;
+        let dst_mac = if dst == self.cfg.uplink.gateway && self.netvm_mac_known {
+            self.netvm_mac
+        } else {
+            [0xff; 6]
+        };
+        let mut f = std::mem::take(&mut self.build);
+        f.clear();
+        f.resize(ETH_LEN + total, 0);
+        wire::set_macs(&mut f, &dst_mac, &self.cfg.uplink.mac);
+        wire::put16(&mut f, 12, wire::ETHERTYPE_IPV4);
+        let id = self.next_ip_id();
+        Ipv4Repr {
+            src,
+            dst,
+            protocol: wire::PROTO_UDP,
+            ttl: 64,
+            ident: id,
+            tos: 0,
+            dont_frag: false,
+            payload_len: udp_len,
+        }
+        .emit(&mut f[ETH_LEN..]);
+        let u = ETH_LEN + Ipv4Repr::HEADER_LEN;
+        wire::put16(&mut f, u, 68);
+        wire::put16(&mut f, u + 2, 67);
+        wire::put16(&mut f, u + 4, udp_len as u16);
+        f[u + 8..].copy_from_slice(payload);
+        let acc = wire::pseudo_sum(&IpAddr::V4(src), &IpAddr::V4(dst), wire::PROTO_UDP, udp_len);
+        let c = match !wire::fold(wire::sum(&f[u..], acc)) {
+            0 => 0xffff,
+            c => c,
+        };
+        wire::put16(&mut f, u + 6, c);
+        out.push_frame(UPLINK, &f);
+        self.build = f;
+    }
 
     /// Delivers packets to `port` of our own address (protocol `l4`) that belong to no
     /// forwarded flow to the host stack ([`Outbox::local_packets`]), and keeps NAT off that
