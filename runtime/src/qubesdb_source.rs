@@ -230,6 +230,19 @@ impl QubesDbSource {
         Ok(changed)
     }
 
+    /// Writes `/qubes-netvm-external-ip` as Qubes' NetworkManager dispatcher
+    /// (`30-qubes-external-ip` in qubes-core-agent-linux) does: the uplink's address when it
+    /// comes up, empty when it goes down.
+    pub fn write_external_ip(&mut self, addr: Option<std::net::Ipv4Addr>) {
+        let value = addr.map(|a| a.to_string()).unwrap_or_default();
+        if let Err(e) = self
+            .client
+            .write("/qubes-netvm-external-ip", value.as_bytes())
+        {
+            tracing::warn!(error = %e, "could not write /qubes-netvm-external-ip");
+        }
+    }
+
     /// Increments `/qubes-firewall-handled/<addr>` for each address committed since the last
     /// call whose client is in the applied configuration.
     pub fn report_handled(&mut self, cfg: &EngineConfig) {
