@@ -437,8 +437,15 @@ impl DhcpClient {
         if !self.link_up {
             return;
         }
-        let Ok(reply) = Reply::parse(payload, self.cfg.mac) else {
-            return;
+        let reply = match Reply::parse(payload, self.cfg.mac) {
+            Ok(r) => r,
+            // Another client's reply on a shared segment is normal; anything else is worth
+            // a line when debugging a network that gives no lease.
+            Err(ReplyError::NotOurs) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "DHCP message ignored");
+                return;
+            }
         };
         match self.phase {
             Phase::Selecting(ex) if reply.xid == ex.xid && reply.kind == MessageType::Offer => {
@@ -674,6 +681,16 @@ enum ReplyError {
     NotOurs,
 }
 
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyError::Wire(e) => e.fmt(f),
+            ReplyError::NotReply(op) => write!(f, "DHCP message with op {op}, not BOOTREPLY (2)"),
+            ReplyError::NotOurs => write!(f, "DHCP reply for another client's chaddr"),
+        }
+    }
+}
+
 impl From<WireError> for ReplyError {
     fn from(e: WireError) -> Self {
         ReplyError::Wire(e)
@@ -733,7 +750,7 @@ impl Reply {
         let prefix_len = match self.mask {
             Some(m) => wire::prefix_of_mask(m).ok()?,
             // No mask: the address's class (RFC 2131 section 2 leaves it to us; what
-            // clients have always done, RFC 791 section 3.2 classes).
+            // clients have always done, RFC 791's address classes).
             None => match self.yiaddr.octets()[0] {
                 0..=127 => 8,
                 128..=191 => 16,

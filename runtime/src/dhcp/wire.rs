@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 pub const HEADER_LEN: usize = 236;
 /// The magic cookie starting the options field (RFC 2131 section 3, RFC 2132 section 2).
 pub const COOKIE: [u8; 4] = [99, 130, 83, 99];
-/// The smallest BOOTP message relays must pass (RFC 1542 section 2.1, from RFC 951's 64-byte
+/// The smallest BOOTP message relays must pass (RFC 1542, from RFC 951's 64-byte
 /// vend field): what we send is padded to it.
 pub const MIN_MESSAGE_LEN: usize = 300;
 
@@ -246,7 +246,7 @@ impl<'a> Message<'a> {
     }
 
     /// An option's value; an option given several times is the concatenation of its parts
-    /// (RFC 3396 section 7). Options in `sname`/`file` under option overload (52) are not
+    /// (RFC 3396). Options in `sname`/`file` under option overload (52) are not
     /// read: the servers we meet do not overload, and ignoring it loses nothing we require.
     pub fn option(&self, code: u8) -> Option<Vec<u8>> {
         let mut found: Option<Vec<u8>> = None;
@@ -411,7 +411,7 @@ impl Repr {
         b[offset::CHADDR..offset::CHADDR + 6].copy_from_slice(&self.chaddr);
         b[offset::COOKIE..offset::OPTIONS].copy_from_slice(&COOKIE);
         for (code, value) in &self.options {
-            // RFC 3396 section 5: a long value goes out as several options of one code.
+            // RFC 3396: a long value goes out as several options of one code.
             let mut parts = value.chunks(255).peekable();
             if parts.peek().is_none() {
                 b.extend_from_slice(&[*code, 0]);
