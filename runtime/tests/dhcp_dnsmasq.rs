@@ -1,5 +1,6 @@
 //! The DHCP client against the real dnsmasq: a lease, a renewal at T1 (unicast), a rebinding
-//! at T2 (broadcast) and a release that dnsmasq takes out of its lease file.
+//! at T2 (broadcast), INIT-REBOOT after a link flap, a NAK to a wrong remembered address, and
+//! a release that dnsmasq takes out of its lease file.
 //!
 //! The test makes a network namespace of its own (its name has the process id) and runs itself
 //! again inside it with `ip netns exec`; there a veth pair joins dnsmasq's end `dhcps`
@@ -205,6 +206,17 @@ impl Driver {
 
     /// Runs the client until it reports something other than a send, or `secs` pass.
     fn pump(&mut self, c: &mut DhcpClient, secs: u64, dnsmasq: &Dnsmasq) -> Vec<DhcpEffect> {
+        self.pump_until(c, secs, dnsmasq, |_, reported| !reported.is_empty())
+    }
+
+    /// Runs the client until `done` holds, or `secs` pass.
+    fn pump_until(
+        &mut self,
+        c: &mut DhcpClient,
+        secs: u64,
+        dnsmasq: &Dnsmasq,
+        done: impl Fn(&DhcpClient, &[DhcpEffect]) -> bool,
+    ) -> Vec<DhcpEffect> {
         let end = StdInstant::now() + Duration::from_secs(secs);
         let mut out = Vec::new();
         let mut reported = Vec::new();
@@ -242,7 +254,7 @@ impl Driver {
                     other => reported.push(other),
                 }
             }
-            if !reported.is_empty() {
+            if done(c, &reported) {
                 return reported;
             }
             assert!(
@@ -390,7 +402,41 @@ fn child() {
     assert_eq!(rebound.address, l.address);
     eprintln!("{REPORT} rebound at T2 (broadcast): {}", rebound.address);
 
-    // Release: dnsmasq forgets the lease.
+    // The carrier goes and comes back: INIT-REBOOT asks for the address again, broadcast,
+    // and dnsmasq confirms it.
+    c.link_down(d.now());
+    c.link_up(d.now(), &mut out);
+    let [DhcpEffect::Send { src, dst, payload }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!((*src, *dst), (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST));
+    assert_eq!(c.state(), DhcpState::Rebooting);
+    d.send(*src, *dst, payload);
+    out.clear();
+    let rebooted = d.bound(&mut c, &dnsmasq);
+    assert_eq!(rebooted.address, l.address);
+    eprintln!(
+        "{REPORT} confirmed after a link flap (INIT-REBOOT): {}",
+        rebooted.address
+    );
+
+    // The same client restarted, remembering an address that is not its lease: dnsmasq
+    // knows the client, says no (a NAK, RFC 2131 section 4.3.2) and it starts over from INIT.
+    // (A client dnsmasq has no record of gets silence, as the RFC wants of a server that is
+    // not authoritative.)
+    let wrong = if l.address == hi { lo } else { hi };
+    let mut restarted = DhcpClient::with_previous(DhcpConfig::new(mac, 7), wrong, d.now());
+    d.pump_until(&mut restarted, 15, &dnsmasq, |c, _| {
+        c.state() == DhcpState::Init
+    });
+    assert!(dnsmasq.log().contains("DHCPNAK"), "{}", dnsmasq.log());
+    eprintln!("{REPORT} a wrong remembered address ({wrong}) got a NAK");
+
+    // Release: dnsmasq forgets the lease (still there until then).
+    assert!(
+        lease_file_has(&leases, &mac).is_some_and(|line| line.contains(&l.address.to_string())),
+        "the lease survived the NAK to the wrong address"
+    );
     c.release(&mut out);
     let mut unbound = false;
     for e in out.drain(..) {
