@@ -225,8 +225,8 @@ impl DhcpClient {
         z ^ (z >> 31)
     }
 
-    /// The wait before send number `sends + 1` of an exchange: 4 s doubling to 64 s, each
-    /// randomized by a uniform ±1 s (RFC 2131 section 4.1).
+    /// The wait after send number `sends` (from 1) of an exchange: 4 s doubling to 64 s,
+    /// each randomized by a uniform ±1 s (RFC 2131 section 4.1).
     fn backoff(&mut self, sends: u32) -> Duration {
         let base = Duration::from_secs(4)
             .saturating_mul(1 << sends.saturating_sub(1).min(4))
