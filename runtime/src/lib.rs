@@ -12,6 +12,7 @@
 //! | [`event_loop`] | `poll(2)` over descriptors found by token |
 //! | [`droplog`] | rate-limited drop logging |
 //! | [`hoststack`] | the host stack (smoltcp) behind the engine's local delivery |
+//! | [`dhcp`] | a sans-IO DHCPv4 client for the uplink, driven by the engine's time |
 //! | [`resolver`] | a sans-IO stub resolver driven by the engine's time |
 //! | [`local`] | the engine, host stack and resolver wired together |
 //! | [`memory`] | the connection table's default size from the machine's memory, as Linux's |
@@ -19,6 +20,7 @@
 
 pub mod config_file;
 pub mod control;
+pub mod dhcp;
 pub mod droplog;
 pub mod error;
 pub mod event_loop;
