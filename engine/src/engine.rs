@@ -1068,7 +1068,8 @@ impl Engine {
             // To the DHCP client (RFC 2131 4.1): a server sends to the address it offers, or
             // to broadcast, before that address is ours, so neither the IP destination nor
             // the NAT path decides; the client checks what it gets (xid, chaddr).
-            if let Some(l4) = wire::parse_l4(frame, &ip) {
+            // A checksum the server's kernel left to offload is not wrong (offload.rs).
+            if let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) {
                 if l4.sport == 67 && l4.dport == 68 {
                     out.push_dhcp(&frame[ip.l4() + 8..ip.end()]);
                     return (Verdict::Consumed, Reason::Accepted);

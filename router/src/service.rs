@@ -13,6 +13,7 @@ use std::time::{Duration, Instant as Clock};
 use qubes_engine::config::{format_mac, EngineConfig, NetvmUplink};
 use qubes_engine::{Engine, Event, IfaceId, Instant, Outbox, Verdict, UPLINK};
 use qubes_service_runtime::control::ControlServer;
+use qubes_service_runtime::dhcp::{DhcpClient, DhcpConfig, DhcpEffect, Lease};
 use qubes_service_runtime::droplog::DropLog;
 use qubes_service_runtime::event_loop::{Poller, Token};
 use qubes_service_runtime::local::{dns_servers, LocalServices};
@@ -74,6 +75,12 @@ struct Service {
     role: Role,
     /// sys-net: the lease DHCP gave (none yet, or with static addressing).
     lease: Option<NetvmUplink>,
+    /// sys-net without a static address: the DHCP client on the uplink.
+    dhcp: Option<DhcpClient>,
+    /// DHCP messages the engine handed over, waiting for the client.
+    dhcp_inbox: Vec<Vec<u8>>,
+    /// The uplink's carrier as netlink last said (DHCP restarts when it comes back).
+    uplink_carrier: Option<bool>,
     engine: Engine,
     /// Devices by engine interface id (stable: a vif keeps its id while it exists).
     devices: BTreeMap<IfaceId, PacketSocket>,
@@ -182,7 +189,14 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         netvm.as_ref(),
     )?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
-    let engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
+    let mut engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
+    // sys-net without a static address asks DHCP (RFC 2131), with no host name: a netvm
+    // says nothing about its user it need not say.
+    let dhcp = (opts.role == Role::Net && desired.static_uplink.is_none()).then(|| {
+        engine.set_dhcp_client(true);
+        let mac = sys::if_mac(&desired.uplink).unwrap_or(qubes_engine::config::DEFAULT_QUBE_MAC);
+        DhcpClient::new(DhcpConfig::new(mac, seed), Instant::ZERO)
+    });
     let control = ControlServer::bind(&opts.control, opts.role.name())?;
     let links = LinkMonitor::open().map_err(|source| ServiceError::System {
         what: "netlink link monitor",
@@ -191,6 +205,9 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
     let mut svc = Service {
         role: opts.role,
         lease: None,
+        dhcp,
+        dhcp_inbox: Vec::new(),
+        uplink_carrier: None,
         engine,
         devices: BTreeMap::new(),
         links,
@@ -217,6 +234,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         opts.role.name()
     );
     let result = svc.main_loop(&signals);
+    svc.release_lease();
     tracing::info!("{} stopped; clients have no forwarding", opts.role.name());
     result
 }
@@ -434,9 +452,104 @@ impl Service {
                 self.engine.tick(now, &mut self.out);
                 self.flush();
                 self.check_file();
+                self.dhcp_poll();
             }
+            self.dhcp_receive();
         }
         Ok(())
+    }
+
+    /// Hands the DHCP client what came for it.
+    fn dhcp_receive(&mut self) {
+        if self.dhcp_inbox.is_empty() {
+            return;
+        }
+        let inbox = std::mem::take(&mut self.dhcp_inbox);
+        let now = self.now();
+        let mut fx = Vec::new();
+        if let Some(d) = self.dhcp.as_mut() {
+            for m in &inbox {
+                d.handle(now, m, &mut fx);
+            }
+        }
+        self.dhcp_effects(fx);
+    }
+
+    /// The DHCP client's timers (retransmissions, T1, T2, expiry).
+    fn dhcp_poll(&mut self) {
+        let now = self.now();
+        let mut fx = Vec::new();
+        match self.dhcp.as_mut() {
+            Some(d) => d.poll(now, &mut fx),
+            None => return,
+        }
+        self.dhcp_effects(fx);
+    }
+
+    fn dhcp_effects(&mut self, fx: Vec<DhcpEffect>) {
+        for e in fx {
+            match e {
+                DhcpEffect::Send { src, dst, payload } => {
+                    self.engine.send_dhcp(src, dst, &payload, &mut self.out);
+                }
+                DhcpEffect::Bound(lease) => self.set_lease(Some(&lease)),
+                DhcpEffect::Unbound => self.set_lease(None),
+            }
+        }
+        self.flush();
+    }
+
+    /// A new lease (or none): the engine's uplink follows it, and QubesDB hears of it as
+    /// Qubes' NetworkManager dispatcher tells it (`/qubes-netvm-external-ip`).
+    fn set_lease(&mut self, lease: Option<&Lease>) {
+        let mac = self.engine.config().uplink.mac;
+        let up = lease.map(|l| NetvmUplink {
+            ip: l.address,
+            // Without a router option the server is the next hop (RFC 2132 3.5 leaves the
+            // router optional; a server on the link is reachable).
+            router: l.router.unwrap_or(l.server),
+            dns: l.dns.clone(),
+            mac,
+        });
+        if up == self.lease {
+            return;
+        }
+        match &up {
+            Some(u) => tracing::info!(
+                address = %u.ip,
+                router = %u.router,
+                dns = ?u.dns,
+                "DHCP lease"
+            ),
+            None => tracing::warn!("DHCP lease lost: nothing leaves until a new one"),
+        }
+        self.lease = up;
+        if let Some(q) = self.source.qubesdb() {
+            q.write_external_ip(self.lease.as_ref().map(|u| u.ip));
+        }
+        let desired = self.desired.clone();
+        if let Err(e) = self.apply(desired, "DHCP lease") {
+            tracing::error!(error = %e, "could not apply the lease");
+        }
+    }
+
+    /// SIGTERM: give the lease back (RFC 2131 4.4.6) and leave nothing forwarding.
+    fn release_lease(&mut self) {
+        let mut fx = Vec::new();
+        if let Some(d) = self.dhcp.as_mut() {
+            d.release(&mut fx);
+        }
+        for e in fx {
+            if let DhcpEffect::Send { src, dst, payload } = e {
+                self.engine.send_dhcp(src, dst, &payload, &mut self.out);
+            }
+        }
+        self.flush();
+        if self.lease.is_some() {
+            if let Some(q) = self.source.qubesdb() {
+                q.write_external_ip(None);
+            }
+        }
     }
 
     /// Reads and handles up to [`BURST`] frames from one interface.
@@ -516,6 +629,8 @@ impl Service {
             for ev in std::mem::take(&mut done.events) {
                 self.event(now, ev);
             }
+            self.dhcp_inbox
+                .extend(done.dhcp_messages().map(|m| m.to_vec()));
             self.local
                 .after_engine(now, &mut self.engine, &done, &mut self.out);
             if self.out.frame_count() == 0
@@ -561,6 +676,35 @@ impl Service {
                 return;
             }
         };
+        // The uplink's carrier: a DHCP client that saw it go starts over when it is back
+        // (INIT-REBOOT with the address it had, RFC 2131 3.2).
+        let uplink = self.desired.uplink.clone();
+        for e in &events {
+            if let LinkEvent::Changed(st) = e {
+                if st.name != uplink {
+                    continue;
+                }
+                let up = st.up && st.carrier;
+                let was = self.uplink_carrier.replace(up);
+                if was == Some(up) {
+                    continue;
+                }
+                let now = self.now();
+                let mut fx = Vec::new();
+                if let Some(d) = self.dhcp.as_mut() {
+                    if up {
+                        if was == Some(false) {
+                            tracing::info!("uplink carrier back: DHCP again");
+                            d.link_up(now, &mut fx);
+                        }
+                    } else {
+                        tracing::warn!("uplink carrier lost");
+                        d.link_down(now);
+                    }
+                }
+                self.dhcp_effects(fx);
+            }
+        }
         // MTU changes of attached links are followed in place (no reconfiguration).
         for e in &events {
             if let LinkEvent::Changed(st) = e {
@@ -674,6 +818,31 @@ impl Service {
                 cfg.client_gateway
                     .map_or("-".to_string(), |g| g.to_string())
             ));
+            if let Some(d) = &self.dhcp {
+                let now = self.now();
+                let left = |t: Option<Instant>| match t {
+                    Some(t) => format!(
+                        "{}s",
+                        t.as_nanos().saturating_sub(now.as_nanos()) / 1_000_000_000
+                    ),
+                    None => "never".to_string(),
+                };
+                match d.lease() {
+                    Some(l) => s.push_str(&format!(
+                        "dhcp {:?} lease {}/{} router {} server {} dns {} t1-in {} t2-in {} expires-in {}\n",
+                        d.state(),
+                        l.address,
+                        l.prefix_len,
+                        l.router.map_or("-".to_string(), |r| r.to_string()),
+                        l.server,
+                        l.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+                        left(l.t1()),
+                        left(l.t2()),
+                        left(l.expires()),
+                    )),
+                    None => s.push_str(&format!("dhcp {:?} no lease\n", d.state())),
+                }
+            }
             for r in &cfg.dns_redirect {
                 s.push_str(&format!(
                     "dns {} -> {}\n",

@@ -167,6 +167,52 @@ impl Lab {
         self.procs.push(child);
     }
 
+    /// dnsmasq as the world's DHCP server on the uplink's segment (DHCP only: DNS off), with
+    /// a short T1 and T2 (options 58 and 59) so that a renewal happens within the test.
+    fn start_dhcp(&mut self) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("world"), "dnsmasq", "--no-daemon"])
+            .args(["--conf-file=/dev/null", "--port=0", "--interface=weth0"])
+            .args(["--bind-interfaces", "--log-dhcp"])
+            .args(["--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m"])
+            .args(["--dhcp-option=option:router,198.18.0.1"])
+            .args(["--dhcp-option=option:dns-server,198.18.0.53"])
+            .args(["--dhcp-option=58,4", "--dhcp-option=59,7"])
+            .arg(format!(
+                "--dhcp-leasefile={}",
+                self.path("leases").display()
+            ))
+            .arg(format!(
+                "--log-facility={}",
+                self.path("dnsmasq-dhcp.log").display()
+            ))
+            .arg(format!(
+                "--pid-file={}",
+                self.path("dnsmasq-dhcp.pid").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq (DHCP)");
+        self.procs.push(child);
+    }
+
+    fn wait_status(&self, what: &str, pred: impl Fn(&str) -> bool, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {secs} s; status:\n{s}\nlog:\n{}",
+                std::fs::read_to_string(self.path("sys-net.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn start(&mut self, config: &str) -> usize {
         let cfg = self.path("sys-net.yaml");
         std::fs::write(&cfg, config).expect("write config");
@@ -375,4 +421,87 @@ fn without_an_upstream_resolver_dns_is_refused_at_once() {
     // unreachable, where a drop would leave it waiting out its 2 s.
     let answer = lab.dns("10.139.1.1");
     assert_eq!(answer, "refused", "{}", lab.status());
+}
+
+#[test]
+fn a_dhcp_lease_is_used_renewed_and_given_back() {
+    let name = "a_dhcp_lease_is_used_renewed_and_given_back";
+    if !testkit::require_root(name) {
+        return;
+    }
+    if Command::new("dnsmasq").arg("--version").output().is_err() {
+        testkit::not_run(
+            name,
+            "dnsmasq is not installed (scripts/setup-debian.sh installs it)",
+        );
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_dns();
+    lab.start_dhcp();
+    let svc = lab.start(&CONFIG.replace(
+        "uplink: {name: eth0, address: 198.18.0.100, router: 198.18.0.1, dns: [198.18.0.53]}",
+        "uplink: {name: eth0}",
+    ));
+    // dnsmasq pings an address before it offers it (about 3 s).
+    let status = lab.wait_status("a lease", |s| s.contains("addressing dhcp"), 20);
+    let lease_line = status
+        .lines()
+        .find(|l| l.starts_with("dhcp Bound lease "))
+        .unwrap_or_else(|| panic!("no lease line: {status}"));
+    let addr: std::net::Ipv4Addr = lease_line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {lease_line}"));
+    assert!(
+        (100..=150).contains(&addr.octets()[3]) && addr.octets()[..3] == [198, 18, 0],
+        "{lease_line}"
+    );
+    assert!(lease_line.contains("router 198.18.0.1"), "{lease_line}");
+    assert!(status.contains("dns 10.139.1.1 -> 198.18.0.53"), "{status}");
+
+    // The lease is in use: the world through NAT, DNS through the server DHCP named.
+    let (ok, text) = lab.ping("198.18.0.1");
+    assert!(ok, "ping through the leased uplink: {text}");
+    assert_eq!(lab.dns("10.139.1.1"), "answer 198.18.0.10");
+
+    // Renewed at T1 (4 s): dnsmasq answers a DHCPREQUEST from the leased address.
+    let log = lab.path("dnsmasq-dhcp.log");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let acks = text.matches("DHCPACK(weth0)").count();
+        if acks >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no renewal seen by dnsmasq:\n{text}\nstatus:\n{}",
+            lab.status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, text) = lab.ping("198.18.0.1");
+    assert!(ok, "the uplink after the renewal: {text}");
+
+    // A clean stop gives the lease back.
+    let pid = lab.procs[svc].id();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = lab.procs[svc].wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("DHCPRELEASE(weth0)") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no release seen by dnsmasq:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -21,7 +21,7 @@ struct Cli {
 enum Command {
     /// Run the netvm on real interfaces (the service qube's main job).
     Run(RunArgs),
-    /// Print the running service's state: addressing, DNS redirection, clients, counters.
+    /// Print the running service's state: addressing and DHCP lease (T1, T2, expiry), DNS redirection, clients, counters.
     Status(ControlArgs),
     /// Make the running service re-read its configuration (as SIGHUP does).
     Reload(ControlArgs),
@@ -41,7 +41,15 @@ The uplink's address:
   static            the configuration's uplink section names it:
                       uplink: {name: eth0, address: 198.18.0.100, router: 198.18.0.1,
                                dns: [198.18.0.53, 198.18.0.54]}
-  none yet          without one, nothing leaves: clients get ICMP net unreachable at once.
+  DHCP              without one, by DHCPv4 on the uplink (RFC 2131): discover, offer, request,
+                    ack; renewal at T1 (unicast to the server), rebinding at T2, a new
+                    discover after a NAK or at expiry, INIT-REBOOT with the address it had
+                    when the carrier comes back, and a release when the service stops. No host
+                    name is sent. The router and DNS servers come from the lease; a new lease
+                    keeps every flow when the address stays, and moves NAT when it changes.
+                    With QubesDB, /qubes-netvm-external-ip holds the leased address (empty
+                    without one), as Qubes' NetworkManager dispatcher writes it.
+  until a lease     nothing leaves: clients get ICMP net unreachable at once.
 
 The clients' gateway is /qubes-netvm-gateway (dom0 writes it for a qube that provides network).
 DNS to the virtual resolvers (/qubes-netvm-primary-dns, -secondary-dns; default 10.139.1.1 and
