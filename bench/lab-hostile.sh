@@ -20,7 +20,7 @@ declare -A df tp burst flood
 
 measure() { # kind
   local kind=$1 name=bh$1
-  "$LAB" up --name "$name" --firewall "$kind" --no-matrix >/dev/null
+  "$LAB" up --name "$name" --firewall "$kind" --netvm "$kind" --no-matrix >/dev/null
   "$LAB" mtu --name "$name" sys-firewall 1400 >/dev/null 2>&1 || true
   local p
   p=$("$LAB" exec --name "$name" work -- ping -c1 -W2 -n -M do -s 1472 198.18.0.10 2>&1 || true)

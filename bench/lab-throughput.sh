@@ -14,7 +14,7 @@ SECS=${SECS:-5}
 
 throughput() { # kind -> Gbit/s
   local kind=$1 name=bench$1
-  "$LAB" up --name "$name" --firewall "$kind" --no-matrix >/dev/null
+  "$LAB" up --name "$name" --firewall "$kind" --netvm "$kind" --no-matrix >/dev/null
   local out
   out=$("$LAB" exec --name "$name" work -- iperf3 -c 198.18.0.10 -t "$SECS" -f g 2>&1 || true)
   "$LAB" down --name "$name" >/dev/null

@@ -4,7 +4,7 @@
 #
 # Usage (as root, on Debian 12):
 #   scripts/lab.sh [up options]        install packages, build, bring the lab up, print the matrix
-#                                      (e.g. --firewall rust, --name lab2, --topology FILE)
+#                                      (e.g. --firewall linux --netvm linux, --name lab2)
 #   scripts/lab.sh down [--name N]     tear it down
 #   scripts/lab.sh status|exec|firewall|matrix|restart-firewall ...   any other qubes-lab command
 # See docs/lab.md.
@@ -28,6 +28,6 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "lab.sh: no Rust toolchain; install one with rustup (Rust >= 1.89)" >&2
   exit 1
 fi
-cargo build --release --locked -p qubes-lab -p qubes-rules -p sys-firewall
+cargo build --release --locked -p qubes-lab -p qubes-rules -p sys-firewall -p sys-net
 
 exec "$LAB" "$cmd" "$@"

@@ -1460,10 +1460,14 @@ impl Engine {
             wire::nat_rewrite(frame, &ip, NatField::Dst, IpAddr::V4(upstream), None, csum);
         }
         decrement_ttl(frame, &ip);
-        if !self.netvm_mac_known && self.cfg.client_gateway.is_some() && size != Size::Fragment {
+        if !self.netvm_mac_known
+            && self.cfg.client_gateway.is_some()
+            && size != Size::Fragment
+            && self.offload.gso_size == 0
+        {
             // Behind a netvm's uplink the next hop is a real router: nothing reaches it
             // before ARP has found it.
-            self.hold_for_arp(&frame[..ip.end()]);
+            self.hold_for_arp(&frame[..ip.end()], &ip);
             return consumed(Reason::Accepted);
         }
         if !in_place {
@@ -1478,11 +1482,17 @@ impl Engine {
     /// Most frames held for ARP (Linux's default `unres_qlen_bytes` holds about as much).
     const ARP_PENDING_MAX: usize = 64;
 
-    fn hold_for_arp(&mut self, frame: &[u8]) {
+    fn hold_for_arp(&mut self, frame: &[u8], ip: &Ip) {
         if self.arp_pending.len() >= Self::ARP_PENDING_MAX {
             self.arp_pending.remove(0);
         }
-        self.arp_pending.push(frame.to_vec());
+        let mut f = frame.to_vec();
+        if self.offload.partial_csum {
+            // A held frame goes out later as a finished frame, with no offload header to
+            // have the checksum the sender's kernel left undone completed: complete it now.
+            finish_partial_csum(&mut f[ip.off..], ip.hlen, ip.proto);
+        }
+        self.arp_pending.push(f);
     }
 
     /// A packet from client `c`, which has fake addresses: translated to the real ones before

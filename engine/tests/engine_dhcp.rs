@@ -14,10 +14,13 @@ const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 fn engine(leased: bool) -> Engine {
-    let tree: BTreeMap<String, String> = [("/qubes-netvm-gateway", "10.137.0.5")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let tree: BTreeMap<String, String> = [
+        ("/qubes-netvm-gateway", "10.137.0.5"),
+        ("/qubes-firewall/10.137.0.6/policy", "accept"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     let up = NetvmUplink {
         ip: if leased {
             Ipv4Addr::new(198, 18, 0, 100)
@@ -164,4 +167,64 @@ fn without_an_address_nothing_leaves_and_clients_hear_so() {
     // Net unreachable (RFC 792: type 3 code 0), from the clients' gateway.
     assert_eq!(ip.header().source(), [10, 137, 0, 5]);
     assert_eq!(&ip.payload().payload[..2], &[3, 0]);
+}
+
+/// A frame held for the router's ARP answer leaves later as a finished frame: a checksum the
+/// client's kernel left to offload (`NEEDS_CSUM`) is completed before it is held, or the
+/// server would drop the packet.
+#[test]
+fn a_frame_held_for_arp_leaves_with_its_checksum_finished() {
+    use qubes_engine::engine::Offload;
+    let mut e = engine(true);
+    let mut out = Outbox::new();
+    let b = PacketBuilder::ethernet2(DEFAULT_QUBE_MAC, [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .ipv4([10, 137, 0, 6], [198, 18, 0, 10], 64)
+        .udp(40000, 9999);
+    let mut f = Vec::new();
+    b.write(&mut f, b"offloaded payload").expect("build");
+    // As the sender's kernel leaves it: only the pseudo-header sum in the checksum field.
+    let udp_len = (f.len() - 34) as u32;
+    let mut acc: u32 = 0;
+    for w in [[10u8, 137], [0, 6], [198, 18], [0, 10]] {
+        acc += u32::from(u16::from_be_bytes(w));
+    }
+    acc += 17 + udp_len;
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    f[40..42].copy_from_slice(&(acc as u16).to_be_bytes());
+    let vif = e.iface_by_name("vif6.0").expect("vif");
+    let partial = Offload {
+        partial_csum: true,
+        ..Offload::NONE
+    };
+    e.handle_offloaded(Instant::from_nanos(1), vif, &mut f, partial, &mut out);
+    // Held: only the ARP request leaves.
+    assert!(out.frames().all(|(_, f)| f[12..14] == [0x08, 0x06]));
+    let mut arp = vec![0u8; 42];
+    arp[..6].copy_from_slice(&OUR_MAC);
+    arp[6..12].copy_from_slice(&SERVER_MAC);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    arp[22..28].copy_from_slice(&SERVER_MAC);
+    arp[28..32].copy_from_slice(&[198, 18, 0, 1]);
+    arp[32..38].copy_from_slice(&OUR_MAC);
+    arp[38..42].copy_from_slice(&[198, 18, 0, 100]);
+    out.clear();
+    e.handle(Instant::from_nanos(2), UPLINK, &mut arp, &mut out);
+    let (_, sent) = out
+        .frames()
+        .find(|(_, f)| f[12..14] == [0x08, 0x00])
+        .expect("the held frame leaves once the router is known");
+    assert_eq!(&sent[..6], &SERVER_MAC);
+    let p = SlicedPacket::from_ethernet(sent).expect("parses");
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(u))) = (&p.net, &p.transport) else {
+        panic!("not UDP/IPv4")
+    };
+    assert_eq!(ip.header().source(), [198, 18, 0, 100]);
+    let want = u
+        .to_header()
+        .calc_checksum_ipv4(&ip.header().to_header(), u.payload())
+        .expect("checksum");
+    assert_eq!(u.checksum(), want, "the UDP checksum is finished");
 }

@@ -17,7 +17,8 @@ use crate::matrix;
 use crate::netvm::{self, AgentLog};
 use crate::procs;
 use crate::service;
-use crate::state::{self, FirewallKind, LabState, Paths};
+use crate::state::{self, FirewallKind, LabState, NetvmKind, Paths};
+use crate::sysnet;
 use crate::topology::world::{self as w, DNS_IP, ROUTER_IP, UPLINK_IP};
 use crate::topology::{
     check_lab_name, world_ns, Qube, Role, Topology, TopologySpec, BACKEND_MAC, VIRTUAL_DNS,
@@ -30,6 +31,8 @@ pub struct UpOptions {
     pub name: String,
     pub topology: Option<PathBuf>,
     pub firewall: FirewallKind,
+    /// Which sys-net runs.
+    pub netvm: NetvmKind,
     pub matrix: bool,
     pub keep_on_error: bool,
     /// Our service's connection table size (`conntrack_max`); none: its default, from memory.
@@ -63,6 +66,7 @@ pub fn up(o: &UpOptions) -> Result<()> {
     LabState {
         name: o.name.clone(),
         firewall: o.firewall,
+        netvm: o.netvm,
         namespaces: topo.namespaces(),
         next_domid: Some(topo.qubes.iter().map(|q| q.domid).max().unwrap_or(0) + 1),
         domids: Default::default(),
@@ -81,7 +85,10 @@ pub fn up(o: &UpOptions) -> Result<()> {
                 .unwrap_or_else(|e| format!("unreadable: {e}"))
         );
     }
-    if let Err(e) = build(&topo, &paths, o.firewall, o.conntrack_max) {
+    if o.netvm == NetvmKind::Rust {
+        sysnet::binary()?;
+    }
+    if let Err(e) = build(&topo, &paths, o.firewall, o.netvm, o.conntrack_max) {
         if o.keep_on_error {
             return Err(Error(format!(
                 "{e}\n(the partial lab is kept: `qubes-lab down --name {}` removes it)",
@@ -93,7 +100,7 @@ pub fn up(o: &UpOptions) -> Result<()> {
         }
         return Err(e);
     }
-    print!("{}", summary(&topo, &paths, o.firewall));
+    print!("{}", summary(&topo, &paths, o.firewall, o.netvm));
     if o.matrix {
         println!();
         print!("{}", matrix_text(&topo, o.firewall)?);
@@ -116,6 +123,7 @@ fn build(
     topo: &Topology,
     paths: &Paths,
     kind: FirewallKind,
+    netvm_kind: NetvmKind,
     conntrack_max: Option<usize>,
 ) -> Result<()> {
     // Namespaces, IPv4 only.
@@ -206,11 +214,14 @@ fn build(
         }
     }
     world::up(topo, paths)?;
+    if netvm_kind == NetvmKind::Rust {
+        world::dhcp_up(topo, paths)?;
+    }
     // Netvms from the root down, then the app qubes.
     let mut providers: Vec<&Qube> = topo.qubes.iter().filter(|q| q.provides_network()).collect();
     providers.sort_by_key(|q| depth(topo, q));
     for p in providers {
-        netvm_up(topo, paths, kind, p).context(|| format!("setting up {}", p.name))?;
+        netvm_up(topo, paths, kind, netvm_kind, p).context(|| format!("setting up {}", p.name))?;
     }
     for q in topo.qubes.iter().filter(|q| q.role == Role::App) {
         let gw = gateway(topo, q)?;
@@ -244,8 +255,22 @@ pub(crate) fn agent_log(paths: &Paths, netvm: &Qube) -> AgentLog {
 
 /// One netvm: Linux as Qubes sets it up, or (the firewall qube with `--firewall rust`) just its
 /// links up, without addresses: the service answers ARP itself.
-fn netvm_up(topo: &Topology, paths: &Paths, kind: FirewallKind, p: &Qube) -> Result<()> {
+fn netvm_up(
+    topo: &Topology,
+    paths: &Paths,
+    kind: FirewallKind,
+    netvm_kind: NetvmKind,
+    p: &Qube,
+) -> Result<()> {
     let cfg = NetvmConfig::read(&paths.config(&p.name))?;
+    if p.role == Role::Uplink && netvm_kind == NetvmKind::Rust {
+        // Our sys-net: links up without addresses; its address comes by DHCP.
+        Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
+        for v in &cfg.vifs {
+            Cmd::ip(&p.ns).args(["link", "set", &v.name, "up"]).run()?;
+        }
+        return sysnet::start(paths, p);
+    }
     if p.role == Role::Firewall && kind == FirewallKind::Rust {
         Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
         for v in &cfg.vifs {
@@ -293,20 +318,26 @@ fn netvm_up(topo: &Topology, paths: &Paths, kind: FirewallKind, p: &Qube) -> Res
     netvm::vifs_online(&p.ns, &cfg, &domid_of)
 }
 
-fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind) -> String {
+fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind, netvm: NetvmKind) -> String {
     let mut out = format!(
-        "lab {} is up (sys-firewall: {}, state in {})\n",
+        "lab {} is up (sys-firewall: {}, sys-net: {}, state in {})\n",
         topo.lab,
         kind.as_str(),
+        netvm.as_str(),
         paths.dir.display()
     );
-    out.push_str(&qube_table(topo, kind, None));
+    out.push_str(&qube_table(topo, kind, netvm, None));
     out
 }
 
 /// The qubes with their namespaces, addresses, netvms and vifs; with `present`, whether each
 /// namespace exists.
-fn qube_table(topo: &Topology, kind: FirewallKind, present: Option<&[String]>) -> String {
+fn qube_table(
+    topo: &Topology,
+    kind: FirewallKind,
+    netvm: NetvmKind,
+    present: Option<&[String]>,
+) -> String {
     let mut rows: Vec<Vec<String>> = vec![vec![
         "qube".into(),
         "namespace".into(),
@@ -318,7 +349,10 @@ fn qube_table(topo: &Topology, kind: FirewallKind, present: Option<&[String]>) -
     ]];
     for q in &topo.qubes {
         let runs = match q.role {
-            Role::Uplink => format!("Linux netvm, eth0 {UPLINK_IP} to the world"),
+            Role::Uplink => match netvm {
+                NetvmKind::Linux => format!("Linux netvm, eth0 {UPLINK_IP} to the world"),
+                NetvmKind::Rust => "sys-net service, eth0 by DHCP from the world".to_string(),
+            },
             Role::Firewall => match kind {
                 FirewallKind::Linux => "Linux sys-firewall (nftables)".to_string(),
                 FirewallKind::Rust => "sys-firewall service".to_string(),
@@ -429,11 +463,13 @@ pub fn existing_namespaces() -> Result<Vec<String>> {
 }
 
 /// The background processes of a lab: pid-file name and command name.
-const RECORDED: [(&str, &str); 4] = [
+const RECORDED: [(&str, &str); 6] = [
     ("dnsmasq", "dnsmasq"),
     ("serve-http", "qubes-lab"),
     ("iperf3", "iperf3"),
     (service::PROCESS, "sys-firewall"),
+    (sysnet::PROCESS, "sys-net"),
+    ("dnsmasq-dhcp", "dnsmasq"),
 ];
 
 /// Removes a lab: stops every process in its namespaces, deletes the namespaces, their
@@ -544,12 +580,16 @@ pub fn status(name: &str) -> Result<()> {
     let (state, topo, paths) = load(name)?;
     let existing = existing_namespaces()?;
     println!(
-        "lab {name}: sys-firewall {}, state in {}, next domid {}",
+        "lab {name}: sys-firewall {}, sys-net {}, state in {}, next domid {}",
         state.firewall.as_str(),
+        state.netvm.as_str(),
         paths.dir.display(),
         state.next_domid()?
     );
-    print!("{}", qube_table(&topo, state.firewall, Some(&existing)));
+    print!(
+        "{}",
+        qube_table(&topo, state.firewall, state.netvm, Some(&existing))
+    );
     println!("\nprocesses:");
     let mut names: Vec<(&str, String)> = world::PROCESSES
         .iter()
@@ -557,6 +597,13 @@ pub fn status(name: &str) -> Result<()> {
         .collect();
     if state.firewall == FirewallKind::Rust {
         names.push((service::PROCESS, "the sys-firewall service".to_string()));
+    }
+    if state.netvm == NetvmKind::Rust {
+        names.push((sysnet::PROCESS, "the sys-net service".to_string()));
+        names.push((
+            "dnsmasq-dhcp",
+            "DHCP server of the uplink segment".to_string(),
+        ));
     }
     for (n, what) in names {
         let line = match procs::read_pid(&paths, n) {
@@ -584,6 +631,13 @@ pub fn status(name: &str) -> Result<()> {
     if state.firewall == FirewallKind::Rust {
         println!("\nsys-firewall status:");
         match service::status(&paths) {
+            Ok(out) => print!("{}", crate::cmd::indent(&out) + "\n"),
+            Err(e) => println!("{}", crate::cmd::indent(&e.to_string())),
+        }
+    }
+    if state.netvm == NetvmKind::Rust {
+        println!("\nsys-net status:");
+        match sysnet::status(&paths) {
             Ok(out) => print!("{}", crate::cmd::indent(&out) + "\n"),
             Err(e) => println!("{}", crate::cmd::indent(&e.to_string())),
         }
@@ -648,7 +702,7 @@ pub fn firewall(name: &str, qube: &str, args: &[String]) -> Result<i32> {
     }
     if fs::read(&xml).ok() != before {
         if q.running {
-            push(&topo, &paths, state.firewall, q)?;
+            push(&topo, &paths, (state.firewall, state.netvm), q)?;
         } else if topo.netvm_of(q).is_some() {
             // dom0's firewall-changed handler reloads only running qubes; domain-pre-spawn
             // pushes the rules when it starts.
@@ -663,7 +717,7 @@ pub fn firewall(name: &str, qube: &str, args: &[String]) -> Result<i32> {
 
 /// Computes a qube's QubesDB entries from the store (as dom0 does on a rule change) and
 /// writes them into its netvm's tree.
-fn push(topo: &Topology, paths: &Paths, kind: FirewallKind, q: &Qube) -> Result<()> {
+fn push(topo: &Topology, paths: &Paths, kind: (FirewallKind, NetvmKind), q: &Qube) -> Result<()> {
     let Some(netvm) = topo.netvm_of(q) else {
         eprintln!(
             "qubes-lab: {} has no netvm: its rules are kept, and enforced nowhere (as in Qubes)",
@@ -688,13 +742,29 @@ fn push(topo: &Topology, paths: &Paths, kind: FirewallKind, q: &Qube) -> Result<
 /// address (`handle_addr`) and the connected IPs.
 fn update_tree(
     paths: &Paths,
-    kind: FirewallKind,
+    (kind, netvm_kind): (FirewallKind, NetvmKind),
     netvm: &Qube,
     client_ip: &str,
     edit: impl FnOnce(&mut NetvmConfig),
 ) -> Result<()> {
     let path = paths.config(&netvm.name);
     let mut cfg = NetvmConfig::read(&path)?;
+    if netvm.role == Role::Uplink && netvm_kind == NetvmKind::Rust {
+        // Our sys-net re-reads its file as sys-firewall does.
+        let running = procs::read_pid(paths, sysnet::PROCESS).is_some_and(procs::alive);
+        let before = if running {
+            sysnet::config_generation(paths)
+        } else {
+            None
+        };
+        edit(&mut cfg);
+        cfg.write(&path)?;
+        return if running {
+            sysnet::wait_applied(paths, before)
+        } else {
+            Ok(())
+        };
+    }
     let is_service = netvm.role == Role::Firewall && kind == FirewallKind::Rust;
     // The tree is dom0's (QubesDB), not the service's: it changes whether or not the service
     // runs, and a service that starts later reads it as it then is. Refusing the change here
@@ -743,7 +813,7 @@ pub fn qubesdb_write(name: &str, qube: &str, key: &str, value: Option<&str>) -> 
         format!("/qubes-firewall/{ip}/{key}")
     };
     let _lock = state::lock(&paths)?;
-    update_tree(&paths, state.firewall, netvm, &ip, |cfg| {
+    update_tree(&paths, (state.firewall, state.netvm), netvm, &ip, |cfg| {
         match value {
             Some(v) => {
                 cfg.qubesdb.insert(full.clone(), v.to_string());

@@ -12,6 +12,7 @@ mod procs;
 mod server;
 mod service;
 mod state;
+mod sysnet;
 mod topology;
 mod world;
 
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::state::FirewallKind;
+use crate::state::{FirewallKind, NetvmKind};
 
 const ABOUT: &str = "\
 The Qubes default netvm chain in Linux network namespaces: sys-net, sys-firewall, the app
@@ -57,6 +58,10 @@ struct UpArgs {
     /// Which sys-firewall runs: the Linux kernel set up as Qubes does, or our service
     #[arg(long, value_enum, env = "QUBES_LAB_FIREWALL", default_value = "rust")]
     firewall: FirewallKind,
+    /// Which sys-net runs: the Linux kernel as a Qubes netvm (static address), or our
+    /// service (its address by DHCP from the world's dnsmasq)
+    #[arg(long, value_enum, env = "QUBES_LAB_NETVM", default_value = "rust")]
+    netvm: NetvmKind,
     /// Do not check and print the connectivity matrix at the end
     #[arg(long)]
     no_matrix: bool,
@@ -280,6 +285,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 name: a.name.name,
                 topology: a.topology,
                 firewall: a.firewall,
+                netvm: a.netvm,
                 matrix: !a.no_matrix,
                 keep_on_error: a.keep_on_error,
                 conntrack_max: a.conntrack_max.map(|n| n as usize),

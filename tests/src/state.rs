@@ -83,8 +83,33 @@ impl Paths {
         self.dir.join("control.sock")
     }
 
+    /// The sys-net service's control socket (`--netvm rust`).
+    pub fn net_control_sock(&self) -> PathBuf {
+        self.dir.join("sys-net.sock")
+    }
+
     pub fn lock_file(&self) -> PathBuf {
         self.dir.join("lock")
+    }
+}
+
+/// Which sys-net (the netvm at the root) the lab runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetvmKind {
+    /// The Linux kernel as Qubes sets up a netvm: a static address in the world, nftables.
+    #[default]
+    Linux,
+    /// Our service, `sys-net run`: its address by DHCP from the world's dnsmasq.
+    Rust,
+}
+
+impl NetvmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetvmKind::Linux => "linux",
+            NetvmKind::Rust => "rust",
+        }
     }
 }
 
@@ -94,6 +119,9 @@ impl Paths {
 pub struct LabState {
     pub name: String,
     pub firewall: FirewallKind,
+    /// Absent in a state written before sys-net could be ours: Linux.
+    #[serde(default)]
+    pub netvm: NetvmKind,
     pub namespaces: Vec<String>,
     pub topology: TopologySpec,
     /// The domid the next `start` gives: Qubes' Xen hands them out in sequence and never

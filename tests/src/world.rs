@@ -22,6 +22,52 @@ pub const PROCESSES: [(&str, &str); 3] = [
     ("iperf3", "iperf3 server 198.18.0.10:5201"),
 ];
 
+/// The world's DHCP range for sys-net's uplink (`--netvm rust`): clear of the router, web and
+/// DNS addresses.
+pub const DHCP_RANGE: (&str, &str) = ("198.18.0.100", "198.18.0.150");
+/// The lease dnsmasq gives, and T1 and T2 (DHCP options 58 and 59): short, so that renewals
+/// happen while the tests run. dnsmasq's shortest lease is two minutes; T1 and T2 it sends as
+/// told.
+pub const DHCP_LEASE: &str = "2m";
+pub const DHCP_T1_SECS: u32 = 10;
+pub const DHCP_T2_SECS: u32 = 15;
+
+/// Starts dnsmasq as the DHCP server of the uplink segment (DHCP only, its DNS off): the
+/// router and the DNS server it hands out are the world's own.
+pub fn dhcp_up(topo: &Topology, paths: &Paths) -> Result<()> {
+    let ns = world_ns(&topo.lab);
+    procs::start(
+        paths,
+        "dnsmasq-dhcp",
+        &Cmd::in_ns(&ns, "dnsmasq").args([
+            "--keep-in-foreground".to_string(),
+            "--conf-file=/dev/null".to_string(),
+            "--port=0".to_string(),
+            format!("--interface={IFNAME}"),
+            "--bind-interfaces".to_string(),
+            format!(
+                "--dhcp-range={},{},255.255.255.0,{DHCP_LEASE}",
+                DHCP_RANGE.0, DHCP_RANGE.1
+            ),
+            format!("--dhcp-option=option:router,{ROUTER_IP}"),
+            format!("--dhcp-option=option:dns-server,{DNS_IP}"),
+            format!("--dhcp-option=58,{DHCP_T1_SECS}"),
+            format!("--dhcp-option=59,{DHCP_T2_SECS}"),
+            format!(
+                "--dhcp-leasefile={}",
+                paths.dir.join("dhcp.leases").display()
+            ),
+            "--log-dhcp".to_string(),
+            "--log-facility=-".to_string(),
+            format!(
+                "--pid-file={}",
+                paths.dir.join("dnsmasq-dhcp.daemon-pid").display()
+            ),
+        ]),
+    )?;
+    Ok(())
+}
+
 /// Addresses, then the servers; returns once the web and DNS servers answer.
 pub fn up(topo: &Topology, paths: &Paths) -> Result<()> {
     let ns = world_ns(&topo.lab);

@@ -27,6 +27,13 @@ fn kind() -> String {
     std::env::var("QUBES_LAB_FIREWALL").unwrap_or_else(|_| "rust".to_string())
 }
 
+/// The sys-net kind under test (`$QUBES_LAB_NETVM`, passed on to `qubes-lab up` through its
+/// environment): the same as the firewall's unless set, so the default run is the chain of
+/// our two services and the baseline run the Linux chain.
+fn netvm_kind() -> String {
+    std::env::var("QUBES_LAB_NETVM").unwrap_or_else(|_| kind())
+}
+
 /// The workspace binaries the lab runs must sit next to qubes-lab: qvm-firewall always,
 /// sys-firewall for `rust`. `cargo test --workspace` builds them; `cargo test -p qubes-lab` may
 /// not, so build what is needed (once per test run; for sys-firewall always, so that it is not
@@ -41,6 +48,9 @@ fn ensure_binaries() {
         }
         if kind() == "rust" {
             wanted.push(("sys-firewall", "sys-firewall"));
+        }
+        if netvm_kind() == "rust" {
+            wanted.push(("sys-net", "sys-net"));
         }
         if wanted.is_empty() {
             return;
@@ -114,7 +124,10 @@ impl Lab {
             name,
             torn_down: false,
         };
-        let out = lab.cmd_output(&["up", "--firewall", &kind()], extra);
+        let out = lab.cmd_output(
+            &["up", "--firewall", &kind(), "--netvm", &netvm_kind()],
+            extra,
+        );
         assert!(out.status.success(), "up failed: {}", output_text(&out));
         Some((lab, String::from_utf8_lossy(&out.stdout).into_owned()))
     }
@@ -721,10 +734,30 @@ fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
     let status = lab.cmd(&["status"], &[]);
     assert!(status.contains("serve-http"), "{status}");
     // A second `up` of the same name replaces the first.
-    lab.cmd(&["up", "--firewall", &kind(), "--no-matrix"], &[]);
+    lab.cmd(
+        &[
+            "up",
+            "--firewall",
+            &kind(),
+            "--netvm",
+            &netvm_kind(),
+            "--no-matrix",
+        ],
+        &[],
+    );
     // A crash that lost the state directory: `up` still finds the old namespaces.
     std::fs::remove_dir_all(PathBuf::from("/run/qubes-lab").join(&lab.name)).expect("rm state");
-    lab.cmd(&["up", "--firewall", &kind(), "--no-matrix"], &[]);
+    lab.cmd(
+        &[
+            "up",
+            "--firewall",
+            &kind(),
+            "--netvm",
+            &netvm_kind(),
+            "--no-matrix",
+        ],
+        &[],
+    );
     let pids: Vec<u32> = ["world", "sys-firewall"]
         .iter()
         .flat_map(|q| {
@@ -1141,7 +1174,10 @@ fn a_1400_byte_link_gets_frag_needed_fragments_and_working_tcp() {
     for reverse in [false, true] {
         let (mb, _) = iperf(&lab, "work", reverse)
             .unwrap_or_else(|e| panic!("TCP across the 1400 link (reverse {reverse}): {e}"));
-        assert!(mb >= 5.0, "only {mb} MB in 2 s (reverse {reverse})");
+        // Not a speed test (bench/lab-hostile.sh measures): a transfer that stalls moves a
+        // few KB (14 KB before MTU followed the links), one that works many MB even in a
+        // debug build on a loaded machine.
+        assert!(mb >= 1.0, "only {mb} MB in 2 s (reverse {reverse})");
     }
 
     // The client's own link at 1400.
@@ -1153,7 +1189,7 @@ fn a_1400_byte_link_gets_frag_needed_fragments_and_working_tcp() {
     let (ok, text) = ping(&lab, "work", "do", 1372, WEB);
     assert!(ok, "{text}");
     let (mb, _) = iperf(&lab, "work", true).unwrap_or_else(|e| panic!("TCP to a 1400 client: {e}"));
-    assert!(mb >= 5.0, "only {mb} MB in 2 s to the 1400 client");
+    assert!(mb >= 1.0, "only {mb} MB in 2 s to the 1400 client");
     // Other clients keep their 1500.
     let (ok, text) = ping(&lab, "personal", "do", 1372, WEB);
     assert!(ok, "{text}");
@@ -1285,5 +1321,181 @@ fn work_keeps_connecting_while_two_qubes_flood_the_table() {
         after.0,
         after.1
     );
+    lab.down();
+}
+
+/// `ip -n NS ARGS...`: its output, which must succeed.
+fn ip_in(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {args:?}: {}",
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `sys-net status:` part of `qubes-lab status`.
+fn sysnet_status(lab: &Lab) -> String {
+    let all = lab.cmd(&["status"], &[]);
+    all.split("sys-net status:")
+        .nth(1)
+        .unwrap_or("")
+        .to_string()
+}
+
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = done() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} within {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Tracker issue 9: our sys-net at the root of the chain. Its address comes by DHCP from the
+/// world's dnsmasq and is renewed at T1; the kernels of sys-net and sys-firewall hold none of
+/// it and forward nothing; a new lease naming other DNS servers is followed without cutting
+/// an open connection; a carrier pulled and restored brings the lease back; `kill -9` of
+/// sys-net leaves nothing forwarding.
+#[test]
+fn sys_net_leases_renews_follows_the_lease_and_fails_closed() {
+    if !can_run() {
+        return;
+    }
+    if netvm_kind() != "rust" {
+        eprintln!("not applicable to the Linux sys-net: its address is static, it runs no DHCP");
+        return;
+    }
+    let Some(lab) = Lab::up() else { return };
+    let st = sysnet_status(&lab);
+    let lease = st
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dhcp Bound lease "))
+        .unwrap_or_else(|| panic!("no lease: {st}"))
+        .to_string();
+    let addr = lease.split('/').next().unwrap_or("").to_string();
+    assert!(addr.starts_with("198.18.0.1"), "{lease}");
+    assert!(lease.contains("router 198.18.0.1 "), "{lease}");
+    assert!(st.contains("dns 10.139.1.1 -> 198.18.0.53"), "{st}");
+
+    // Renewed at T1 (10 s): dnsmasq answers a second time.
+    let log = format!("/run/qubes-lab/{}/dnsmasq-dhcp.log", lab.name);
+    wait_for("a DHCP renewal", 30, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("DHCPACK(").count() >= 2).then_some(text)
+    });
+
+    // No kernel holds the lease or forwards for the clients.
+    for q in ["sys-net", "sys-firewall"] {
+        let addrs = ip_in(&lab.ns(q), &["-o", "-4", "addr", "show"]);
+        assert!(
+            !addrs.contains(&addr) && !addrs.contains("198.18."),
+            "{q}'s kernel holds an uplink address: {addrs}"
+        );
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(q),
+                "cat",
+                "/proc/sys/net/ipv4/ip_forward",
+            ])
+            .output()
+            .expect("read ip_forward");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "0",
+            "{q} forwards"
+        );
+    }
+
+    // A new lease names two DNS servers: new queries follow, the open connection stays.
+    let mut echo = lab.spawn_in(
+        &lab.ns("work"),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "3000"],
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("connected")
+    );
+    echo.send("before");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok before")
+    );
+    let pid_file = format!("/run/qubes-lab/{}/dnsmasq-dhcp.pid", lab.name);
+    let pid = std::fs::read_to_string(&pid_file).expect("dnsmasq-dhcp pid");
+    let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+    std::thread::sleep(Duration::from_millis(300));
+    let leases = format!("/run/qubes-lab/{}/dhcp.leases", lab.name);
+    let mut dhcp = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("world"),
+            "dnsmasq",
+            "--keep-in-foreground",
+        ])
+        .args([
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=wan0",
+            "--bind-interfaces",
+        ])
+        .args(["--dhcp-range=198.18.0.100,198.18.0.150,255.255.255.0,2m"])
+        .args(["--dhcp-option=option:router,198.18.0.1"])
+        .args(["--dhcp-option=option:dns-server,198.18.0.53,198.18.0.54"])
+        .args(["--dhcp-option=58,10", "--dhcp-option=59,15"])
+        .arg(format!("--dhcp-leasefile={leases}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("restart dnsmasq with other DNS servers");
+    let st = wait_for("the new lease's DNS servers", 30, || {
+        let st = sysnet_status(&lab);
+        st.contains("dns 10.139.1.2 -> 198.18.0.54").then_some(st)
+    });
+    assert!(st.contains("dns 10.139.1.1 -> 198.18.0.53"), "{st}");
+    assert!(
+        st.contains(&format!("dhcp Bound lease {addr}/")),
+        "the address moved: {st}"
+    );
+    echo.send("after");
+    assert_eq!(
+        echo.line(Duration::from_secs(5)).as_deref(),
+        Some("echo ok after"),
+        "the open connection did not survive the renewal"
+    );
+    drop(echo);
+
+    // The carrier goes and comes back: DHCP again, and the world is reached again.
+    ip_in(&lab.ns("world"), &["link", "set", "wan0", "down"]);
+    std::thread::sleep(Duration::from_secs(1));
+    ip_in(&lab.ns("world"), &["link", "set", "wan0", "up"]);
+    wait_for("the uplink back after a carrier loss", 30, || {
+        let o = lab.tcp("work", "198.18.0.10:80", 2000, true);
+        (o.status == "ok").then_some(o.detail)
+    });
+
+    // kill -9: nothing forwards any more.
+    let pid = std::fs::read_to_string(format!("/run/qubes-lab/{}/sys-net.pid", lab.name))
+        .expect("sys-net pid");
+    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+    std::thread::sleep(Duration::from_millis(500));
+    let o = lab.tcp("work", "198.18.0.10:80", 2000, true);
+    assert_ne!(
+        o.status, "ok",
+        "work reaches the world with sys-net dead: {o:?}"
+    );
+    let _ = dhcp.kill();
+    let _ = dhcp.wait();
     lab.down();
 }
