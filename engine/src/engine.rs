@@ -1999,6 +1999,17 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
     // The firewall's own traffic
 
+    /// The uplink's link went away or came back (a new netdev, a carrier lost and found): the
+    /// netvm or router behind it may be another host now, so its MAC is found again by ARP
+    /// (Linux flushes the neighbours of a device that goes down).
+    pub fn uplink_link_changed(&mut self) {
+        self.netvm_mac = GATEWAY_MAC;
+        self.netvm_mac_known = false;
+        self.netvm_mac6 = GATEWAY_MAC;
+        self.netvm_mac6_known = false;
+        self.arp_sent_at = None;
+    }
+
     /// Whether the service runs a DHCP client on the uplink: DHCP messages to port 68 that
     /// arrive there go to [`Outbox::dhcp_messages`], and [`Engine::send_dhcp`] sends.
     pub fn set_dhcp_client(&mut self, on: bool) {

@@ -268,10 +268,13 @@ impl Service {
     /// Opens devices for interfaces the engine has and closes those it no longer has.
     fn sync_devices(&mut self) -> Result<(), ServiceError> {
         let ifaces = self.engine.ifaces();
+        // A device whose netdev went (or went and came back as a new one, with another
+        // ifindex) is closed, and opened again below if its name is there.
         self.devices.retain(|id, dev| {
             ifaces
                 .iter()
                 .any(|(i, n)| i == id && n.as_str() == dev.name())
+                && sys::if_index(dev.name()) == Some(dev.ifindex())
         });
         for (id, name) in &ifaces {
             if self.devices.contains_key(id) {
@@ -289,6 +292,9 @@ impl Service {
                         None => self.link_mtu.remove(name),
                     };
                     self.devices.insert(*id, s);
+                    if *id == UPLINK {
+                        self.engine.uplink_link_changed();
+                    }
                     self.follow_mtu(*id);
                 }
                 Err(source) if *id == UPLINK => {
@@ -680,15 +686,18 @@ impl Service {
         // (INIT-REBOOT with the address it had, RFC 2131 3.2).
         let uplink = self.desired.uplink.clone();
         for e in &events {
-            if let LinkEvent::Changed(st) = e {
-                if st.name != uplink {
-                    continue;
-                }
-                let up = st.up && st.carrier;
+            let st = match e {
+                LinkEvent::Changed(st) => Some(st),
+                _ => None,
+            };
+            let gone = matches!(e, LinkEvent::Gone { name } if *name == uplink);
+            if st.is_some_and(|s| s.name == uplink) || gone {
+                let up = st.is_some_and(|s| s.up && s.carrier);
                 let was = self.uplink_carrier.replace(up);
                 if was == Some(up) {
                     continue;
                 }
+                self.engine.uplink_link_changed();
                 let now = self.now();
                 let mut fx = Vec::new();
                 if let Some(d) = self.dhcp.as_mut() {
@@ -725,7 +734,9 @@ impl Service {
         let relevant = events.iter().any(|e| match e {
             LinkEvent::Overrun => true,
             LinkEvent::Changed(s) => {
-                self.desired.vifs.iter().any(|(v, _)| v.name == s.name) && !attached(self, &s.name)
+                (self.desired.vifs.iter().any(|(v, _)| v.name == s.name)
+                    || s.name == self.desired.uplink)
+                    && !attached(self, &s.name)
             }
             LinkEvent::Gone { name } => attached(self, name),
         });

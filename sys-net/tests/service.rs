@@ -505,3 +505,42 @@ fn a_dhcp_lease_is_used_renewed_and_given_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_uplink_that_disappears_and_comes_back_is_picked_up_again() {
+    let name = "an_uplink_that_disappears_and_comes_back_is_picked_up_again";
+    if !testkit::require_root(name) {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start(CONFIG);
+    let (ok, text) = lab.ping("198.18.0.1");
+    assert!(ok, "before: {text}");
+    // The NIC goes away (a driver unloaded, a USB adapter pulled) and comes back as a new
+    // netdev with the same name.
+    let (net, world) = (lab.ns("net"), lab.ns("world"));
+    ip(&["-n", &net, "link", "del", "eth0"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, _) = lab.ping("198.18.0.1");
+    assert!(!ok, "the world is reached with no uplink");
+    ip(&[
+        "-n", &net, "link", "add", "eth0", "type", "veth", "peer", "name", "weth0",
+    ]);
+    ip(&["-n", &net, "link", "set", "weth0", "netns", &world]);
+    ip(&["-n", &world, "addr", "add", "198.18.0.1/24", "dev", "weth0"]);
+    ip(&["-n", &world, "link", "set", "weth0", "up"]);
+    ip(&["-n", &net, "link", "set", "eth0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, text) = lab.ping("198.18.0.1");
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the uplink was not picked up again: {text}\n{}\n{}",
+            lab.status(),
+            std::fs::read_to_string(lab.path("sys-net.log")).unwrap_or_default()
+        );
+    }
+}
