@@ -213,6 +213,34 @@ impl Lab {
         }
     }
 
+    /// `sys-net run --qubesdb SOCK --uplink eth0`.
+    fn start_qubesdb(&mut self, sock: &Path) -> usize {
+        let control = self.path("control.sock");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns("net"),
+                SYS_NET,
+                "run",
+                "--qubesdb",
+            ])
+            .arg(sock)
+            .args(["--uplink", "eth0", "--control"])
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path("sys-net.log")).expect("log"))
+            .spawn()
+            .expect("start sys-net");
+        self.procs.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !control.exists() {
+            assert!(Instant::now() < deadline, "sys-net did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.procs.len() - 1
+    }
+
     fn start(&mut self, config: &str) -> usize {
         let cfg = self.path("sys-net.yaml");
         std::fs::write(&cfg, config).expect("write config");
@@ -543,4 +571,71 @@ fn an_uplink_that_disappears_and_comes_back_is_picked_up_again() {
             std::fs::read_to_string(lab.path("sys-net.log")).unwrap_or_default()
         );
     }
+}
+
+/// With QubesDB, sys-net tells dom0 its external address as Qubes' NetworkManager dispatcher
+/// does (`/qubes-netvm-external-ip`: the address when the uplink is up, empty when down).
+#[test]
+fn the_external_address_is_written_to_qubesdb() {
+    let name = "the_external_address_is_written_to_qubesdb";
+    if !testkit::require_root(name) {
+        return;
+    }
+    if Command::new("dnsmasq").arg("--version").output().is_err() {
+        testkit::not_run(
+            name,
+            "dnsmasq is not installed (scripts/setup-debian.sh installs it)",
+        );
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_dhcp();
+    let sock = lab.path("qubesdb.sock");
+    let tree = qubesdb::tree::Tree::from_entries([
+        ("/qubes-netvm-network", "10.137.0.5"),
+        ("/qubes-netvm-gateway", "10.137.0.5"),
+        ("/qubes-vif/vif6.0/ip", "10.137.0.6"),
+        ("/qubes-vif/vif6.0/mac", "00:16:3e:5e:6c:00"),
+        ("/qubes-firewall/10.137.0.6", ""),
+        ("/qubes-firewall/10.137.0.6/policy", "accept"),
+    ])
+    .expect("tree");
+    let _server = qubesdb::server::Server::bind(&sock)
+        .expect("bind")
+        .with_tree(tree)
+        .spawn()
+        .expect("qubesdb");
+    let svc = lab.start_qubesdb(&sock);
+    let mut c = qubesdb::client::Client::connect(&sock).expect("client");
+    let read = |c: &mut qubesdb::client::Client| {
+        c.read("/qubes-netvm-external-ip")
+            .expect("read")
+            .map(|v| String::from_utf8_lossy(&v).to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr = loop {
+        if let Some(a) = read(&mut c).filter(|a| !a.is_empty()) {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no external address written; status:\n{}\nlog:\n{}",
+            lab.status(),
+            std::fs::read_to_string(lab.path("sys-net.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(addr.starts_with("198.18.0.1"), "{addr}");
+    assert!(
+        lab.status().contains(&format!("lease {addr}/")),
+        "{}",
+        lab.status()
+    );
+    // A clean stop gives the lease back and says the uplink is down.
+    let pid = lab.procs[svc].id();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = lab.procs[svc].wait();
+    assert_eq!(read(&mut c).as_deref(), Some(""));
 }
