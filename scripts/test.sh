@@ -34,9 +34,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test (the lab runs our sys-firewall service)"
+echo "== cargo test (the lab runs our sys-net and sys-firewall services)"
 cargo test --workspace --locked
-echo "== the lab's end-to-end tests again, against the Linux kernel sys-firewall (the baseline)"
+echo "== the lab's end-to-end tests again, against the Linux kernel sys-net and sys-firewall (the baseline)"
 QUBES_LAB_FIREWALL=linux cargo test --locked -p qubes-lab --test lab_e2e
 echo "== benchmarks build, and the engine bench's paths work (no timings judged)"
 cargo bench --workspace --locked --no-run
