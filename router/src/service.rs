@@ -195,7 +195,9 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
     let dhcp = (opts.role == Role::Net && desired.static_uplink.is_none()).then(|| {
         engine.set_dhcp_client(true);
         let mac = sys::if_mac(&desired.uplink).unwrap_or(qubes_engine::config::DEFAULT_QUBE_MAC);
-        DhcpClient::new(DhcpConfig::new(mac, seed), Instant::ZERO)
+        let mut cfg = DhcpConfig::new(mac, seed);
+        cfg.hostname.clone_from(&desired.dhcp_hostname);
+        DhcpClient::new(cfg, Instant::ZERO)
     });
     let control = ControlServer::bind(&opts.control, opts.role.name())?;
     let links = LinkMonitor::open().map_err(|source| ServiceError::System {

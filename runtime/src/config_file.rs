@@ -9,6 +9,7 @@
 //!   address: 198.18.0.100 # sys-net only, static addressing: its own address (else DHCP);
 //!   router: 198.18.0.1    #   the next hop, and the upstream DNS servers the virtual
 //!   dns: [198.18.0.53]    #   resolvers are redirected to (none: DNS is refused at once)
+//!   dhcp_hostname: net1   # sys-net with DHCP: a host name to send (default: none)
 //! qubesdb:                # the qube's QubesDB keys, as dom0 writes them
 //!   /qubes-ip: 10.137.0.6
 //!   /qubes-gateway: 10.137.0.5
@@ -99,6 +100,10 @@ pub struct UplinkSection {
     /// With `address`: the upstream DNS servers the virtual resolvers are redirected to.
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// sys-net with DHCP: the host name to send (option 12). None by default: a netvm tells
+    /// the network it is on nothing about its user that it need not.
+    #[serde(default)]
+    pub dhcp_hostname: Option<String>,
 }
 
 impl Default for UplinkSection {
@@ -109,6 +114,7 @@ impl Default for UplinkSection {
             address: None,
             router: None,
             dns: Vec::new(),
+            dhcp_hostname: None,
         }
     }
 }
@@ -344,6 +350,24 @@ impl ConfigFile {
             (None, Some(_)) => return Err(invalid("uplink.router without uplink.address")),
             _ => {}
         }
+        if let Some(h) = &self.uplink.dhcp_hostname {
+            // RFC 2132 3.14: at least one octet; RFC 1123 2.1 host names.
+            let ok = !h.is_empty()
+                && h.len() <= 63
+                && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !h.starts_with('-');
+            if !ok {
+                return Err(invalid(format!(
+                    "uplink.dhcp_hostname {h:?}: 1-63 letters, digits and '-', not starting \
+                     with '-'"
+                )));
+            }
+            if self.uplink.address.is_some() {
+                return Err(invalid(
+                    "uplink.dhcp_hostname with uplink.address: no DHCP then",
+                ));
+            }
+        }
         if self.uplink.address.is_none() && !self.uplink.dns.is_empty() {
             return Err(invalid(
                 "uplink.dns without uplink.address (only sys-net redirects DNS)",
@@ -430,5 +454,50 @@ impl ConfigFile {
         }
         cfg.seed = seed;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TREE: &str = "qubesdb:\n  /qubes-netvm-gateway: 10.137.0.5\n";
+
+    fn load(uplink: &str) -> Result<ConfigFile, ConfigError> {
+        let c = ConfigFile::from_yaml(&format!("uplink: {uplink}\n{TREE}"))?;
+        c.check().map(|()| c)
+    }
+
+    #[test]
+    fn a_netvm_uplink_is_all_or_nothing_and_errors_say_what_is_missing() {
+        let c = load("{address: 198.18.0.100, router: 198.18.0.1, dns: [198.18.0.53]}")
+            .expect("static");
+        let up = c.netvm_uplink().expect("a netvm uplink");
+        assert_eq!(up.ip, Ipv4Addr::new(198, 18, 0, 100));
+        assert_eq!(up.dns, [Ipv4Addr::new(198, 18, 0, 53)]);
+        let cfg = c.engine_config(&c.qubesdb, 1).expect("engine config");
+        assert_eq!(cfg.client_gateway, Some(Ipv4Addr::new(10, 137, 0, 5)));
+        for (bad, says) in [
+            ("{address: 198.18.0.100}", "needs uplink.router"),
+            ("{router: 198.18.0.1}", "router without uplink.address"),
+            ("{dns: [198.18.0.53]}", "dns without uplink.address"),
+            ("{dhcp_hostname: -x}", "dhcp_hostname"),
+            ("{dhcp_hostname: 'a b'}", "dhcp_hostname"),
+            (
+                "{address: 198.18.0.100, router: 198.18.0.1, dhcp_hostname: n1}",
+                "no DHCP then",
+            ),
+        ] {
+            let e = load(bad).map(|_| ()).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // DHCP with a host name, and by default none.
+        let c = load("{dhcp_hostname: net1}").expect("dhcp");
+        assert!(c.netvm_uplink().is_none());
+        assert_eq!(c.uplink.dhcp_hostname.as_deref(), Some("net1"));
+        assert_eq!(
+            load("{name: eth0}").expect("dhcp").uplink.dhcp_hostname,
+            None
+        );
     }
 }

@@ -191,6 +191,7 @@ impl QubesDbSource {
             static_dns: BTreeMap::new(),
             // In Qubes a netvm's address comes from DHCP, never from QubesDB.
             static_uplink: None,
+            dhcp_hostname: None,
         })
     }
 

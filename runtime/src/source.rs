@@ -35,6 +35,8 @@ pub struct Desired {
     pub static_dns: BTreeMap<String, DnsEntry>,
     /// sys-net with static addressing (YAML `uplink.address`, `router`, `dns`).
     pub static_uplink: Option<NetvmUplink>,
+    /// sys-net with DHCP: the host name to send, if any (YAML `uplink.dhcp_hostname`).
+    pub dhcp_hostname: Option<String>,
 }
 
 impl Desired {
@@ -72,6 +74,7 @@ impl Desired {
             conntrack_max: cfg.conntrack_max,
             static_dns: cfg.dns.clone(),
             static_uplink: cfg.netvm_uplink(),
+            dhcp_hostname: cfg.uplink.dhcp_hostname.clone(),
         })
     }
 

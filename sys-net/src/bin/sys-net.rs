@@ -45,7 +45,7 @@ The uplink's address:
                     ack; renewal at T1 (unicast to the server), rebinding at T2, a new
                     discover after a NAK or at expiry, INIT-REBOOT with the address it had
                     when the carrier comes back, and a release when the service stops. No host
-                    name is sent. The router and DNS servers come from the lease; a new lease
+                    name is sent unless the configuration gives one (uplink.dhcp_hostname). The router and DNS servers come from the lease; a new lease
                     keeps every flow when the address stays, and moves NAT when it changes.
                     With QubesDB, /qubes-netvm-external-ip holds the leased address (empty
                     without one), as Qubes' NetworkManager dispatcher writes it.
