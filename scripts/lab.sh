@@ -25,7 +25,7 @@ if [ "$cmd" = up ]; then
   ./scripts/setup-debian.sh
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "lab.sh: no Rust toolchain; install one with rustup (Rust >= 1.89)" >&2
+  echo "lab.sh: no Rust toolchain; install one with rustup (Rust >= 1.92)" >&2
   exit 1
 fi
 cargo build --release --locked -p qubes-lab -p qubes-rules -p sys-firewall -p sys-net

@@ -8,6 +8,7 @@ PKGS=(
   nftables iproute2                    # tests read back rulesets, create netns/veth
   dnsmasq-base iputils-ping iperf3     # the lab (qubes-lab): the world's DNS server, ping, iperf3
   conntrack procps curl                # the lab: conntrack purge (Linux sys-firewall), kill, tests
+  tor                                  # sys-whonix tests: a private Tor network (tor, tor-gencert)
 )
 
 missing=()
@@ -23,5 +24,20 @@ if ((${#missing[@]})); then
   echo "setup-debian: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # Packages must not start their daemons: Debian's tor would join the public Tor network.
+  # policy-rc.d (invoke-rc.d and deb-systemd-invoke ask it) says no while we install.
+  own_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$own_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+  fi
+fi
+# The tests run their own tor processes only; a system tor service stays off.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled tor.service >/dev/null 2>&1; then
+  systemctl disable --now tor.service >/dev/null 2>&1 || true
 fi

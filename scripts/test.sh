@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup-debian.sh
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "test.sh: no Rust toolchain; install one with rustup (Rust >= 1.89)" >&2
+  echo "test.sh: no Rust toolchain; install one with rustup (Rust >= 1.92)" >&2
   exit 1
 fi
 

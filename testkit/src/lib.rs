@@ -21,6 +21,8 @@
 //! directory (`$CARGO_TARGET_DIR` or `target/`). It is only appended to; `scripts/test.sh` clears
 //! it at its start and prints the count and the lines at its end.
 
+pub mod tornet;
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,147 @@
+//! The gateway's Tor client against a private Tor network (testkit::tornet: three authorities,
+//! two middle relays and an exit, Debian's tor) in a network namespace the test creates: it
+//! bootstraps with its progress reported and carries a TCP stream through the exit to a web
+//! server on a world address (198.18.0.10, on the namespace's loopback). Nothing leaves the
+//! namespace.
+//!
+//! The test runs itself again inside the namespace (`ip netns exec`), where the network and
+//! the client live.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sys_whonix::tor::{FallbackCache, Network, Tor, TorSettings};
+use testkit::tornet::TorNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NAME: &str = "the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network";
+const CHILD_ENV: &str = "SYS_WHONIX_TORNET_CHILD";
+const BODY: &str = "hello from the world";
+
+#[test]
+fn the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network() {
+    if let Some(ns) = std::env::var_os(CHILD_ENV) {
+        child(&ns.to_string_lossy());
+        return;
+    }
+    if !testkit::require_root(NAME) {
+        return;
+    }
+    if !TorNet::available() {
+        testkit::not_run(
+            NAME,
+            "tor is not installed (scripts/setup-debian.sh installs it)",
+        );
+        return;
+    }
+    let ns = format!("swtor{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    for args in [
+        vec!["netns", "add", &ns],
+        vec!["-n", &ns, "link", "set", "lo", "up"],
+        vec!["-n", &ns, "addr", "add", "198.18.0.10/32", "dev", "lo"],
+    ] {
+        let out = Command::new("ip").args(&args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    let result = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(std::env::current_exe().expect("current_exe"))
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &ns)
+        .output()
+        .expect("run the test inside the namespace");
+    // The network's tor processes live in the namespace: deleting it after they are killed
+    // (the child's TorNet does) leaves nothing.
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "the test failed inside namespace {ns}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child did not run the test:\n{stdout}"
+    );
+}
+
+/// A tiny web server on the world address: one response per connection.
+fn serve_http() {
+    let listener = std::net::TcpListener::bind("198.18.0.10:80").expect("bind 198.18.0.10:80");
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{BODY}",
+                BODY.len()
+            );
+        }
+    });
+}
+
+fn child(ns: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    serve_http();
+    let net = TorNet::start(&dir.path().join("net"), ns).expect("start the private network");
+    net.wait_consensus(Duration::from_secs(120))
+        .expect("the network's first consensus");
+    let settings = TorSettings {
+        state_dir: dir.path().join("arti/state"),
+        cache_dir: dir.path().join("arti/cache"),
+        network: Network::Private {
+            authorities: net.authorities.clone(),
+            fallbacks: net
+                .fallbacks
+                .iter()
+                .map(|f| FallbackCache {
+                    rsa_identity: f.rsa_identity.clone(),
+                    ed_identity: f.ed_identity.clone(),
+                    orport: f.orport.clone(),
+                })
+                .collect(),
+        },
+        trust_storage_permissions: true,
+    };
+    let progress = Arc::new(Mutex::new(Vec::<String>::new()));
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let seen = progress.clone();
+    let body = rt.block_on(async move {
+        let tor = tokio::time::timeout(
+            Duration::from_secs(120),
+            Tor::bootstrap(&settings, move |s| {
+                eprintln!("bootstrap: {s}");
+                seen.lock().expect("lock").push(s);
+            }),
+        )
+        .await
+        .expect("bootstrap within 120 s")
+        .expect("bootstrap");
+        eprintln!("status: {}", tor.status());
+        let isolation = arti_client::IsolationToken::new();
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(60),
+            tor.connect("198.18.0.10:80".parse().expect("addr"), isolation),
+        )
+        .await
+        .expect("connect within 60 s")
+        .expect("connect through the exit");
+        stream
+            .write_all(b"GET / HTTP/1.0\r\nHost: 198.18.0.10\r\n\r\n")
+            .await
+            .expect("write");
+        stream.flush().await.expect("flush");
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.expect("read");
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    assert!(body.ends_with(BODY), "through Tor: {body:?}");
+    let p = progress.lock().expect("lock");
+    assert!(!p.is_empty(), "no bootstrap progress was reported");
+    drop(net);
+}

@@ -1,0 +1,266 @@
+//! A private Tor network for tests, made of Debian's `tor` and `tor-gencert`, inside a network
+//! namespace the caller created: three directory authorities (which also relay), two middle
+//! relays and one exit, all on the namespace's loopback (tor's `TestingTorNetwork` mode with
+//! chutney's fast voting intervals). Nothing in it reaches beyond the namespace.
+//!
+//! What a client needs to use it is in [`TorNet::authorities`] and [`TorNet::fallbacks`]. The
+//! first consensus takes about 30 s ([`TorNet::wait_consensus`]).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One relay as a client must know it to use it as a fallback directory cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// The RSA identity fingerprint, 40 hex digits.
+    pub rsa_identity: String,
+    /// The ed25519 identity, base64 without padding.
+    pub ed_identity: String,
+    pub orport: String,
+}
+
+/// A running private network, stopped (every tor killed) when dropped.
+#[derive(Debug)]
+pub struct TorNet {
+    pub dir: PathBuf,
+    pub ns: String,
+    /// The v3 identities of the directory authorities.
+    pub authorities: Vec<String>,
+    /// The authorities as fallback caches.
+    pub fallbacks: Vec<Fallback>,
+    /// The exit's OR port.
+    pub exit_orport: String,
+    pid_files: Vec<PathBuf>,
+}
+
+const ADDR: &str = "127.0.0.1";
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn in_ns(ns: &str, prog: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, prog]);
+    c
+}
+
+fn private_dir(p: &Path) -> Result<(), String> {
+    fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    fs::set_permissions(p, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+impl TorNet {
+    /// Whether `tor` and `tor-gencert` are installed.
+    pub fn available() -> bool {
+        ["tor", "tor-gencert"]
+            .iter()
+            .all(|p| Command::new(p).arg("--help").output().is_ok())
+    }
+
+    /// Builds and starts the network in namespace `ns` (its `lo` must be up), keeping its
+    /// files under `dir`.
+    pub fn start(dir: &Path, ns: &str) -> Result<TorNet, String> {
+        let nodes: [(&str, u16, Option<u16>); 6] = [
+            ("a1", 5001, Some(7001)),
+            ("a2", 5002, Some(7002)),
+            ("a3", 5003, Some(7003)),
+            ("r1", 5004, None),
+            ("r2", 5005, None),
+            ("e1", 5006, None),
+        ];
+        let mut net = TorNet {
+            dir: dir.to_path_buf(),
+            ns: ns.to_string(),
+            authorities: Vec::new(),
+            fallbacks: Vec::new(),
+            exit_orport: format!("{ADDR}:5006"),
+            pid_files: Vec::new(),
+        };
+        let resolv = dir.join("resolv.conf");
+        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        fs::write(&resolv, format!("nameserver {ADDR}\n")).map_err(|e| e.to_string())?;
+        let mut dirauths = String::new();
+        // Keys and identities first: every torrc names every authority.
+        for (nick, orport, dirport) in nodes {
+            let d = dir.join(nick);
+            private_dir(&d.join("keys"))?;
+            if let Some(dp) = dirport {
+                let mut c = in_ns(ns, "tor-gencert");
+                c.args(["--create-identity-key", "-m", "12", "-a"])
+                    .arg(format!("{ADDR}:{dp}"))
+                    .arg("-i")
+                    .arg(d.join("keys/authority_identity_key"))
+                    .arg("-s")
+                    .arg(d.join("keys/authority_signing_key"))
+                    .arg("-c")
+                    .arg(d.join("keys/authority_certificate"))
+                    .arg("--passphrase-fd")
+                    .arg("0")
+                    .stdin(std::process::Stdio::null());
+                run(&mut c)?;
+            }
+            let mut c = in_ns(ns, "tor");
+            c.args([
+                "--ignore-missing-torrc",
+                "-f",
+                "/dev/null",
+                "--DataDirectory",
+            ])
+            .arg(&d)
+            .args(["--ORPort", "1", "--Address", ADDR, "--list-fingerprint"]);
+            run(&mut c)?;
+            let rsa = read_second_word(&d.join("fingerprint"))?;
+            let ed = read_second_word(&d.join("fingerprint-ed25519"))?;
+            if let Some(dp) = dirport {
+                let cert = fs::read_to_string(d.join("keys/authority_certificate"))
+                    .map_err(|e| e.to_string())?;
+                let v3 = cert
+                    .lines()
+                    .find_map(|l| l.strip_prefix("fingerprint "))
+                    .ok_or("no fingerprint in an authority certificate")?
+                    .trim()
+                    .to_string();
+                let _ = writeln!(
+                    dirauths,
+                    "DirAuthority {nick} orport={orport} no-v2 v3ident={v3} {ADDR}:{dp} {rsa}"
+                );
+                net.authorities.push(v3);
+                net.fallbacks.push(Fallback {
+                    rsa_identity: rsa,
+                    ed_identity: ed,
+                    orport: format!("{ADDR}:{orport}"),
+                });
+            }
+        }
+        fs::write(dir.join("dirauths.conf"), &dirauths).map_err(|e| e.to_string())?;
+        for (nick, orport, dirport) in nodes {
+            let d = dir.join(nick);
+            let pid = d.join("tor.pid");
+            let mut rc = format!(
+                "TestingTorNetwork 1\nDataDirectory {d}\nNickname {nick}\nAddress {ADDR}\n\
+                 ContactInfo test@example.invalid\nRunAsDaemon 1\nPidFile {pid}\nSandbox 0\n\
+                 Log notice file {d}/notice.log\nSafeLogging 0\n\
+                 PathsNeededToBuildCircuits 0.67\nTestingDirAuthVoteExit *\n\
+                 TestingDirAuthVoteHSDir *\nTestingDirAuthVoteGuard *\n\
+                 TestingMinExitFlagThreshold 0\nV3AuthNIntervalsValid 2\nAssumeReachable 1\n\
+                 ServerDNSDetectHijacking 0\nServerDNSTestAddresses\n\
+                 ServerDNSResolvConfFile {resolv}\nServerDNSAllowBrokenConfig 1\n\
+                 SocksPort 0\nORPort {ADDR}:{orport}\n%include {dirauths}\n",
+                d = d.display(),
+                pid = pid.display(),
+                resolv = resolv.display(),
+                dirauths = dir.join("dirauths.conf").display(),
+            );
+            match (dirport, nick) {
+                (Some(dp), _) => rc.push_str(&format!(
+                    "DirPort {ADDR}:{dp}\nAuthoritativeDirectory 1\nV3AuthoritativeDirectory 1\n\
+                     TestingV3AuthInitialVotingInterval 20\nTestingV3AuthInitialVoteDelay 4\n\
+                     TestingV3AuthInitialDistDelay 4\nV3AuthVotingInterval 20\n\
+                     V3AuthVoteDelay 4\nV3AuthDistDelay 4\nExitPolicy reject *:*\n"
+                )),
+                (None, "e1") => rc.push_str(
+                    "ExitRelay 1\nExitPolicyRejectPrivate 0\nExitPolicy accept 127.0.0.0/8:*\n\
+                     ExitPolicy accept 198.18.0.0/15:*\n\
+                     ExitPolicy accept *:80,accept *:443,accept *:8000-8099\n\
+                     ExitPolicy reject *:*\n",
+                ),
+                _ => rc.push_str("ExitRelay 0\nExitPolicy reject *:*\n"),
+            }
+            let torrc = d.join("torrc");
+            fs::write(&torrc, rc).map_err(|e| e.to_string())?;
+            let mut c = in_ns(ns, "tor");
+            c.arg("-f").arg(&torrc);
+            run(&mut c)?;
+            net.pid_files.push(pid);
+        }
+        Ok(net)
+    }
+
+    /// Waits until the first authority's consensus lists every relay of the network (a first
+    /// consensus may list only some: relays join as the authorities learn of them), which is
+    /// when a client can build circuits to the exit (about 30-60 s after start).
+    pub fn wait_consensus(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        let a1 = self.dir.join("a1");
+        loop {
+            let listed = ["cached-microdesc-consensus", "cached-consensus"]
+                .iter()
+                .filter_map(|f| fs::read_to_string(a1.join(f)).ok())
+                .map(|c| c.lines().filter(|l| l.starts_with("r ")).count())
+                .max()
+                .unwrap_or(0);
+            if listed >= 6 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let log = fs::read_to_string(a1.join("notice.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                return Err(format!(
+                    "no consensus within {} s; a1's log ends:\n{}",
+                    within.as_secs(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The `[tor_network]` section (TOML) an arti client needs for this network.
+    pub fn arti_network_toml(&self) -> String {
+        let fb: Vec<String> = self
+            .fallbacks
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{ rsa_identity = \"{}\", ed_identity = \"{}\", orports = [\"{}\"] }}",
+                    f.rsa_identity, f.ed_identity, f.orport
+                )
+            })
+            .collect();
+        let auths: Vec<String> = self
+            .authorities
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        format!(
+            "[tor_network]\nfallback_caches = [{}]\nauthorities = {{ v3idents = [{}] }}\n",
+            fb.join(", "),
+            auths.join(", ")
+        )
+    }
+}
+
+fn read_second_word(p: &Path) -> Result<String, String> {
+    let t = fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    t.split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .ok_or_else(|| format!("{}: no identity in {t:?}", p.display()))
+}
+
+impl Drop for TorNet {
+    fn drop(&mut self) {
+        for p in &self.pid_files {
+            if let Some(pid) = fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
