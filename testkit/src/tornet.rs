@@ -1,6 +1,6 @@
 //! A private Tor network for tests, made of Debian's `tor` and `tor-gencert`, inside a network
 //! namespace the caller created: three directory authorities (which also relay), two middle
-//! relays and one exit, all on the namespace's loopback (tor's `TestingTorNetwork` mode with
+//! relays and two exits, all on the namespace's loopback (tor's `TestingTorNetwork` mode with
 //! chutney's fast voting intervals). Nothing in it reaches beyond the namespace.
 //!
 //! What a client needs to use it is in [`TorNet::authorities`] and [`TorNet::fallbacks`]. The
@@ -32,8 +32,8 @@ pub struct TorNet {
     pub authorities: Vec<String>,
     /// The authorities as fallback caches.
     pub fallbacks: Vec<Fallback>,
-    /// The exit's OR port.
-    pub exit_orport: String,
+    /// The exits' OR ports.
+    pub exit_orports: Vec<String>,
     pid_files: Vec<PathBuf>,
 }
 
@@ -74,20 +74,23 @@ impl TorNet {
     /// Builds and starts the network in namespace `ns` (its `lo` must be up), keeping its
     /// files under `dir`.
     pub fn start(dir: &Path, ns: &str) -> Result<TorNet, String> {
-        let nodes: [(&str, u16, Option<u16>); 6] = [
+        // Two exits: a client may pick one as its guard, and a path never uses the same
+        // relay twice, so with one exit such a client could build no exit circuit at all.
+        let nodes: [(&str, u16, Option<u16>); 7] = [
             ("a1", 5001, Some(7001)),
             ("a2", 5002, Some(7002)),
             ("a3", 5003, Some(7003)),
             ("r1", 5004, None),
             ("r2", 5005, None),
             ("e1", 5006, None),
+            ("e2", 5007, None),
         ];
         let mut net = TorNet {
             dir: dir.to_path_buf(),
             ns: ns.to_string(),
             authorities: Vec::new(),
             fallbacks: Vec::new(),
-            exit_orport: format!("{ADDR}:5006"),
+            exit_orports: vec![format!("{ADDR}:5006"), format!("{ADDR}:5007")],
             pid_files: Vec::new(),
         };
         let resolv = dir.join("resolv.conf");
@@ -172,7 +175,7 @@ impl TorNet {
                      TestingV3AuthInitialDistDelay 4\nV3AuthVotingInterval 20\n\
                      V3AuthVoteDelay 4\nV3AuthDistDelay 4\nExitPolicy reject *:*\n"
                 )),
-                (None, "e1") => rc.push_str(
+                (None, "e1" | "e2") => rc.push_str(
                     "ExitRelay 1\nExitPolicyRejectPrivate 0\nExitPolicy accept 127.0.0.0/8:*\n\
                      ExitPolicy accept 198.18.0.0/15:*\n\
                      ExitPolicy accept *:80,accept *:443,accept *:8000-8099\n\
@@ -192,7 +195,7 @@ impl TorNet {
 
     /// Waits until the first authority's consensus lists every relay of the network (a first
     /// consensus may list only some: relays join as the authorities learn of them), which is
-    /// when a client can build circuits to the exit (about 30-60 s after start).
+    /// when a client can build circuits to the exits (about 30-60 s after start).
     pub fn wait_consensus(&self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         let a1 = self.dir.join("a1");
@@ -203,7 +206,7 @@ impl TorNet {
                 .map(|c| c.lines().filter(|l| l.starts_with("r ")).count())
                 .max()
                 .unwrap_or(0);
-            if listed >= 6 {
+            if listed >= 7 {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -217,30 +220,6 @@ impl TorNet {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-    }
-
-    /// The `[tor_network]` section (TOML) an arti client needs for this network.
-    pub fn arti_network_toml(&self) -> String {
-        let fb: Vec<String> = self
-            .fallbacks
-            .iter()
-            .map(|f| {
-                format!(
-                    "{{ rsa_identity = \"{}\", ed_identity = \"{}\", orports = [\"{}\"] }}",
-                    f.rsa_identity, f.ed_identity, f.orport
-                )
-            })
-            .collect();
-        let auths: Vec<String> = self
-            .authorities
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect();
-        format!(
-            "[tor_network]\nfallback_caches = [{}]\nauthorities = {{ v3idents = [{}] }}\n",
-            fb.join(", "),
-            auths.join(", ")
-        )
     }
 }
 
