@@ -1068,12 +1068,14 @@ impl Engine {
             // To the DHCP client (RFC 2131 4.1): a server sends to the address it offers, or
             // to broadcast, before that address is ours, so neither the IP destination nor
             // the NAT path decides; the client checks what it gets (xid, chaddr).
-            // A checksum the server's kernel left to offload is not wrong (offload.rs).
-            if let Some(l4) = wire::parse_l4_with(frame, &ip, self.verify_csum()) {
-                if l4.sport == 67 && l4.dport == 68 {
-                    out.push_dhcp(&frame[ip.l4() + 8..ip.end()]);
-                    return (Verdict::Consumed, Reason::Accepted);
-                }
+            // The ports first (cheap, and most UDP is not DHCP), the checksum only then; one
+            // the server's kernel left to offload is not wrong (offload.rs).
+            let t = ip.l4();
+            let dhcp_ports =
+                ip.end() >= t + 8 && wire::be16(frame, t) == 67 && wire::be16(frame, t + 2) == 68;
+            if dhcp_ports && wire::parse_l4_with(frame, &ip, self.verify_csum()).is_some() {
+                out.push_dhcp(&frame[t + 8..ip.end()]);
+                return (Verdict::Consumed, Reason::Accepted);
             }
         }
         if ip.fragment {
@@ -1968,7 +1970,10 @@ impl Engine {
         let Some(our) = self.our_ip(ip.v6) else {
             return Reason::Unsupported;
         };
-        let nat_port = self.conntrack.get(flow).nat_port;
+        let (nat_port, dnat) = {
+            let f = self.conntrack.get(flow);
+            (f.nat_port, f.dnat)
+        };
         let dst_mac = if ip.v6 && self.netvm_mac6_known {
             self.netvm_mac6
         } else {
@@ -1980,6 +1985,13 @@ impl Engine {
         wire::set_macs(&mut buf, &dst_mac, &self.cfg.uplink.mac);
         let port = (!matches!(l4p, Proto4::Other(_))).then_some(nat_port);
         wire::nat_rewrite(&mut buf, &inner, NatField::Dst, our, port, NatCsum::Quoted);
+        if let Some(upstream) = dnat {
+            // About a DNS answer redirection made look as if from the virtual resolver: the
+            // upstream one sent it, and is the one to hear of it.
+            let up = IpAddr::V4(upstream);
+            wire::nat_rewrite(&mut buf, &inner, NatField::Src, up, None, NatCsum::Quoted);
+            wire::nat_rewrite(&mut buf, ip, NatField::Dst, up, None, NatCsum::Full);
+        }
         wire::nat_rewrite(&mut buf, ip, NatField::Src, our, None, NatCsum::Full);
         decrement_ttl(&mut buf, ip);
         let l4o = ip.l4();

@@ -257,7 +257,14 @@ impl Client {
 
     /// Watch events received but not yet returned by [`Client::read_watch`].
     pub fn pending_watches(&self) -> usize {
-        self.events.len()
+        // A watch event that arrived in the same read as a command's reply is whole in the
+        // decoder but not yet queued: the socket will not be readable for it again, so it
+        // counts here, or a caller polling the socket would not see it until the next event.
+        let buffered = matches!(
+            crate::wire::decode_prefix(self.decoder.pending()),
+            Ok(Some(_))
+        );
+        self.events.len() + usize::from(buffered)
     }
 
     /// The next watch event (the modified path): a queued one, or one read from the socket

@@ -151,6 +151,7 @@ scenarios! {
     "67-malformed-truncated-arp-ipv6" => malformed_truncated_arp_ipv6,
     "68-client-flows-survive-other-qubes-starting-and-stopping" => flows_survive_other_qubes,
     "69-conntrack-two-flooders-cannot-starve-a-third-client" => conntrack_flooders_cannot_starve,
+    "70-sysnet-client-icmp-error-about-a-redirected-dns-answer" => sysnet_icmp_error_about_dns,
     "73-uplink-mtu-1400-df-frag-needed" => uplink_mtu_1400_df_frag_needed,
     "74-uplink-mtu-1400-fragments-without-df" => uplink_mtu_1400_fragments_without_df,
     "75-client-mtu-1400-reply-fragmented" => client_mtu_1400_reply_fragmented,
@@ -3200,5 +3201,43 @@ fn fake_ip_refused_traffic(s: &mut Script) -> R {
     s.expect("ip frames on eth0 = 1");
     s.expect("ip frame 0 on eth0: ipv4 icmp4 type 8 src 10.137.0.6 dst 198.18.0.10 echo-id 4");
     s.expect("ip frame 0 on vif4.0: ipv4 icmp4 type 0 src 198.18.0.10 dst 10.137.0.11 echo-id 4");
+    Ok(())
+}
+
+/// A client's error about a DNS answer that redirection made look as if from the virtual
+/// resolver (a late answer to a closed socket: port unreachable) is related to that flow and
+/// goes, translated back, to the upstream resolver that sent the answer (RFC 5508 REQ-3; Linux
+/// undoes both its DNAT and its masquerade in the quote).
+fn sysnet_icmp_error_about_dns(s: &mut Script) -> R {
+    s.about(
+        "A client's port unreachable about an answer from 10.139.1.1 leaves on the uplink to \
+         the upstream resolver, quoting the answer as the upstream resolver sent it",
+    );
+    s.config(Cfg::netvm(LEASE, ROUTER, &["198.18.0.53"]).client(&SYSFW))?;
+    router_arp(s)?;
+    let c = fc(&SYSFW);
+    s.send(
+        "vif6.0",
+        udp(c, "10.137.0.6:40000", "10.139.1.1:53")
+            .payload(b"q1")
+            .frame(),
+    )?;
+    let q = s.last("eth0", "udp")?;
+    s.send("eth0", reply_to(&q.d)?.payload(b"a1").frame())?;
+    // The answer as the client got it: from the virtual resolver.
+    let got = udp(from_netvm(), "10.139.1.1:53", "10.137.0.6:40000")
+        .payload(b"a1")
+        .ttl(63)
+        .ip_packet();
+    s.send(
+        "vif6.0",
+        icmp_error(c, FW_IP, "10.139.1.1", 3, 3, [0; 4], &got).frame(),
+    )?;
+    s.expect("ip frames on eth0 = 2");
+    s.expect("ip frame 0 on eth0: ipv4 udp src 198.18.0.100 dst 198.18.0.53 sport $p dport 53");
+    s.expect(
+        "ip frame 1 on eth0: ipv4 icmp4 type 3 code 3 src 198.18.0.100 dst 198.18.0.53 \
+         inner ipv4 udp src 198.18.0.53 dst 198.18.0.100 sport 53 dport $p",
+    );
     Ok(())
 }
