@@ -8,7 +8,6 @@
 //! the client live.
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,13 +16,12 @@ use testkit::tornet::TorNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAME: &str = "the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network";
-const CHILD_ENV: &str = "SYS_WHONIX_TORNET_CHILD";
 const BODY: &str = "hello from the world";
 
 #[test]
 fn the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network() {
-    if let Some(ns) = std::env::var_os(CHILD_ENV) {
-        child(&ns.to_string_lossy());
+    if let Some(ns) = testkit::netns_child() {
+        child(&ns);
         return;
     }
     if !testkit::require_root(NAME) {
@@ -36,35 +34,15 @@ fn the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network() {
         );
         return;
     }
-    let ns = format!("swtor{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    for args in [
-        vec!["netns", "add", &ns],
-        vec!["-n", &ns, "link", "set", "lo", "up"],
-        vec!["-n", &ns, "addr", "add", "198.18.0.10/32", "dev", "lo"],
-    ] {
-        let out = Command::new("ip").args(&args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-    }
-    let result = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(std::env::current_exe().expect("current_exe"))
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, &ns)
-        .output()
-        .expect("run the test inside the namespace");
-    // The network's tor processes live in the namespace: deleting it after they are killed
-    // (the child's TorNet does) leaves nothing.
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "the test failed inside namespace {ns}:\n{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test:\n{stdout}"
+    // The network's tor processes live in the namespace; the child's TorNet kills them
+    // before the namespace goes.
+    testkit::run_in_own_netns(
+        NAME,
+        "swtor",
+        &[
+            &["-n", "{ns}", "link", "set", "lo", "up"],
+            &["-n", "{ns}", "addr", "add", "198.18.0.10/32", "dev", "lo"],
+        ],
     );
 }
 

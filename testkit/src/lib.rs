@@ -168,6 +168,58 @@ fn default_file(exe: &Path) -> Option<PathBuf> {
     Some(target.join("not-run.txt"))
 }
 
+/// The environment variable that tells a test it runs as [`run_in_own_netns`]'s child; its
+/// value is the namespace's name.
+pub const NETNS_CHILD_ENV: &str = "TESTKIT_NETNS_CHILD";
+
+/// In the child [`run_in_own_netns`] starts: the namespace it runs in.
+pub fn netns_child() -> Option<String> {
+    std::env::var(NETNS_CHILD_ENV).ok()
+}
+
+/// Runs test `test` of the current test binary again, alone, inside a network namespace of
+/// its own (`<prefix><pid>`, made after `ip` commands `setup` as `ip` arguments, each with
+/// `{ns}` standing for the name), and removes the namespace after. Panics with the child's
+/// output if it failed, or if it did not run the test (a filter matching nothing would pass).
+/// The child finds itself with [`netns_child`].
+#[track_caller]
+pub fn run_in_own_netns(test: &str, prefix: &str, setup: &[&[&str]]) {
+    use std::process::Command;
+    let ns = format!("{prefix}{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let ip = |args: Vec<String>| {
+        let out = Command::new("ip").args(&args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(vec!["netns".into(), "add".into(), ns.clone()]);
+    for args in setup {
+        ip(args.iter().map(|a| a.replace("{ns}", &ns)).collect());
+    }
+    let result = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(std::env::current_exe().expect("current_exe"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(NETNS_CHILD_ENV, &ns)
+        .output()
+        .expect("run the test inside the namespace");
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "the test failed inside namespace {ns}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child did not run the test:\n{stdout}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

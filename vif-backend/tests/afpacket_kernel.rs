@@ -13,39 +13,18 @@ use vif_backend::afpacket::PacketSocket;
 use vif_backend::offload::Offload;
 use vif_backend::{Device, RxBurst, TxFrame};
 
-const CHILD_ENV: &str = "VIF_BACKEND_AFPACKET_CHILD";
 const NAME: &str = "vlan_tags_survive_the_kernel_untagging_them";
 
 #[test]
 fn vlan_tags_survive_the_kernel_untagging_them() {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if testkit::netns_child().is_some() {
         child();
         return;
     }
     if !testkit::require_root(NAME) {
         return;
     }
-    let ns = format!("vbpkt-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    run(Command::new("ip").args(["netns", "add", &ns]));
-    let result = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(std::env::current_exe().expect("current_exe"))
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("run the test inside the namespace");
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "the test failed inside namespace {ns}:\n{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test:\n{stdout}"
-    );
+    testkit::run_in_own_netns(NAME, "vbpkt-", &[]);
 }
 
 fn run(cmd: &mut Command) {

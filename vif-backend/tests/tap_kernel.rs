@@ -13,8 +13,6 @@ use vif_backend::offload::{Csum, Offload};
 use vif_backend::tap::Tap;
 use vif_backend::{sys, Device, RxBurst, TxFrame};
 
-/// Set in the child: the namespace is ready and the child does the work.
-const CHILD_ENV: &str = "VIF_BACKEND_TAP_CHILD";
 const TAP: &str = "qtap0";
 /// The kernel's side of the link (a netvm gateway, say) and the peer we play (a client qube).
 const KERNEL_IP: [u8; 4] = [10, 137, 0, 1];
@@ -23,7 +21,7 @@ const PEER_MAC: [u8; 6] = [0x00, 0x16, 0x3e, 0x5e, 0x6c, 0x05];
 
 #[test]
 fn tap_device_exchanges_frames_with_the_kernel() {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if testkit::netns_child().is_some() {
         child();
         return;
     }
@@ -37,33 +35,7 @@ fn tap_device_exchanges_frames_with_the_kernel() {
         );
         return;
     }
-    let ns = format!("vbtap-{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    run(Command::new("ip").args(["netns", "add", &ns]));
-    let result = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(std::env::current_exe().expect("current_exe"))
-        .args([
-            "--exact",
-            "tap_device_exchanges_frames_with_the_kernel",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("run the test inside the namespace");
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "the test failed inside namespace {ns}:\n{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    // A filter that matched nothing would pass vacuously.
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test:\n{stdout}"
-    );
+    testkit::run_in_own_netns("tap_device_exchanges_frames_with_the_kernel", "vbtap-", &[]);
 }
 
 fn run(cmd: &mut Command) {
