@@ -4,4 +4,5 @@
 //! [`service::run`], differing in their [`service::Role`]: where the uplink's address comes
 //! from.
 
+pub mod cli;
 pub mod service;

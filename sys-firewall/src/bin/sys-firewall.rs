@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use sys_firewall::replay;
-use sys_firewall::service::{self, Role, RunOptions, Source};
+use sys_firewall::service::Role;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,51 +143,17 @@ fn main() -> ExitCode {
 }
 
 fn run_service(args: RunArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let source = match (args.config, args.qubesdb) {
-        (Some(c), _) => Source::Yaml(c),
-        (None, Some(q)) => Source::QubesDb {
-            socket: q,
-            uplink: args.uplink,
-        },
-        (None, None) => {
-            eprintln!("sys-firewall run: give --config FILE or --qubesdb [SOCKET]");
-            return ExitCode::from(2);
-        }
-    };
-    match service::run(RunOptions {
-        source,
-        control: args.control,
-        role: Role::Firewall,
-    }) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sys-firewall run: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qubes_router::cli::run(
+        Role::Firewall,
+        args.config,
+        args.qubesdb,
+        args.uplink,
+        args.control,
+    )
 }
 
 fn control(args: &ControlArgs, command: &str) -> ExitCode {
-    match service::control(&args.control, command, Role::Firewall) {
-        Ok(text) => {
-            print!("{text}");
-            if text.starts_with("error") {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(e) => {
-            eprintln!("sys-firewall {command}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qubes_router::cli::control(Role::Firewall, &args.control, command)
 }
 
 fn run_replay(args: &ReplayArgs) -> ExitCode {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use qubes_router::service::{self, Role, RunOptions, Source};
+use qubes_router::service::Role;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,49 +105,15 @@ fn main() -> ExitCode {
 }
 
 fn run_service(args: RunArgs) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let source = match (args.config, args.qubesdb) {
-        (Some(c), _) => Source::Yaml(c),
-        (None, Some(q)) => Source::QubesDb {
-            socket: q,
-            uplink: args.uplink,
-        },
-        (None, None) => {
-            eprintln!("sys-net run: give --config FILE or --qubesdb [SOCKET]");
-            return ExitCode::from(2);
-        }
-    };
-    match service::run(RunOptions {
-        source,
-        control: args.control,
-        role: Role::Net,
-    }) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sys-net run: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qubes_router::cli::run(
+        Role::Net,
+        args.config,
+        args.qubesdb,
+        args.uplink,
+        args.control,
+    )
 }
 
 fn control(args: &ControlArgs, command: &str) -> ExitCode {
-    match service::control(&args.control, command, Role::Net) {
-        Ok(text) => {
-            print!("{text}");
-            if text.starts_with("error") {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(e) => {
-            eprintln!("sys-net: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qubes_router::cli::control(Role::Net, &args.control, command)
 }
