@@ -66,7 +66,7 @@ pub fn config_generation(paths: &Paths) -> Option<u64> {
     status(paths).ok().and_then(|out| parse_generation(&out))
 }
 
-fn parse_generation(status: &str) -> Option<u64> {
+pub(crate) fn parse_generation(status: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         l.trim()
             .strip_prefix("config-generation ")
@@ -78,19 +78,32 @@ fn parse_generation(status: &str) -> Option<u64> {
 /// generation `before`: its generation must grow. When the service reported no generation
 /// (no `status` yet), a short sleep is all we can do (best effort).
 pub fn wait_applied(paths: &Paths, before: Option<u64>) -> Result<()> {
+    wait_generation(PROCESS, &paths.log(PROCESS), before, || {
+        config_generation(paths)
+    })
+}
+
+/// Waits until `generation()` (a service's `config-generation`) is greater than `before`;
+/// with no `before` (the service reported none), a short sleep is all that can be done.
+pub(crate) fn wait_generation(
+    service: &str,
+    log: &std::path::Path,
+    before: Option<u64>,
+    generation: impl Fn() -> Option<u64>,
+) -> Result<()> {
     let Some(before) = before else {
         sleep(Duration::from_millis(500));
         return Ok(());
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match config_generation(paths) {
+        match generation() {
             Some(g) if g > before => return Ok(()),
             _ if Instant::now() >= deadline => {
                 return err(format!(
-                    "sys-firewall did not apply the new configuration within 5 s \
+                    "{service} did not apply the new configuration within 5 s \
                      (config-generation still {before}; see {})",
-                    paths.log(PROCESS).display()
+                    log.display()
                 ))
             }
             _ => sleep(Duration::from_millis(20)),

@@ -76,32 +76,14 @@ pub fn status(paths: &Paths) -> Result<String> {
 
 /// The `config-generation N` the service reports, if it reports one.
 pub fn config_generation(paths: &Paths) -> Option<u64> {
-    status(paths).ok().and_then(|out| {
-        out.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix("config-generation ")
-                .and_then(|n| n.trim().parse().ok())
-        })
-    })
+    status(paths)
+        .ok()
+        .and_then(|out| crate::service::parse_generation(&out))
 }
 
 /// Waits until the service applied a configuration written after generation `before`.
 pub fn wait_applied(paths: &Paths, before: Option<u64>) -> Result<()> {
-    let Some(before) = before else {
-        sleep(Duration::from_millis(500));
-        return Ok(());
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match config_generation(paths) {
-            Some(g) if g > before => return Ok(()),
-            _ if Instant::now() >= deadline => {
-                return err(format!(
-                    "sys-net did not apply the new configuration within 5 s (see {})",
-                    paths.log(PROCESS).display()
-                ))
-            }
-            _ => sleep(Duration::from_millis(20)),
-        }
-    }
+    crate::service::wait_generation(PROCESS, &paths.log(PROCESS), before, || {
+        config_generation(paths)
+    })
 }
