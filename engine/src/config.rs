@@ -117,7 +117,8 @@ pub enum UplinkMode {
     Masquerade,
     /// Forward nothing: deliver it to the host stack as it is, whatever its destination, and
     /// send the host stack's answers back to the client (sys-whonix: client TCP ended in the
-    /// host stack and carried over Tor). Nothing from a client ever reaches the uplink.
+    /// host stack and carried over Tor). Nothing from a client ever reaches the uplink, and
+    /// fragments from clients are dropped (counted as unsupported), never reassembled.
     Terminate,
 }
 

@@ -1079,6 +1079,12 @@ impl Engine {
             }
         }
         if ip.fragment {
+            if ci.is_some() && self.cfg.mode == UplinkMode::Terminate {
+                // The host stack ends client traffic and no client stack fragments TCP: a
+                // fragment from a client can only be an attempt at the reassembler or at a
+                // rule's view of ports, and Tor carries nothing else (Whonix drops them too).
+                return (Verdict::Consumed, Reason::Unsupported);
+            }
             if self.link_group {
                 // Only forwarding reassembles, and nothing sent to a group is forwarded.
                 return (Verdict::Consumed, Reason::NotForUs);

@@ -332,6 +332,33 @@ fn terminate_mode_delivers_to_the_host_stack_and_answers_the_client() {
         "code 13: administratively prohibited"
     );
 
+    // A fragment (here the first of a TCP SYN cut in two, MF set) is dropped, not held for
+    // reassembly: nothing is delivered, now or when the rest would come.
+    let mut frag = tcp([10, 137, 0, 10], [203, 0, 113, 7], 40001, 80, true, false);
+    frag[20] |= 0x20; // flags: more fragments
+    let ck = {
+        frag[24] = 0;
+        frag[25] = 0;
+        let mut sum: u32 = 0;
+        for w in frag[14..34].chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    };
+    frag[24..26].copy_from_slice(&ck.to_be_bytes());
+    out.clear();
+    let before = e.counters(1).expect("c").get(Reason::Unsupported);
+    assert_eq!(e.handle(t, 1, &mut frag, &mut out), Verdict::Consumed);
+    assert_eq!(out.local_packets().count(), 0);
+    assert_eq!(out.frame_count(), 0);
+    assert_eq!(
+        e.counters(1).expect("c").get(Reason::Unsupported),
+        before + 1
+    );
+
     // A spoofed source is still a spoofed source.
     let mut spoof = tcp([10, 137, 0, 11], [203, 0, 113, 7], 40000, 80, true, false);
     out.clear();

@@ -17,12 +17,30 @@ pub fn run(
     uplink: String,
     control: PathBuf,
 ) -> ExitCode {
+    init_logging();
+    serve(role, config, qubesdb, uplink, control, None)
+}
+
+/// Logs on stderr, filtered by `RUST_LOG` (default info).
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// [`run`] without setting up logging, with client traffic ending in `terminator`
+/// (sys-whonix).
+pub fn serve(
+    role: Role,
+    config: Option<PathBuf>,
+    qubesdb: Option<PathBuf>,
+    uplink: String,
+    control: PathBuf,
+    terminator: Option<Box<dyn service::Terminator>>,
+) -> ExitCode {
     let name = role.name();
     let source = match (config, qubesdb) {
         (Some(c), _) => Source::Yaml(c),
@@ -32,11 +50,14 @@ pub fn run(
             return ExitCode::from(2);
         }
     };
-    match service::run(RunOptions {
-        source,
-        control,
-        role,
-    }) {
+    match service::run_with(
+        RunOptions {
+            source,
+            control,
+            role,
+        },
+        terminator,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name} run: {e}");

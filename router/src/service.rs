@@ -36,6 +36,38 @@ pub enum Role {
     /// DNS are static (the configuration's `uplink.address`) or learnt by DHCP; its clients'
     /// gateway is `/qubes-netvm-gateway`.
     Net,
+    /// sys-whonix: nothing is forwarded. The engine ends every client packet its rules accept
+    /// in a [`Terminator`] (the Tor gateway), and the uplink is left to the kernel, whose
+    /// only traffic is the Tor client's own connections: no device is attached to it.
+    Whonix,
+}
+
+/// What sys-whonix puts where sys-firewall's host stack is: it takes the client packets the
+/// engine delivers locally ([`qubes_engine::config::UplinkMode::Terminate`]) and answers
+/// through [`Engine::send_local`]. It runs in the service's loop; work it does elsewhere (a
+/// Tor stream's data arriving) wakes the loop through [`Terminator::wake_fd`].
+pub trait Terminator {
+    /// The engine's configuration changed (clients came or went, addresses changed).
+    fn configure(&mut self, now: Instant, cfg: &EngineConfig);
+    /// Takes what the engine delivered locally in `delivered` and runs; what it sends lands in
+    /// `out`. Called after every engine call and whenever the loop wakes.
+    fn after_engine(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        delivered: &Outbox,
+        out: &mut Outbox,
+    );
+    /// A descriptor that turns readable when the terminator has work; the loop then calls
+    /// [`Terminator::after_engine`] with nothing delivered.
+    fn wake_fd(&self) -> std::os::fd::RawFd;
+    /// How soon the terminator wants to run again with nothing new (its timers).
+    fn poll_delay(&mut self, now: Instant) -> Option<Duration>;
+    /// Lines for `status`.
+    fn status(&self, now: Instant, engine: &Engine) -> String;
+    /// A control-socket command the service itself does not know (`new-identity vif3.0`);
+    /// `None`: not the terminator's either.
+    fn command(&mut self, now: Instant, command: &str) -> Option<String>;
 }
 
 impl Role {
@@ -44,6 +76,7 @@ impl Role {
         match self {
             Role::Firewall => "sys-firewall",
             Role::Net => "sys-net",
+            Role::Whonix => "sys-whonix",
         }
     }
 }
@@ -68,6 +101,7 @@ const FILE_CHECK: Duration = Duration::from_millis(200);
 const TOKEN_LINKS: Token = 1;
 const TOKEN_CONTROL: Token = 2;
 const TOKEN_QUBESDB: Token = 3;
+const TOKEN_TERMINATOR: Token = 4;
 /// Devices are registered as `TOKEN_DEVICE + engine interface id`.
 const TOKEN_DEVICE: Token = 1 << 32;
 
@@ -100,6 +134,8 @@ struct Service {
     /// Each attached device's MTU as the kernel last told it (read at attach, then followed
     /// through netlink `RTM_NEWLINK`).
     link_mtu: BTreeMap<String, u16>,
+    /// sys-whonix: where client traffic ends.
+    terminator: Option<Box<dyn Terminator>>,
 }
 
 fn random_seed() -> u64 {
@@ -122,6 +158,7 @@ fn random_seed() -> u64 {
 /// configured one ([`effective_mtu`]). A table size the configuration gives
 /// (`conntrack_max`, `/qubes-conntrack-max`) wins over `conntrack_default`.
 fn engine_config(
+    role: Role,
     d: &Desired,
     seed: u64,
     link_mtu: &BTreeMap<String, u16>,
@@ -135,6 +172,11 @@ fn engine_config(
     }
     if d.conntrack_max.is_none() {
         cfg.conntrack_max = conntrack_default;
+    }
+    if role == Role::Whonix {
+        cfg.mode = qubes_engine::config::UplinkMode::Terminate;
+        // The virtual resolvers are the gateway's own (DNS through Tor), not redirected.
+        cfg.dns_redirect.clear();
     }
     Ok(cfg)
 }
@@ -159,6 +201,22 @@ fn link_mtu_of(mtu: Option<u32>) -> Option<u16> {
 
 /// Runs the service until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
+    run_with(opts, None)
+}
+
+/// [`run`] with client traffic ending in `terminator` (sys-whonix, [`Role::Whonix`]).
+pub fn run_with(
+    opts: RunOptions,
+    mut terminator: Option<Box<dyn Terminator>>,
+) -> Result<(), ServiceError> {
+    if (opts.role == Role::Whonix) != terminator.is_some() {
+        return Err(ServiceError::Config(
+            qubes_service_runtime::error::ConfigError::Invalid {
+                file: None,
+                error: "sys-whonix, and only it, runs with a terminator".into(),
+            },
+        ));
+    }
     let signals = Signals::install()?;
     let (source, desired) = ConfigSource::open(&opts.source)?;
     if sys::if_index(&desired.uplink).is_none() {
@@ -182,6 +240,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
     }
     let netvm = netvm_uplink(opts.role, &desired, None);
     let cfg = engine_config(
+        opts.role,
         &desired,
         seed,
         &BTreeMap::new(),
@@ -189,6 +248,9 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         netvm.as_ref(),
     )?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
+    if let Some(t) = terminator.as_mut() {
+        t.configure(Instant::ZERO, &cfg);
+    }
     let mut engine = Engine::new(cfg).map_err(|e| ServiceError::Config(e.into()))?;
     // sys-net without a static address asks DHCP (RFC 2131), with no host name: a netvm
     // says nothing about its user it need not say.
@@ -224,6 +286,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServiceError> {
         drops: DropLog::new(),
         last_file_check: Clock::now(),
         link_mtu: BTreeMap::new(),
+        terminator,
     };
     svc.sync_devices()?;
     svc.control.publish()?;
@@ -279,7 +342,7 @@ impl Service {
                 && sys::if_index(dev.name()) == Some(dev.ifindex())
         });
         for (id, name) in &ifaces {
-            if self.devices.contains_key(id) {
+            if self.devices.contains_key(id) || (*id == UPLINK && self.role == Role::Whonix) {
                 continue;
             }
             match PacketSocket::open(name) {
@@ -364,6 +427,7 @@ impl Service {
         let seed = self.engine.config().seed;
         let netvm = netvm_uplink(self.role, &desired, self.lease.as_ref());
         let cfg = engine_config(
+            self.role,
             &desired,
             seed,
             &self.link_mtu,
@@ -376,6 +440,9 @@ impl Service {
             .map_err(|e| ServiceError::Config(e.into()))?;
         self.local
             .configure(self.engine.config(), dns_servers(&desired.tree));
+        if let Some(t) = self.terminator.as_mut() {
+            t.configure(now, self.engine.config());
+        }
         self.desired = desired;
         self.generation += 1;
         self.sync_devices()?;
@@ -426,11 +493,18 @@ impl Service {
                     poller.register(TOKEN_DEVICE + Token::from(*id), fd);
                 }
             }
-            let wait = if queued {
+            let mut wait = if queued {
                 Duration::ZERO
             } else {
                 TICK.saturating_sub(last_tick.elapsed())
             };
+            let now = self.now();
+            if let Some(t) = self.terminator.as_mut() {
+                poller.register(TOKEN_TERMINATOR, t.wake_fd());
+                if let Some(d) = t.poll_delay(now) {
+                    wait = wait.min(d);
+                }
+            }
             poller
                 .wait(wait, &mut ready)
                 .map_err(|source| ServiceError::System {
@@ -443,6 +517,7 @@ impl Service {
                     TOKEN_LINKS => self.link_events(),
                     TOKEN_CONTROL => self.control_requests(),
                     TOKEN_QUBESDB => qdb_ready = true,
+                    TOKEN_TERMINATOR => {}
                     t if t >= TOKEN_DEVICE => {
                         if let Ok(id) = IfaceId::try_from(t - TOKEN_DEVICE) {
                             self.pump(id, &mut burst, &mut seg);
@@ -453,6 +528,10 @@ impl Service {
             }
             if qdb_ready {
                 self.qubesdb_events()?;
+            }
+            if self.terminator.is_some() {
+                // Woken or not: its streams and timers move on every round.
+                self.flush();
             }
             if last_tick.elapsed() >= TICK {
                 last_tick = Clock::now();
@@ -575,7 +654,13 @@ impl Service {
             let Some((frame, meta)) = burst.frame_mut(i) else {
                 break;
             };
-            let verdict = match meta.for_engine() {
+            // sys-whonix's host stack takes wire-sized packets only: GSO super-frames from a
+            // client's kernel (TSO over veth) are cut into segments here first.
+            let for_engine = match meta.for_engine() {
+                Some(o) if self.role == Role::Whonix && o.gso_size != 0 => None,
+                o => o,
+            };
+            let verdict = match for_engine {
                 // Forwarded as it came: the kernel on the other side finishes the checksum and
                 // cuts the segments, as it would have for a kernel router.
                 Some(o) if o == qubes_engine::Offload::NONE => {
@@ -639,8 +724,12 @@ impl Service {
             }
             self.dhcp_inbox
                 .extend(done.dhcp_messages().map(|m| m.to_vec()));
-            self.local
-                .after_engine(now, &mut self.engine, &done, &mut self.out);
+            match self.terminator.as_mut() {
+                Some(t) => t.after_engine(now, &mut self.engine, &done, &mut self.out),
+                None => self
+                    .local
+                    .after_engine(now, &mut self.engine, &done, &mut self.out),
+            }
             if self.out.frame_count() == 0
                 && self.out.events.is_empty()
                 && self.out.local_packets().next().is_none()
@@ -796,7 +885,13 @@ impl Service {
                     Ok(()) => format!("ok config-generation {}\n", self.generation),
                     Err(e) => format!("error {e}\n"),
                 },
-                other => format!("error unknown command {other:?} (status, reload)\n"),
+                other => {
+                    let now = self.now();
+                    match self.terminator.as_mut().and_then(|t| t.command(now, other)) {
+                        Some(answer) => answer,
+                        None => format!("error unknown command {other:?} (status, reload)\n"),
+                    }
+                }
             };
             req.reply(&answer);
         }
@@ -913,6 +1008,9 @@ impl Service {
             .collect();
         if !missing.is_empty() {
             s.push_str(&format!("waiting for vifs {}\n", missing.join(" ")));
+        }
+        if let Some(t) = &self.terminator {
+            s.push_str(&t.status(self.now(), &self.engine));
         }
         s
     }

@@ -28,6 +28,16 @@
 //! conntrack_max: 65536    # optional bound on tracked flows; the service defaults to one
 //!                         # from memory as Linux (runtime `memory`), replay to 65536
 //! seed: 1                 # replay only: the NAT seed (the --seed option wins over it)
+//! tor:                    # sys-whonix only: its Tor client
+//!   state_dir: /var/lib/sys-whonix/state     # defaults as shown
+//!   cache_dir: /var/cache/sys-whonix
+//!   isolate_dest_addr: false    # also isolate streams by destination address (Whonix's
+//!   isolate_dest_port: false    #   IsolateDestAddr) and port (IsolateDestPort)
+//!   trust_storage_permissions: false   # tests in temporary directories only
+//!   network:                    # a private Tor network (tests); absent: the public one
+//!     authorities: [<v3 identity, 40 hex digits>, ...]
+//!     fallbacks:
+//!       - {rsa_identity: <40 hex>, ed_identity: <base64>, orport: "198.18.0.20:5001"}
 //! steps:                  # replay only: changes during the capture
 //!   - at_packet: 3        # before input packet 3 (0-based; the packet count = after the last)
 //!     qubesdb:            # keys to set, or to remove with null
@@ -153,6 +163,64 @@ pub struct DnsEntry {
     pub ttl: u32,
 }
 
+fn default_state_dir() -> std::path::PathBuf {
+    "/var/lib/sys-whonix/state".into()
+}
+
+fn default_cache_dir() -> std::path::PathBuf {
+    "/var/cache/sys-whonix".into()
+}
+
+/// A relay of a private Tor network that a client asks for the directory first.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorFallback {
+    pub rsa_identity: String,
+    pub ed_identity: String,
+    /// `address:port` of its OR port.
+    pub orport: String,
+}
+
+/// `tor.network`: a Tor network other than the public one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorNetworkSection {
+    /// The directory authorities' v3 identities.
+    pub authorities: Vec<String>,
+    pub fallbacks: Vec<TorFallback>,
+}
+
+/// The `tor` section (sys-whonix).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorSection {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: std::path::PathBuf,
+    #[serde(default = "default_cache_dir")]
+    pub cache_dir: std::path::PathBuf,
+    #[serde(default)]
+    pub isolate_dest_addr: bool,
+    #[serde(default)]
+    pub isolate_dest_port: bool,
+    #[serde(default)]
+    pub trust_storage_permissions: bool,
+    #[serde(default)]
+    pub network: Option<TorNetworkSection>,
+}
+
+impl Default for TorSection {
+    fn default() -> Self {
+        TorSection {
+            state_dir: default_state_dir(),
+            cache_dir: default_cache_dir(),
+            isolate_dest_addr: false,
+            isolate_dest_port: false,
+            trust_storage_permissions: false,
+            network: None,
+        }
+    }
+}
+
 /// One entry of `steps`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +263,9 @@ pub struct ConfigFile {
     pub seed: Option<u64>,
     #[serde(default)]
     pub steps: Vec<Step>,
+    /// sys-whonix: its Tor client.
+    #[serde(default)]
+    pub tor: Option<TorSection>,
 }
 
 /// A QubesDB value: YAML scalars of any type are taken as their text.
@@ -373,6 +444,29 @@ impl ConfigFile {
                 "uplink.dns without uplink.address (only sys-net redirects DNS)",
             ));
         }
+        if let Some(net) = self.tor.as_ref().and_then(|t| t.network.as_ref()) {
+            if net.authorities.is_empty() || net.fallbacks.is_empty() {
+                return Err(invalid(
+                    "tor.network needs at least one authority and one fallback (leave \
+                     tor.network out for the public Tor network)",
+                ));
+            }
+            for a in &net.authorities {
+                if a.len() != 40 || !a.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(format!(
+                        "tor.network.authorities: {a:?} is not a v3 identity (40 hex digits)"
+                    )));
+                }
+            }
+            for f in &net.fallbacks {
+                if f.orport.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(format!(
+                        "tor.network.fallbacks: orport {:?} is not address:port",
+                        f.orport
+                    )));
+                }
+            }
+        }
         if self.conntrack_max == Some(0) {
             return Err(invalid("conntrack_max must be at least 1"));
         }
@@ -466,6 +560,42 @@ mod tests {
     fn load(uplink: &str) -> Result<ConfigFile, ConfigError> {
         let c = ConfigFile::from_yaml(&format!("uplink: {uplink}\n{TREE}"))?;
         c.check().map(|()| c)
+    }
+
+    #[test]
+    fn the_tor_section_defaults_to_the_public_network_and_a_private_one_is_checked() {
+        let c = ConfigFile::from_yaml(&format!("tor: {{}}\n{TREE}")).expect("empty tor");
+        let t = c.tor.expect("tor");
+        assert_eq!(
+            t.state_dir,
+            std::path::Path::new("/var/lib/sys-whonix/state")
+        );
+        assert!(t.network.is_none() && !t.isolate_dest_addr && !t.isolate_dest_port);
+        let fb = "{rsa_identity: AB, ed_identity: x, orport: \"198.18.0.20:5001\"}";
+        let auth = "0123456789abcdef0123456789ABCDEF01234567";
+        let ok = format!("tor: {{network: {{authorities: [{auth}], fallbacks: [{fb}]}}}}\n{TREE}");
+        let t = ConfigFile::from_yaml(&ok)
+            .expect("private")
+            .tor
+            .expect("tor");
+        assert_eq!(
+            t.network.expect("net").fallbacks[0].orport,
+            "198.18.0.20:5001"
+        );
+        let bad_auth = ok.replace(auth, "nothex");
+        let e = ConfigFile::from_yaml(&bad_auth).expect_err("bad authority");
+        assert!(
+            e.to_string().contains("\"nothex\" is not a v3 identity"),
+            "{e}"
+        );
+        let bad_port = ok.replace("198.18.0.20:5001", "198.18.0.20");
+        let e = ConfigFile::from_yaml(&bad_port).expect_err("bad orport");
+        assert!(e.to_string().contains("is not address:port"), "{e}");
+        let none = format!("tor: {{network: {{authorities: [], fallbacks: []}}}}\n{TREE}");
+        let e = ConfigFile::from_yaml(&none).expect_err("empty network");
+        assert!(e.to_string().contains("at least one authority"), "{e}");
+        let e = ConfigFile::from_yaml(&format!("tor: {{bridges: 1}}\n{TREE}")).expect_err("x");
+        assert!(e.to_string().contains("bridges"), "{e}");
     }
 
     #[test]

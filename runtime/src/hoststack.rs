@@ -23,16 +23,20 @@ const UDP_PACKETS: usize = 8;
 /// Bytes buffered per UDP socket, each way.
 const UDP_BYTES: usize = 8 * 1500;
 
-/// The two queues smoltcp reads from and writes to.
+/// The two queues smoltcp reads from and writes to: a `Medium::Ip` device whose packets are
+/// the engine's local deliveries (in) and what [`Engine::send_local`] takes (out). sys-whonix's
+/// gateway runs its own interface over one.
 #[derive(Debug, Default)]
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: Vec<Vec<u8>>,
-    mtu: usize,
+pub struct Queues {
+    pub rx: VecDeque<Vec<u8>>,
+    pub tx: Vec<Vec<u8>>,
+    pub mtu: usize,
 }
 
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut Vec<Vec<u8>>);
+#[derive(Debug)]
+pub struct Rx(Vec<u8>);
+#[derive(Debug)]
+pub struct Tx<'a>(&'a mut Vec<Vec<u8>>);
 
 impl smoltcp::phy::RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -73,7 +77,8 @@ impl Device for Queues {
     }
 }
 
-fn smol_now(now: Instant) -> smoltcp::time::Instant {
+/// The engine's clock as smoltcp's.
+pub fn smol_now(now: Instant) -> smoltcp::time::Instant {
     smoltcp::time::Instant::from_micros(i64::try_from(now.as_nanos() / 1000).unwrap_or(i64::MAX))
 }
 

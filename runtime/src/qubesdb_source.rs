@@ -192,6 +192,8 @@ impl QubesDbSource {
             // In Qubes a netvm's address comes from DHCP, never from QubesDB.
             static_uplink: None,
             dhcp_hostname: None,
+            // sys-whonix under QubesDB takes its Tor settings from its command line.
+            tor: None,
         })
     }
 

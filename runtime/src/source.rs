@@ -37,6 +37,8 @@ pub struct Desired {
     pub static_uplink: Option<NetvmUplink>,
     /// sys-net with DHCP: the host name to send, if any (YAML `uplink.dhcp_hostname`).
     pub dhcp_hostname: Option<String>,
+    /// sys-whonix: its Tor client (YAML `tor`).
+    pub tor: Option<crate::config_file::TorSection>,
 }
 
 impl Desired {
@@ -75,6 +77,7 @@ impl Desired {
             static_dns: cfg.dns.clone(),
             static_uplink: cfg.netvm_uplink(),
             dhcp_hostname: cfg.uplink.dhcp_hostname.clone(),
+            tor: cfg.tor.clone(),
         })
     }
 

@@ -72,6 +72,15 @@ impl std::fmt::Display for TorError {
 
 impl std::error::Error for TorError {}
 
+impl TorError {
+    /// Whether the exit said the name does not exist (a DNS answer's NXDOMAIN), rather than
+    /// Tor failing to ask (SERVFAIL).
+    pub fn is_not_found(&self) -> bool {
+        use arti_client::HasKind;
+        matches!(self, TorError::Client(e) if e.kind() == arti_client::ErrorKind::RemoteHostNotFound)
+    }
+}
+
 fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
@@ -187,6 +196,59 @@ impl Tor {
             .connect_with_prefs(target, &prefs)
             .await
             .map_err(TorError::Client)
+    }
+
+    /// A TCP stream through Tor to a host name (an onion service's, mapped back from its
+    /// virtual address), on circuits only `isolation` shares.
+    pub async fn connect_host(
+        &self,
+        host: &str,
+        port: u16,
+        isolation: IsolationToken,
+    ) -> Result<DataStream, TorError> {
+        let mut prefs = StreamPrefs::new();
+        prefs.set_isolation(isolation);
+        prefs.connect_to_onion_services(arti_client::config::BoolOrAuto::Explicit(true));
+        self.client
+            .connect_with_prefs((host, port), &prefs)
+            .await
+            .map_err(TorError::Client)
+    }
+
+    /// A name's addresses, resolved by an exit (RELAY_RESOLVE), on `isolation`'s circuits.
+    pub async fn resolve(
+        &self,
+        name: &str,
+        isolation: IsolationToken,
+    ) -> Result<Vec<std::net::IpAddr>, TorError> {
+        let mut prefs = StreamPrefs::new();
+        prefs.set_isolation(isolation);
+        self.client
+            .resolve_with_prefs(name, &prefs)
+            .await
+            .map_err(TorError::Client)
+    }
+
+    /// An address's names, reverse-resolved by an exit, on `isolation`'s circuits.
+    pub async fn resolve_ptr(
+        &self,
+        addr: std::net::IpAddr,
+        isolation: IsolationToken,
+    ) -> Result<Vec<String>, TorError> {
+        let mut prefs = StreamPrefs::new();
+        prefs.set_isolation(isolation);
+        self.client
+            .resolve_ptr_with_prefs(addr, &prefs)
+            .await
+            .map_err(TorError::Client)
+    }
+
+    /// The circuit a stream is attached to, as arti names it (`Circ 3.0`): what `status`
+    /// shows beside each stream, and how two streams are seen to share a circuit or not.
+    pub fn circuit_of(stream: &DataStream) -> Option<String> {
+        use tor_proto::client::stream::ClientStreamCtrl;
+        let tunnel = stream.client_stream_ctrl()?.tunnel()?;
+        Some(tunnel.unique_id().to_string())
     }
 
     /// arti's bootstrap status, as `status` shows it.
