@@ -39,6 +39,7 @@ cargo test --workspace --locked
 echo "== the lab's end-to-end tests again, against the Linux kernel sys-net and sys-firewall (the baseline)"
 QUBES_LAB_FIREWALL=linux cargo test --locked -p qubes-lab --test lab_e2e
 echo "== benchmarks build, and the engine bench's paths work (no timings judged)"
-# sys-whonix has no benchmarks: leaving it out keeps arti out of a release build here.
+# sys-whonix's benchmark (bench/whonix-gateway.sh) is left out: it would put arti through a
+# release build here (about 11 minutes on two cores).
 cargo bench --workspace --exclude sys-whonix --locked --no-run
 cargo bench --locked -p qubes-engine --bench engine -- --smoke

@@ -47,7 +47,7 @@ use crate::tor::Tor;
 /// Bytes moved per channel message.
 const CHUNK: usize = 16 * 1024;
 /// Messages in flight per direction per stream.
-const CHANNEL: usize = 4;
+const CHANNEL: usize = 8;
 /// TTL of the answers (C tor's DNSPort clips TTLs to a minute or so as well).
 const DNS_TTL: u32 = 60;
 /// A DNS-over-TCP message may not be longer than this (RFC 1035 4.2.2's length is 16 bits).
@@ -175,6 +175,9 @@ struct Conn {
     remote: SocketAddrV4,
     local: SocketAddrV4,
     created: Instant,
+    /// Unique for the gateway's life: a socket handle is reused once its socket goes, and a
+    /// late DNS answer must never reach the connection (or client) that took the handle over.
+    serial: u64,
     kind: ConnKind,
 }
 
@@ -246,8 +249,12 @@ struct Counters {
 /// Where a DNS answer goes.
 #[derive(Debug, Clone, Copy)]
 enum Reply {
-    Udp { server: Ipv4Addr, to: IpEndpoint },
-    Tcp(SocketHandle),
+    Udp {
+        server: Ipv4Addr,
+        to: IpEndpoint,
+    },
+    /// A DNS-over-TCP connection: its socket and [`Conn::serial`].
+    Tcp(SocketHandle, u64),
 }
 
 #[derive(Debug)]
@@ -292,6 +299,7 @@ pub struct Gateway {
     dns_udp: Vec<(Ipv4Addr, SocketHandle)>,
     dns_jobs: HashMap<u64, DnsJob>,
     next_job: u64,
+    next_serial: u64,
     job_tx: std::sync::mpsc::Sender<(u64, DnsResult)>,
     job_rx: std::sync::mpsc::Receiver<(u64, DnsResult)>,
     tor: SharedTor,
@@ -373,6 +381,7 @@ impl Gateway {
             dns_udp: Vec::new(),
             dns_jobs: HashMap::new(),
             next_job: 0,
+            next_serial: 0,
             job_tx,
             job_rx,
             tor,
@@ -479,6 +488,9 @@ impl Gateway {
         );
         s.set_timeout(Some(smol_duration(TCP_TIMEOUT)));
         s.set_nagle_enabled(false);
+        // The client's kernel sends at once when acknowledged at once; a delayed ACK (smoltcp's
+        // default 10 ms) would pace every upload, and the vif has no latency to save.
+        s.set_ack_delay(None);
         if s.listen(IpListenEndpoint {
             addr: Some(IpAddress::Ipv4(dst)),
             port: local.port(),
@@ -489,6 +501,7 @@ impl Gateway {
         }
         client.streams += 1;
         let h = self.sockets.add(s);
+        self.next_serial += 1;
         self.by_tuple.insert(key, h);
         self.conns.insert(
             h,
@@ -497,6 +510,7 @@ impl Gateway {
                 remote,
                 local,
                 created: now,
+                serial: self.next_serial,
                 kind,
             },
         );
@@ -574,7 +588,7 @@ impl Gateway {
     fn service_conns(&mut self, now: Instant) -> bool {
         let mut moved = false;
         let handles: Vec<SocketHandle> = self.conns.keys().copied().collect();
-        let mut dns_msgs: Vec<(Ipv4Addr, SocketHandle, Vec<u8>)> = Vec::new();
+        let mut dns_msgs: Vec<(Ipv4Addr, Reply, Vec<u8>)> = Vec::new();
         let mut to_start = Vec::new();
         let mut gone = Vec::new();
         for h in handles {
@@ -614,7 +628,7 @@ impl Gateway {
                         }
                         let msg: Vec<u8> = dc.inbuf.drain(..2 + len).skip(2).collect();
                         dc.jobs += 1;
-                        dns_msgs.push((conn.client, h, msg));
+                        dns_msgs.push((conn.client, Reply::Tcp(h, conn.serial), msg));
                     }
                     if !dc.out.is_empty() && s.can_send() {
                         let n = s.send_slice(&dc.out).unwrap_or(0);
@@ -638,8 +652,8 @@ impl Gateway {
             self.start_stream(h);
             moved = true;
         }
-        for (client, h, msg) in dns_msgs {
-            self.query(client, &msg, Reply::Tcp(h));
+        for (client, reply, msg) in dns_msgs {
+            self.query(client, &msg, reply);
         }
         for h in gone {
             self.remove(h);
@@ -692,18 +706,29 @@ impl Gateway {
                     let _ = self.sockets.get_mut::<udp::Socket>(h).send_slice(&msg, to);
                 }
             }
-            Reply::Tcp(h) => {
-                if let Some(Conn {
-                    kind: ConnKind::Dns(dc),
-                    ..
-                }) = self.conns.get_mut(&h)
-                {
+            Reply::Tcp(h, serial) => {
+                if let Some(dc) = self.dns_conn(h, serial) {
                     dc.jobs = dc.jobs.saturating_sub(1);
-                    dc.out
-                        .extend_from_slice(&(msg.len().min(65535) as u16).to_be_bytes());
-                    dc.out.extend_from_slice(&msg);
+                    // RFC 1035 4.2.2: a two-octet length; an answer too long for it is
+                    // not sent (ours are far shorter: one question, a few records).
+                    if let Ok(len) = u16::try_from(msg.len()) {
+                        dc.out.extend_from_slice(&len.to_be_bytes());
+                        dc.out.extend_from_slice(&msg);
+                    }
                 }
             }
+        }
+    }
+
+    /// The DNS-over-TCP connection `h` still is, if it is the one numbered `serial`.
+    fn dns_conn(&mut self, h: SocketHandle, serial: u64) -> Option<&mut DnsConn> {
+        match self.conns.get_mut(&h) {
+            Some(Conn {
+                kind: ConnKind::Dns(dc),
+                serial: s,
+                ..
+            }) if *s == serial => Some(dc),
+            _ => None,
         }
     }
 
@@ -717,12 +742,8 @@ impl Gateway {
                 return;
             }
             Err(dns::ParseError::NotAQuery) => {
-                if let Reply::Tcp(h) = reply {
-                    if let Some(Conn {
-                        kind: ConnKind::Dns(dc),
-                        ..
-                    }) = self.conns.get_mut(&h)
-                    {
+                if let Reply::Tcp(h, serial) = reply {
+                    if let Some(dc) = self.dns_conn(h, serial) {
                         dc.jobs = dc.jobs.saturating_sub(1);
                     }
                 }
