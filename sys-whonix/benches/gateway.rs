@@ -159,30 +159,16 @@ const ARTI_ENV: &str = "SYS_WHONIX_BENCH_ARTI";
 /// the table shows what the gateway adds and what is arti's. Prints one `arti TTFB RATE` line
 /// per round.
 fn arti_alone(config: &str) {
-    use sys_whonix::tor::{FallbackCache, Network, Tor, TorSettings};
+    use sys_whonix::tor::{Tor, TorSettings};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cfg = qubes_service_runtime::config_file::ConfigFile::load(std::path::Path::new(config))
         .expect("config");
-    let t = cfg.tor.expect("tor section");
-    let net = t.network.expect("a private network");
+    let mut t = cfg.tor.expect("tor section");
+    assert!(t.network.is_some(), "a private network");
     let dir = std::path::Path::new(config).with_extension("arti-alone");
-    let settings = TorSettings {
-        state_dir: dir.join("state"),
-        cache_dir: dir.join("cache"),
-        network: Network::Private {
-            authorities: net.authorities,
-            fallbacks: net
-                .fallbacks
-                .into_iter()
-                .map(|f| FallbackCache {
-                    rsa_identity: f.rsa_identity,
-                    ed_identity: f.ed_identity,
-                    orport: f.orport,
-                })
-                .collect(),
-        },
-        trust_storage_permissions: true,
-    };
+    t.state_dir = dir.join("state");
+    t.cache_dir = dir.join("cache");
+    let settings = TorSettings::from_section(&t);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let tor = Tor::bootstrap(&settings, |_| {}).await.expect("bootstrap");

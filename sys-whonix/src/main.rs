@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use qubes_router::service::Role;
 use qubes_service_runtime::config_file::{ConfigFile, TorSection};
 use sys_whonix::gateway::{Gateway, GatewayConfig, SharedTor, TorState};
-use sys_whonix::tor::{FallbackCache, Network, Tor, TorSettings};
+use sys_whonix::tor::{Tor, TorSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -130,29 +130,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn settings(t: &TorSection) -> TorSettings {
-    TorSettings {
-        state_dir: t.state_dir.clone(),
-        cache_dir: t.cache_dir.clone(),
-        network: match &t.network {
-            None => Network::Public,
-            Some(n) => Network::Private {
-                authorities: n.authorities.clone(),
-                fallbacks: n
-                    .fallbacks
-                    .iter()
-                    .map(|f| FallbackCache {
-                        rsa_identity: f.rsa_identity.clone(),
-                        ed_identity: f.ed_identity.clone(),
-                        orport: f.orport.clone(),
-                    })
-                    .collect(),
-            },
-        },
-        trust_storage_permissions: t.trust_storage_permissions,
-    }
-}
-
 /// Bootstraps the Tor client, again after a pause if it fails, and makes it the gateway's.
 async fn bootstrap(settings: TorSettings, shared: SharedTor) {
     loop {
@@ -204,7 +181,7 @@ fn run_service(args: RunArgs) -> ExitCode {
             ..TorSection::default()
         },
     };
-    let settings = settings(&tor_section);
+    let settings = TorSettings::from_section(&tor_section);
     if let Err(e) = settings.arti_config() {
         eprintln!("sys-whonix run: {e}");
         return ExitCode::FAILURE;

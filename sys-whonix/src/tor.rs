@@ -86,6 +86,30 @@ fn toml_str(s: &str) -> String {
 }
 
 impl TorSettings {
+    /// The settings a configuration file's `tor` section gives.
+    pub fn from_section(t: &qubes_service_runtime::config_file::TorSection) -> TorSettings {
+        TorSettings {
+            state_dir: t.state_dir.clone(),
+            cache_dir: t.cache_dir.clone(),
+            network: match &t.network {
+                None => Network::Public,
+                Some(n) => Network::Private {
+                    authorities: n.authorities.clone(),
+                    fallbacks: n
+                        .fallbacks
+                        .iter()
+                        .map(|f| FallbackCache {
+                            rsa_identity: f.rsa_identity.clone(),
+                            ed_identity: f.ed_identity.clone(),
+                            orport: f.orport.clone(),
+                        })
+                        .collect(),
+                },
+            },
+            trust_storage_permissions: t.trust_storage_permissions,
+        }
+    }
+
     /// The arti configuration, written as arti's own TOML and read by its builder, so that
     /// arti checks every value the way its documentation describes.
     pub fn arti_config(&self) -> Result<TorClientConfig, TorError> {
