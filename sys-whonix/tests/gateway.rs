@@ -242,6 +242,33 @@ fn clients_reach_the_world_only_through_tor_isolated_per_qube() {
     assert_ne!(c4, c1, "new-identity gave the same circuit");
     assert_ne!(c4, c2);
 
+    // With streams of both clients open, every Internet socket sys-whonix has is a TCP
+    // connection to a relay's OR port: no DNS of its own, no connection to the web server,
+    // nothing listening.
+    let pid = s.gateway_pid().expect("running");
+    let ss = Command::new("ip")
+        .args(["netns", "exec", &s.ns("tor"), "ss", "-tunapH"])
+        .output()
+        .expect("ss");
+    let ss = String::from_utf8_lossy(&ss.stdout).to_string();
+    let ours: Vec<&str> = ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "no sockets of sys-whonix (pid {pid}) in: {ss}"
+    );
+    for l in &ours {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(f[0], "tcp", "sys-whonix has a non-TCP socket: {l}");
+        assert!(
+            net.orports.iter().any(|p| p == f[5]),
+            "sys-whonix talks to {} (not a relay's OR port): {l}",
+            f[5]
+        );
+    }
+
     // Killed, the gateway leaves no path: the kernel has no address on the vif and does
     // not forward.
     s.kill_gateway();

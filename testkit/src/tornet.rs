@@ -34,6 +34,8 @@ pub struct TorNet {
     pub fallbacks: Vec<Fallback>,
     /// The exits' OR ports.
     pub exit_orports: Vec<String>,
+    /// Every relay's OR port (`address:port`): all a Tor client ever connects to.
+    pub orports: Vec<String>,
     pid_files: Vec<PathBuf>,
 }
 
@@ -91,6 +93,10 @@ impl TorNet {
             authorities: Vec::new(),
             fallbacks: Vec::new(),
             exit_orports: vec![format!("{ADDR}:5006"), format!("{ADDR}:5007")],
+            orports: nodes
+                .iter()
+                .map(|(_, p, _)| format!("{ADDR}:{p}"))
+                .collect(),
             pid_files: Vec::new(),
         };
         let resolv = dir.join("resolv.conf");

@@ -256,6 +256,11 @@ impl Setup {
         }
     }
 
+    /// The running sys-whonix's process id (`ip netns exec` execs it: the child is it).
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().map(Child::id)
+    }
+
     pub fn kill_gateway(&mut self) {
         if let Some(mut g) = self.gateway.take() {
             // `ip netns exec` execs the program: the child is sys-whonix itself.
