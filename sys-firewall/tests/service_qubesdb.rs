@@ -14,15 +14,7 @@ use qubesdb::tree::Tree;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use testkit::ip;
 
 /// A network namespace removed on drop, with the service process killed first.
 struct Lab {

@@ -17,15 +17,7 @@ const SYS_NET: &str = env!("CARGO_BIN_EXE_sys-net");
 const CHILD_ENV: &str = "SYS_NET_TEST_DNS_QUERY";
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use testkit::ip;
 
 fn output(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("spawn");

@@ -24,14 +24,7 @@ fn clients_reach_the_world_only_through_tor_isolated_per_qube() {
     if common::child_role() {
         return;
     }
-    if !testkit::require_root(NAME) {
-        return;
-    }
-    if !TorNet::available() {
-        testkit::not_run(
-            NAME,
-            "tor is not installed (scripts/setup-debian.sh installs it)",
-        );
+    if !TorNet::can_run(NAME) {
         return;
     }
     let (mut s, net) = Setup::new(

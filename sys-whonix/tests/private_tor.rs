@@ -24,14 +24,7 @@ fn the_tor_client_bootstraps_and_carries_a_stream_on_a_private_network() {
         child(&ns);
         return;
     }
-    if !testkit::require_root(NAME) {
-        return;
-    }
-    if !TorNet::available() {
-        testkit::not_run(
-            NAME,
-            "tor is not installed (scripts/setup-debian.sh installs it)",
-        );
+    if !TorNet::can_run(NAME) {
         return;
     }
     // The network's tor processes live in the namespace; the child's TorNet kills them

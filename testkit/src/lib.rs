@@ -42,6 +42,22 @@ pub fn require_root(test: &str) -> bool {
     }
 }
 
+/// Runs iproute2's `ip` with `args` (a test's namespace and link setup); a failure fails the
+/// test, naming the command and what `ip` said.
+#[track_caller]
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Reports that `test` cannot run here because of `why`: under CI this panics (the test
 /// fails); otherwise it prints `NOT RUN: <test>: <why>` on stderr and records it in the
 /// not-run file. For needs beyond [`require_root`]'s, e.g. a missing tool.

@@ -73,6 +73,23 @@ impl TorNet {
             .all(|p| Command::new(p).arg("--help").output().is_ok())
     }
 
+    /// Whether `test`, which needs root and a private network, can run here; if not, it is
+    /// reported as not run ([`crate::not_run`], a failure under CI) and the test should return.
+    #[track_caller]
+    pub fn can_run(test: &str) -> bool {
+        if !crate::require_root(test) {
+            return false;
+        }
+        if !Self::available() {
+            crate::not_run(
+                test,
+                "tor is not installed (scripts/setup-debian.sh installs it)",
+            );
+            return false;
+        }
+        true
+    }
+
     /// Builds and starts the network in namespace `ns` (its `lo` must be up), keeping its
     /// files under `dir`.
     pub fn start(dir: &Path, ns: &str) -> Result<TorNet, String> {

@@ -24,15 +24,7 @@ const ROLE_ENV: &str = "SYS_WHONIX_TEST_ROLE";
 pub const BODY: &str = "hello from the world through Tor";
 pub const BULK: usize = 3 << 20;
 
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub use testkit::ip;
 
 pub fn bulk_byte(i: usize) -> u8 {
     (i * 7 + i / 251) as u8
