@@ -8,7 +8,8 @@ PKGS=(
   nftables iproute2                    # tests read back rulesets, create netns/veth
   dnsmasq-base iputils-ping iperf3     # the lab (qubes-lab): the world's DNS server, ping, iperf3
   conntrack procps curl                # the lab: conntrack purge (Linux sys-firewall), kill, tests
-  tor                                  # sys-whonix tests: a private Tor network (tor, tor-gencert)
+  tor                                  # sys-whonix and the lab: a private Tor network (tor, tor-gencert)
+  tcpdump                              # the lab test of sys-whonix: a capture of its uplink
 )
 
 missing=()

@@ -1,5 +1,5 @@
-//! Test-only helper shared by the workspace's tests: a test that cannot run here never passes
-//! silently.
+//! Helpers shared by the workspace's tests: a test that cannot run here never passes silently;
+//! and [`tornet`], a private Tor network, which the lab (`qubes-lab`) runs in its world too.
 //!
 //! Tests that need root (network namespaces, nft, AF_PACKET) start with
 //!

@@ -1,13 +1,16 @@
 //! A private Tor network for tests, made of Debian's `tor` and `tor-gencert`, inside a network
 //! namespace the caller created: three directory authorities (which also relay), two middle
-//! relays and two exits, all on the namespace's loopback (tor's `TestingTorNetwork` mode with
-//! chutney's fast voting intervals). Nothing in it reaches beyond the namespace.
+//! relays and two exits (tor's `TestingTorNetwork` mode with chutney's fast voting intervals).
+//! [`TorNet::start`] puts every relay on the namespace's loopback, each on its own port;
+//! [`TorNet::start_on`] gives each relay an address of its own, with Tor's usual ports (ORPort
+//! 9001, DirPort 9030), as the lab's world does. Nothing in it reaches beyond the namespace.
 //!
 //! What a client needs to use it is in [`TorNet::authorities`] and [`TorNet::fallbacks`]. The
 //! first consensus takes about 30 s ([`TorNet::wait_consensus`]).
 
 use std::fmt::Write as _;
 use std::fs;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,9 +40,21 @@ pub struct TorNet {
     /// Every relay's OR port (`address:port`): all a Tor client ever connects to.
     pub orports: Vec<String>,
     pid_files: Vec<PathBuf>,
+    /// Whether dropping it stops the relays ([`TorNet::detach`] clears it).
+    owned: bool,
 }
 
-const ADDR: &str = "127.0.0.1";
+/// The relays' nicknames, in the order of [`TorNet::orports`]: authorities, middles, exits.
+/// Two exits: a client may pick one as its guard, and a path never uses the same relay twice,
+/// so with one exit such a client could build no exit circuit at all.
+pub const NICKNAMES: [&str; 7] = ["a1", "a2", "a3", "r1", "r2", "e1", "e2"];
+
+/// Where each relay listens, and the resolver the exits use.
+struct Layout {
+    /// (address, ORPort, DirPort for the authorities) per relay, in [`NICKNAMES`] order.
+    nodes: Vec<(Ipv4Addr, u16, Option<u16>)>,
+    resolver: Ipv4Addr,
+}
 
 fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -91,43 +106,90 @@ impl TorNet {
     }
 
     /// Builds and starts the network in namespace `ns` (its `lo` must be up), keeping its
-    /// files under `dir`.
+    /// files under `dir`: every relay on 127.0.0.1 (ORPorts 5001-5007, the authorities'
+    /// DirPorts 7001-7003), the exits resolving names through a DNS server on 127.0.0.1.
     pub fn start(dir: &Path, ns: &str) -> Result<TorNet, String> {
-        // Two exits: a client may pick one as its guard, and a path never uses the same
-        // relay twice, so with one exit such a client could build no exit circuit at all.
-        let nodes: [(&str, u16, Option<u16>); 7] = [
-            ("a1", 5001, Some(7001)),
-            ("a2", 5002, Some(7002)),
-            ("a3", 5003, Some(7003)),
-            ("r1", 5004, None),
-            ("r2", 5005, None),
-            ("e1", 5006, None),
-            ("e2", 5007, None),
-        ];
+        let lo = Ipv4Addr::LOCALHOST;
+        let nodes = (0..7u16)
+            .map(|i| (lo, 5001 + i, (i < 3).then_some(7001 + i)))
+            .collect();
+        Self::start_layout(
+            dir,
+            ns,
+            Layout {
+                nodes,
+                resolver: lo,
+            },
+        )
+    }
+
+    /// As [`TorNet::start`], but relay `i` (in [`NICKNAMES`] order) listens on `first + i`
+    /// (ORPort 9001; the authorities' DirPort 9030), addresses the namespace must already
+    /// hold, and the exits resolve names through the DNS server at `resolver`.
+    pub fn start_on(
+        dir: &Path,
+        ns: &str,
+        first: Ipv4Addr,
+        resolver: Ipv4Addr,
+    ) -> Result<TorNet, String> {
+        let nodes = Self::addresses(first)
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| (a, 9001, (i < 3).then_some(9030)))
+            .collect();
+        Self::start_layout(dir, ns, Layout { nodes, resolver })
+    }
+
+    /// The addresses [`TorNet::start_on`] gives the relays.
+    pub fn addresses(first: Ipv4Addr) -> Vec<Ipv4Addr> {
+        (0..NICKNAMES.len() as u32)
+            .map(|i| Ipv4Addr::from(u32::from(first) + i))
+            .collect()
+    }
+
+    /// Leaves the relays running when this value is dropped (they are daemons; whoever owns
+    /// the namespace stops them), and returns the files of pids of the relays.
+    pub fn detach(mut self) -> Vec<PathBuf> {
+        self.owned = false;
+        std::mem::take(&mut self.pid_files)
+    }
+
+    fn start_layout(dir: &Path, ns: &str, layout: Layout) -> Result<TorNet, String> {
+        let nodes: Vec<(&str, Ipv4Addr, u16, Option<u16>)> = NICKNAMES
+            .iter()
+            .zip(&layout.nodes)
+            .map(|(n, (a, o, d))| (*n, *a, *o, *d))
+            .collect();
         let mut net = TorNet {
             dir: dir.to_path_buf(),
             ns: ns.to_string(),
             authorities: Vec::new(),
             fallbacks: Vec::new(),
-            exit_orports: vec![format!("{ADDR}:5006"), format!("{ADDR}:5007")],
+            exit_orports: nodes
+                .iter()
+                .filter(|(n, ..)| n.starts_with('e'))
+                .map(|(_, a, p, _)| format!("{a}:{p}"))
+                .collect(),
             orports: nodes
                 .iter()
-                .map(|(_, p, _)| format!("{ADDR}:{p}"))
+                .map(|(_, a, p, _)| format!("{a}:{p}"))
                 .collect(),
             pid_files: Vec::new(),
+            owned: true,
         };
         let resolv = dir.join("resolv.conf");
         fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        fs::write(&resolv, format!("nameserver {ADDR}\n")).map_err(|e| e.to_string())?;
+        fs::write(&resolv, format!("nameserver {}\n", layout.resolver))
+            .map_err(|e| e.to_string())?;
         let mut dirauths = String::new();
         // Keys and identities first: every torrc names every authority.
-        for (nick, orport, dirport) in nodes {
+        for &(nick, addr, orport, dirport) in &nodes {
             let d = dir.join(nick);
             private_dir(&d.join("keys"))?;
             if let Some(dp) = dirport {
                 let mut c = in_ns(ns, "tor-gencert");
                 c.args(["--create-identity-key", "-m", "12", "-a"])
-                    .arg(format!("{ADDR}:{dp}"))
+                    .arg(format!("{addr}:{dp}"))
                     .arg("-i")
                     .arg(d.join("keys/authority_identity_key"))
                     .arg("-s")
@@ -147,7 +209,13 @@ impl TorNet {
                 "--DataDirectory",
             ])
             .arg(&d)
-            .args(["--ORPort", "1", "--Address", ADDR, "--list-fingerprint"]);
+            .args([
+                "--ORPort",
+                "1",
+                "--Address",
+                &addr.to_string(),
+                "--list-fingerprint",
+            ]);
             run(&mut c)?;
             let rsa = read_second_word(&d.join("fingerprint"))?;
             let ed = read_second_word(&d.join("fingerprint-ed25519"))?;
@@ -162,22 +230,22 @@ impl TorNet {
                     .to_string();
                 let _ = writeln!(
                     dirauths,
-                    "DirAuthority {nick} orport={orport} no-v2 v3ident={v3} {ADDR}:{dp} {rsa}"
+                    "DirAuthority {nick} orport={orport} no-v2 v3ident={v3} {addr}:{dp} {rsa}"
                 );
                 net.authorities.push(v3);
                 net.fallbacks.push(Fallback {
                     rsa_identity: rsa,
                     ed_identity: ed,
-                    orport: format!("{ADDR}:{orport}"),
+                    orport: format!("{addr}:{orport}"),
                 });
             }
         }
         fs::write(dir.join("dirauths.conf"), &dirauths).map_err(|e| e.to_string())?;
-        for (nick, orport, dirport) in nodes {
+        for &(nick, addr, orport, dirport) in &nodes {
             let d = dir.join(nick);
             let pid = d.join("tor.pid");
             let mut rc = format!(
-                "TestingTorNetwork 1\nDataDirectory {d}\nNickname {nick}\nAddress {ADDR}\n\
+                "TestingTorNetwork 1\nDataDirectory {d}\nNickname {nick}\nAddress {addr}\n\
                  ContactInfo test@example.invalid\nRunAsDaemon 1\nPidFile {pid}\nSandbox 0\n\
                  Log notice file {d}/notice.log\nSafeLogging 0\n\
                  PathsNeededToBuildCircuits 0.67\nTestingDirAuthVoteExit *\n\
@@ -185,7 +253,8 @@ impl TorNet {
                  TestingMinExitFlagThreshold 0\nV3AuthNIntervalsValid 2\nAssumeReachable 1\n\
                  ServerDNSDetectHijacking 0\nServerDNSTestAddresses\n\
                  ServerDNSResolvConfFile {resolv}\nServerDNSAllowBrokenConfig 1\n\
-                 SocksPort 0\nORPort {ADDR}:{orport}\n%include {dirauths}\n",
+                 SocksPort 0\nORPort {addr}:{orport}\nOutboundBindAddress {addr}\n\
+                 %include {dirauths}\n",
                 d = d.display(),
                 pid = pid.display(),
                 resolv = resolv.display(),
@@ -193,7 +262,7 @@ impl TorNet {
             );
             match (dirport, nick) {
                 (Some(dp), _) => rc.push_str(&format!(
-                    "DirPort {ADDR}:{dp}\nAuthoritativeDirectory 1\nV3AuthoritativeDirectory 1\n\
+                    "DirPort {addr}:{dp}\nAuthoritativeDirectory 1\nV3AuthoritativeDirectory 1\n\
                      TestingV3AuthInitialVotingInterval 20\nTestingV3AuthInitialVoteDelay 4\n\
                      TestingV3AuthInitialDistDelay 4\nV3AuthVotingInterval 20\n\
                      V3AuthVoteDelay 4\nV3AuthDistDelay 4\nExitPolicy reject *:*\n"
@@ -217,23 +286,20 @@ impl TorNet {
     }
 
     /// Waits until the first authority's consensus lists every relay of the network (a first
-    /// consensus may list only some: relays join as the authorities learn of them), which is
-    /// when a client can build circuits to the exits (about 30-60 s after start).
+    /// consensus may list only some: relays join as the authorities learn of them) and every
+    /// relay has bootstrapped from it, which is when a client can use the exits (about 30-60 s
+    /// after start). An exit that has no consensus yet answers a client's BEGIN with an END,
+    /// which arti reports as a protocol error.
     pub fn wait_consensus(&self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
-        let a1 = self.dir.join("a1");
         loop {
-            let listed = ["cached-microdesc-consensus", "cached-consensus"]
-                .iter()
-                .filter_map(|f| fs::read_to_string(a1.join(f)).ok())
-                .map(|c| c.lines().filter(|l| l.starts_with("r ")).count())
-                .max()
-                .unwrap_or(0);
-            if listed >= 7 {
+            if self.relays_in_consensus() >= NICKNAMES.len()
+                && self.relays_bootstrapped() >= NICKNAMES.len()
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let log = fs::read_to_string(a1.join("notice.log")).unwrap_or_default();
+                let log = fs::read_to_string(self.dir.join("a1/notice.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(15).collect();
                 return Err(format!(
                     "no consensus within {} s; a1's log ends:\n{}",
@@ -243,6 +309,31 @@ impl TorNet {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+}
+
+impl TorNet {
+    /// How many relays the first authority's latest consensus lists (0 before the first).
+    pub fn relays_in_consensus(&self) -> usize {
+        let a1 = self.dir.join("a1");
+        ["cached-microdesc-consensus", "cached-consensus"]
+            .iter()
+            .filter_map(|f| fs::read_to_string(a1.join(f)).ok())
+            .map(|c| c.lines().filter(|l| l.starts_with("r ")).count())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How many relays say in their log that they have bootstrapped (`Bootstrapped 100%`):
+    /// they hold a consensus and have built circuits.
+    pub fn relays_bootstrapped(&self) -> usize {
+        NICKNAMES
+            .iter()
+            .filter(|n| {
+                fs::read_to_string(self.dir.join(n).join("notice.log"))
+                    .is_ok_and(|l| l.contains("Bootstrapped 100%"))
+            })
+            .count()
     }
 }
 
@@ -256,6 +347,9 @@ fn read_second_word(p: &Path) -> Result<String, String> {
 
 impl Drop for TorNet {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         for p in &self.pid_files {
             if let Some(pid) = fs::read_to_string(p)
                 .ok()

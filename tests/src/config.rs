@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qubes_rules::rule::Family;
 use qubes_rules::Rule;
@@ -50,6 +50,35 @@ pub struct NetvmConfig {
     /// The service's connection table size (`up --conntrack-max`); none: its default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack_max: Option<usize>,
+    /// sys-whonix's Tor client: where it keeps its state, and the world's private network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tor: Option<TorConfig>,
+}
+
+/// The `tor:` section sys-whonix reads (docs/whonix.md): a client of the lab's private Tor
+/// network, not the public one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorConfig {
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub network: TorNetwork,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorNetwork {
+    /// The directory authorities' v3 identities.
+    pub authorities: Vec<String>,
+    pub fallbacks: Vec<TorFallback>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorFallback {
+    pub rsa_identity: String,
+    pub ed_identity: String,
+    pub orport: String,
 }
 
 /// The MTU of every lab link (veth default, and Xen's).
@@ -106,6 +135,30 @@ impl NetvmConfig {
         out.push_str("qubesdb:\n");
         for (k, v) in &self.qubesdb {
             out.push_str(&format!("  {}: {}\n", key(k), quoted(v)));
+        }
+        if let Some(t) = &self.tor {
+            out.push_str("tor:\n");
+            out.push_str(&format!(
+                "  state_dir: {}\n",
+                quoted(&t.state_dir.to_string_lossy())
+            ));
+            out.push_str(&format!(
+                "  cache_dir: {}\n",
+                quoted(&t.cache_dir.to_string_lossy())
+            ));
+            out.push_str("  network:\n    authorities:\n");
+            for a in &t.network.authorities {
+                out.push_str(&format!("      - {}\n", quoted(a)));
+            }
+            out.push_str("    fallbacks:\n");
+            for f in &t.network.fallbacks {
+                out.push_str(&format!(
+                    "      - {{ rsa_identity: {}, ed_identity: {}, orport: {} }}\n",
+                    quoted(&f.rsa_identity),
+                    quoted(&f.ed_identity),
+                    quoted(&f.orport)
+                ));
+            }
         }
         if self.vifs.is_empty() {
             out.push_str("vifs: []\n");
@@ -249,6 +302,7 @@ pub fn build(
         qubesdb: db,
         vifs: Vec::new(),
         conntrack_max: None,
+        tor: None,
     };
     let mut connected = Vec::new();
     for c in topo.clients_of(netvm) {
@@ -297,7 +351,11 @@ mod tests {
         assert_eq!(get("/qubes-gateway"), "10.137.0.5");
         assert_eq!(get("/qubes-mac"), "00:16:3e:5e:6c:06");
         assert_eq!(get("/qubes-vm-type"), "ProxyVM");
-        assert_eq!(get("/connected-ips"), "10.137.0.10 10.137.0.11 10.137.0.12");
+        // sys-whonix is one more client of sys-firewall.
+        assert_eq!(
+            get("/connected-ips"),
+            "10.137.0.10 10.137.0.11 10.137.0.12 10.137.0.8"
+        );
         assert_eq!(get("/qubes-firewall/10.137.0.10"), "");
         assert_eq!(get("/qubes-firewall/10.137.0.10/policy"), "drop");
         assert_eq!(get("/qubes-firewall/10.137.0.10/0000"), "action=accept");
@@ -311,13 +369,19 @@ mod tests {
         );
         assert_eq!(get("/qubes-firewall/10.137.0.12/0002"), "action=drop");
         assert_eq!(get("/mapped-ip/10.137.0.11/visible-gateway"), "10.137.0.6");
-        assert_eq!(cfg.vifs.len(), 3);
+        assert_eq!(cfg.vifs.len(), 4);
         assert_eq!(cfg.vifs[0].name, "vif3.0");
         assert_eq!(cfg.vifs[0].mac, "00:16:3e:5e:6c:0a");
         assert_eq!(
             cfg.firewall_targets(),
-            ["10.137.0.10", "10.137.0.11", "10.137.0.12"]
+            ["10.137.0.10", "10.137.0.11", "10.137.0.12", "10.137.0.8"]
         );
+        let gw = build(&topo, topo.get("sys-whonix").expect("q"), &default_rules).expect("cfg");
+        assert_eq!(gw.get("/qubes-ip"), Some("10.137.0.8"));
+        assert_eq!(gw.get("/qubes-gateway"), Some("10.137.0.6"));
+        assert_eq!(gw.get("/qubes-netvm-gateway"), Some("10.137.0.8"));
+        assert_eq!(gw.get("/connected-ips"), Some("10.137.0.13"));
+        assert_eq!(gw.vifs[0].name, "vif8.0");
         let net = build(&topo, topo.get("sys-net").expect("q"), &default_rules).expect("cfg");
         assert_eq!(net.get("/qubes-vm-type"), Some("NetVM"));
         assert_eq!(net.get("/qubes-ip"), None);
@@ -351,6 +415,34 @@ mod tests {
         let text = small.to_yaml("h");
         assert!(text.contains("\nconntrack_max: 1024\nqubesdb:\n"), "{text}");
         assert_eq!(NetvmConfig::parse(&text).expect("parses"), small);
+        // sys-whonix's tor section, as sys-whonix reads it.
+        let mut gw = cfg.clone();
+        gw.tor = Some(TorConfig {
+            state_dir: "/run/x/state".into(),
+            cache_dir: "/run/x/cache".into(),
+            network: TorNetwork {
+                authorities: vec!["AB".repeat(20)],
+                fallbacks: vec![TorFallback {
+                    rsa_identity: "CD".repeat(20),
+                    ed_identity: "edkey".into(),
+                    orport: "198.18.0.41:9001".into(),
+                }],
+            },
+        });
+        let text = gw.to_yaml("h");
+        assert!(
+            text.contains("tor:\n  state_dir: \"/run/x/state\"\n"),
+            "{text}"
+        );
+        assert!(text.contains("orport: \"198.18.0.41:9001\" }\n"), "{text}");
+        assert_eq!(NetvmConfig::parse(&text).expect("parses"), gw);
+        // The services' own reader takes it, checks included (40 hex digits per identity).
+        let read = qubes_service_runtime::config_file::ConfigFile::from_yaml(&text)
+            .expect("sys-whonix reads it");
+        assert_eq!(
+            read.tor.and_then(|t| t.network).map(|n| n.fallbacks.len()),
+            Some(1)
+        );
     }
 
     #[test]
@@ -363,6 +455,7 @@ mod tests {
             qubesdb: BTreeMap::new(),
             vifs: vec![],
             conntrack_max: None,
+            tor: None,
         };
         let e = |k: &str, v: &str| (k.to_string(), v.to_string());
         cfg.set_firewall(
@@ -398,6 +491,7 @@ mod tests {
             qubesdb: BTreeMap::new(),
             vifs: vec![],
             conntrack_max: None,
+            tor: None,
         };
         let vif = |name: &str, last: u8| Vif {
             name: name.to_string(),

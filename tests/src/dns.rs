@@ -1,9 +1,28 @@
-//! A minimal DNS client for the probes: one A query over UDP (RFC 1035), and its answer.
+//! A minimal DNS client for the probes: one query over UDP (RFC 1035), and its answer.
 
 use std::net::Ipv4Addr;
 
-/// The query message for `name`, type A, class IN, recursion desired.
-pub fn query(id: u16, name: &str) -> Result<Vec<u8>, String> {
+/// Query type A (RFC 1035 3.2.2).
+pub const TYPE_A: u16 = 1;
+
+/// A query type by name (RFC 1035 3.2.2, RFC 3596 2.1) or number.
+pub fn parse_qtype(s: &str) -> Result<u16, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "A" => Ok(TYPE_A),
+        "NS" => Ok(2),
+        "PTR" => Ok(12),
+        "MX" => Ok(15),
+        "TXT" => Ok(16),
+        "AAAA" => Ok(28),
+        "SRV" => Ok(33),
+        n => n.parse().map_err(|_| {
+            format!("unknown query type {s:?} (A, NS, PTR, MX, TXT, AAAA, SRV or a number)")
+        }),
+    }
+}
+
+/// The query message for `name`, type `qtype`, class IN, recursion desired.
+pub fn query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>, String> {
     let mut m = Vec::with_capacity(18 + name.len());
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&[0x01, 0x00]); // RD
@@ -16,7 +35,8 @@ pub fn query(id: u16, name: &str) -> Result<Vec<u8>, String> {
         m.extend_from_slice(label.as_bytes());
     }
     m.push(0);
-    m.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]); // IN
     Ok(m)
 }
 
@@ -51,8 +71,15 @@ fn u16_at(msg: &[u8], pos: usize) -> Result<u16, String> {
     }
 }
 
-/// The A records of an answer to query `id`; Err with the rcode name or what is malformed.
-pub fn parse_answer(id: u16, msg: &[u8]) -> Result<Vec<Ipv4Addr>, String> {
+/// An answer's records: the A records, and how many records of any type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub a: Vec<Ipv4Addr>,
+    pub records: u16,
+}
+
+/// The records of an answer to query `id`; Err with the rcode name or what is malformed.
+pub fn parse_answer(id: u16, msg: &[u8]) -> Result<Answer, String> {
     if msg.len() < 12 {
         return Err("truncated message".into());
     }
@@ -86,7 +113,10 @@ pub fn parse_answer(id: u16, msg: &[u8]) -> Result<Vec<Ipv4Addr>, String> {
         }
         pos += 10 + rdlen;
     }
-    Ok(out)
+    Ok(Answer {
+        a: out,
+        records: an,
+    })
 }
 
 #[cfg(test)]
@@ -95,7 +125,7 @@ mod tests {
 
     #[test]
     fn query_encoding() {
-        let q = query(0x1234, "web.test").expect("valid");
+        let q = query(0x1234, "web.test", TYPE_A).expect("valid");
         assert_eq!(
             q,
             [
@@ -103,20 +133,33 @@ mod tests {
                 b't', 0, 0, 1, 0, 1
             ]
         );
-        assert!(query(1, "a..b").is_err());
+        assert!(query(1, "a..b", TYPE_A).is_err());
+        // MX is type 15 (RFC 1035 3.2.2), in the two bytes before the class.
+        let mx = query(1, "web.test", parse_qtype("mx").expect("known")).expect("valid");
+        assert_eq!(mx[mx.len() - 4..], [0, 15, 0, 1]);
+        assert_eq!(parse_qtype("65"), Ok(65));
+        assert!(parse_qtype("bogus").is_err());
     }
 
     #[test]
     fn answer_with_compression() {
-        let mut m = query(7, "web.test").expect("valid");
+        let mut m = query(7, "web.test", TYPE_A).expect("valid");
         m[2] = 0x81;
         m[3] = 0x80;
         m[7] = 1; // ANCOUNT 1
         m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 0, 10]);
-        assert_eq!(parse_answer(7, &m), Ok(vec![Ipv4Addr::new(198, 18, 0, 10)]));
+        assert_eq!(
+            parse_answer(7, &m),
+            Ok(Answer {
+                a: vec![Ipv4Addr::new(198, 18, 0, 10)],
+                records: 1
+            })
+        );
         assert_eq!(parse_answer(8, &m), Err("answer to another query".into()));
         m[3] = 0x83;
         assert_eq!(parse_answer(7, &m), Err("NXDOMAIN".into()));
+        m[3] = 0x84;
+        assert_eq!(parse_answer(7, &m), Err("NOTIMP".into()));
         assert!(parse_answer(7, &m[..5]).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,13 +11,14 @@ use std::time::Duration;
 
 use qubes_rules::store::Store;
 use qubes_rules::Rule;
+use testkit::tornet::TorNet;
 
 use crate::cmd::{err, io_err, Cmd, Context, Error, Result};
-use crate::config::{self, NetvmConfig};
+use crate::config::{self, NetvmConfig, TorConfig, TorFallback, TorNetwork};
 use crate::matrix;
 use crate::netvm::{self, AgentLog};
 use crate::procs;
-use crate::service;
+use crate::service::Service;
 use crate::state::{self, FirewallKind, LabState, NetvmKind, Paths};
 use crate::sysnet;
 use crate::topology::world::{self as w, DNS_IP, ROUTER_IP, UPLINK_IP};
@@ -37,7 +39,35 @@ pub struct UpOptions {
     pub keep_on_error: bool,
     /// Our service's connection table size (`conntrack_max`); none: its default, from memory.
     pub conntrack_max: Option<usize>,
+    /// Leave out the whonix qube, the qubes behind it and the private Tor network.
+    pub no_whonix: bool,
 }
+
+/// sys-whonix's kernel takes nothing from a client vif: only its uplink (the Tor client's
+/// relay connections) and loopback reach it, in IP, IPv6 and ARP, and it forwards nothing.
+const WHONIX_GUARD: &str = "\
+table inet whonix-guard {
+    chain input {
+        type filter hook input priority -300; policy drop;
+        iifname \"lo\" accept
+        iifname \"eth0\" accept
+    }
+    chain forward {
+        type filter hook forward priority -300; policy drop;
+    }
+}
+table arp whonix-guard {
+    chain input {
+        type filter hook input priority 0; policy drop;
+        iifname \"eth0\" accept
+    }
+}
+";
+
+/// How long `up` waits for the private Tor network's first consensus, and then for
+/// sys-whonix's Tor client to be ready.
+const TOR_CONSENSUS_WAIT: Duration = Duration::from_secs(150);
+const TOR_READY_WAIT: Duration = Duration::from_secs(120);
 
 fn load_spec(path: Option<&Path>) -> Result<TopologySpec> {
     match path {
@@ -55,10 +85,28 @@ pub fn up(o: &UpOptions) -> Result<()> {
     check_lab_name(&o.name)?;
     state::need_root()?;
     world::check_tools()?;
-    let spec = load_spec(o.topology.as_deref())?;
+    let mut spec = load_spec(o.topology.as_deref())?;
+    if o.no_whonix {
+        spec = spec.without_whonix();
+    }
     let topo = spec.resolve(&o.name)?;
     if o.firewall == FirewallKind::Rust && topo.firewall().is_some() {
-        service::binary()?;
+        Service::Firewall.binary()?;
+    }
+    if let Some(w) = topo.whonix() {
+        Service::Whonix.binary().context(|| {
+            format!(
+                "{} runs sys-whonix (`up --no-whonix` leaves it out)",
+                w.name
+            )
+        })?;
+        if !TorNet::available() {
+            return err(format!(
+                "{} needs the world's private Tor network, and tor is not installed \
+                 (scripts/setup-debian.sh installs it; `up --no-whonix` leaves sys-whonix out)",
+                w.name
+            ));
+        }
     }
     down(&o.name, false).context(|| format!("cleaning the old lab {}", o.name))?;
     let paths = Paths::new(&o.name);
@@ -217,10 +265,23 @@ fn build(
     if netvm_kind == NetvmKind::Rust {
         world::dhcp_up(topo, paths)?;
     }
+    // The Tor network's first consensus takes longest: started now, waited for once the
+    // netvms below sys-whonix are up.
+    let mut tor_net = match topo.whonix() {
+        Some(_) => Some(world::tor_up(topo, paths)?),
+        None => None,
+    };
     // Netvms from the root down, then the app qubes.
     let mut providers: Vec<&Qube> = topo.qubes.iter().filter(|q| q.provides_network()).collect();
     providers.sort_by_key(|q| depth(topo, q));
     for p in providers {
+        if p.role == Role::Whonix {
+            if let Some(net) = tor_net.take() {
+                whonix_prepare(paths, p, &net)?;
+                // The relays are the world's daemons from here on (`down` stops them).
+                net.detach();
+            }
+        }
         netvm_up(topo, paths, kind, netvm_kind, p).context(|| format!("setting up {}", p.name))?;
     }
     for q in topo.qubes.iter().filter(|q| q.role == Role::App) {
@@ -228,7 +289,44 @@ fn build(
         let ip = q.ip.ok_or_else(|| Error(format!("{} has no ip", q.name)))?;
         netvm::setup_ip(&q.ns, ip, gw).context(|| format!("setting up {}", q.name))?;
     }
+    if topo.whonix().is_some() {
+        Service::Whonix
+            .wait_tor_ready(paths, TOR_READY_WAIT)
+            .context(|| "sys-whonix".to_string())?;
+    }
     Ok(())
+}
+
+/// Before sys-whonix starts: its Tor client's directories (private, as arti wants them), the
+/// private network in its configuration, and the network's first consensus.
+fn whonix_prepare(paths: &Paths, q: &Qube, net: &TorNet) -> Result<()> {
+    let base = paths.dir.join("sys-whonix");
+    let (state_dir, cache_dir) = (base.join("state"), base.join("cache"));
+    for d in [&base, &state_dir, &cache_dir] {
+        fs::create_dir_all(d).map_err(io_err("cannot create", d))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("cannot make private", d))?;
+    }
+    let path = paths.config(&q.name);
+    let mut cfg = NetvmConfig::read(&path)?;
+    cfg.tor = Some(TorConfig {
+        state_dir,
+        cache_dir,
+        network: TorNetwork {
+            authorities: net.authorities.clone(),
+            fallbacks: net
+                .fallbacks
+                .iter()
+                .map(|f| TorFallback {
+                    rsa_identity: f.rsa_identity.clone(),
+                    ed_identity: f.ed_identity.clone(),
+                    orport: f.orport.clone(),
+                })
+                .collect(),
+        },
+    });
+    cfg.write(&path)?;
+    world::wait_tor_consensus(net, TOR_CONSENSUS_WAIT)
 }
 
 fn depth(topo: &Topology, q: &Qube) -> usize {
@@ -277,7 +375,25 @@ fn netvm_up(
             Cmd::ip(&p.ns).args(["link", "set", &v.name, "up"]).run()?;
         }
         // Started before the netvms below it, whose agents may resolve names through it.
-        return service::start(paths, p);
+        return Service::Firewall.start(paths, p);
+    }
+    if p.role == Role::Whonix {
+        // The kernel holds sys-whonix's uplink (eth0 with its address and default route, as
+        // Qubes' setup-ip leaves it) for the Tor client's connections to relays. The client
+        // vifs are up without addresses: the service answers on them, the kernel never
+        // routes between them and the uplink (forwarding is off in a new namespace).
+        let ip = p.ip.ok_or_else(|| Error(format!("{} has no ip", p.name)))?;
+        netvm::setup_ip(&p.ns, ip, gateway(topo, p)?)?;
+        // The kernel owns an address on eth0, and Linux delivers a packet for any of its
+        // addresses whichever link it came in on, and answers ARP for it there too. So a
+        // client that sends to the gateway's own address would reach the kernel's sockets
+        // through its vif once the service is gone. The service reads its vifs through
+        // AF_PACKET, before netfilter: this guard takes nothing from it.
+        netvm::nft(&p.ns, WHONIX_GUARD)?;
+        for v in &cfg.vifs {
+            Cmd::ip(&p.ns).args(["link", "set", &v.name, "up"]).run()?;
+        }
+        return Service::Whonix.start(paths, p);
     }
     if p.role == Role::Uplink {
         // The NIC: an address in the world, a default route to its router.
@@ -357,6 +473,7 @@ fn qube_table(
                 FirewallKind::Linux => "Linux sys-firewall (nftables)".to_string(),
                 FirewallKind::Rust => "sys-firewall service".to_string(),
             },
+            Role::Whonix => "sys-whonix service: Tor gateway (embedded arti)".to_string(),
             Role::LinuxProxy => "Linux proxy netvm".to_string(),
             Role::App => "app qube".to_string(),
             Role::Isolated => "no network".to_string(),
@@ -416,11 +533,22 @@ fn qube_table(
         ),
         "-".into(),
         format!(
-            "web {}:80,443 (+echo :{}), dns {DNS_IP} ({} -> {})",
+            "web {}:80,443 (+echo :{}), dns {DNS_IP} ({} -> {}){}",
             w::WEB_IP,
             w::ECHO_PORT,
             w::WEB_NAME,
-            w::WEB_IP
+            w::WEB_IP,
+            if topo.whonix().is_some() {
+                let relays = TorNet::addresses(w::TOR_FIRST_RELAY);
+                format!(
+                    ", private Tor network {}-{} port {}",
+                    relays[0],
+                    relays[relays.len() - 1],
+                    w::TOR_ORPORT
+                )
+            } else {
+                String::new()
+            }
         ),
     ]);
     render_table(&rows)
@@ -463,11 +591,12 @@ pub fn existing_namespaces() -> Result<Vec<String>> {
 }
 
 /// The background processes of a lab: pid-file name and command name.
-const RECORDED: [(&str, &str); 6] = [
+const RECORDED: [(&str, &str); 7] = [
     ("dnsmasq", "dnsmasq"),
     ("serve-http", "qubes-lab"),
     ("iperf3", "iperf3"),
-    (service::PROCESS, "sys-firewall"),
+    ("sys-firewall", "sys-firewall"),
+    ("sys-whonix", "sys-whonix"),
     (sysnet::PROCESS, "sys-net"),
     ("dnsmasq-dhcp", "dnsmasq"),
 ];
@@ -596,7 +725,16 @@ pub fn status(name: &str) -> Result<()> {
         .map(|(n, what)| (*n, what.to_string()))
         .collect();
     if state.firewall == FirewallKind::Rust {
-        names.push((service::PROCESS, "the sys-firewall service".to_string()));
+        names.push((
+            Service::Firewall.process(),
+            "the sys-firewall service".to_string(),
+        ));
+    }
+    if topo.whonix().is_some() {
+        names.push((
+            Service::Whonix.process(),
+            "the sys-whonix service (Tor gateway)".to_string(),
+        ));
     }
     if state.netvm == NetvmKind::Rust {
         names.push((sysnet::PROCESS, "the sys-net service".to_string()));
@@ -628,9 +766,16 @@ pub fn status(name: &str) -> Result<()> {
             }
         }
     }
+    let mut services = Vec::new();
     if state.firewall == FirewallKind::Rust {
-        println!("\nsys-firewall status:");
-        match service::status(&paths) {
+        services.push(Service::Firewall);
+    }
+    if topo.whonix().is_some() {
+        services.push(Service::Whonix);
+    }
+    for svc in services {
+        println!("\n{} status:", svc.process());
+        match svc.status(&paths) {
             Ok(out) => print!("{}", crate::cmd::indent(&out) + "\n"),
             Err(e) => println!("{}", crate::cmd::indent(&e.to_string())),
         }
@@ -765,27 +910,31 @@ fn update_tree(
             Ok(())
         };
     }
-    let is_service = netvm.role == Role::Firewall && kind == FirewallKind::Rust;
+    let service = Service::of(netvm, kind);
     // The tree is dom0's (QubesDB), not the service's: it changes whether or not the service
     // runs, and a service that starts later reads it as it then is. Refusing the change here
     // would leave the rule store, which qvm-firewall has already changed, and the tree the
     // service enforces saying different things.
-    let running = is_service && procs::read_pid(paths, service::PROCESS).is_some_and(procs::alive);
-    let before = if running {
-        service::config_generation(paths)
-    } else {
-        None
+    let running = service.is_some_and(|s| s.running(paths));
+    let before = match service {
+        Some(s) if running => s.config_generation(paths),
+        _ => None,
     };
     edit(&mut cfg);
     cfg.write(&path)?;
-    if is_service {
+    if let Some(svc) = service {
         if running {
-            return service::wait_applied(paths, before);
+            return svc.wait_applied(paths, before);
         }
+        let restart = match svc {
+            Service::Firewall => "restart-firewall",
+            Service::Whonix => "restart-whonix",
+        };
         eprintln!(
-            "qubes-lab: the sys-firewall service is not running (see {}); the change is in \
-             its tree and takes effect when it starts (`qubes-lab restart-firewall`)",
-            paths.log(service::PROCESS).display()
+            "qubes-lab: the {} service is not running (see {}); the change is in its tree \
+             and takes effect when it starts (`qubes-lab {restart}`)",
+            svc.process(),
+            paths.log(svc.process()).display()
         );
         Ok(())
     } else {
@@ -838,8 +987,8 @@ pub fn restart_firewall(name: &str) -> Result<()> {
     let _lock = state::lock(&paths)?;
     match state.firewall {
         FirewallKind::Rust => {
-            service::stop(&paths)?;
-            service::start(&paths, fw)?;
+            Service::Firewall.stop(&paths)?;
+            Service::Firewall.start(&paths, fw)?;
             println!("sys-firewall service restarted");
         }
         FirewallKind::Linux => {
@@ -848,6 +997,22 @@ pub fn restart_firewall(name: &str) -> Result<()> {
             println!("qubes-firewall agent of {} restarted", fw.name);
         }
     }
+    Ok(())
+}
+
+/// `restart-whonix`: sys-whonix is stopped (if it still runs) and started again from its
+/// configuration, and the command waits until its Tor client is ready. Its Tor state and
+/// cache stay, as they would across a reboot of the qube.
+pub fn restart_whonix(name: &str) -> Result<()> {
+    let (_, topo, paths) = load(name)?;
+    let q = topo
+        .whonix()
+        .ok_or_else(|| Error(format!("lab {name} has no whonix qube")))?;
+    let _lock = state::lock(&paths)?;
+    Service::Whonix.stop(&paths)?;
+    Service::Whonix.start(&paths, q)?;
+    Service::Whonix.wait_tor_ready(&paths, TOR_READY_WAIT)?;
+    println!("sys-whonix service restarted, Tor ready");
     Ok(())
 }
 
@@ -894,7 +1059,7 @@ pub fn set_mtu(name: &str, qube: &str, mtu: u16) -> Result<()> {
         };
         if let Some(prefix) = line {
             let want = mtu.to_string();
-            service::wait_status(&paths, None, &format!("follow MTU {mtu}"), |st| {
+            Service::Firewall.wait_status(&paths, None, &format!("follow MTU {mtu}"), |st| {
                 st.lines().filter(|l| l.starts_with(&prefix)).any(|l| {
                     let w: Vec<&str> = l.split_whitespace().collect();
                     w.windows(2).any(|p| p[0] == "mtu" && p[1] == want)

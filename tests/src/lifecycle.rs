@@ -24,9 +24,9 @@ use crate::config::{self, NetvmConfig, Vif};
 use crate::lab::{agent_log, existing_namespaces, gateway, load};
 use crate::netvm;
 use crate::procs;
-use crate::service;
-use crate::state::{self, FirewallKind, LabLock, LabState, Paths};
-use crate::topology::{Qube, Role, Topology, BACKEND_MAC, MAX_DOMID};
+use crate::service::{self, Service};
+use crate::state::{self, LabLock, LabState, Paths};
+use crate::topology::{Qube, Topology, BACKEND_MAC, MAX_DOMID};
 
 /// The lab, locked, and the qube, checked: it exists, provides no network, and its namespace
 /// is there.
@@ -57,14 +57,6 @@ fn prepare(name: &str, qube: &str, verb: &str) -> Result<(LabLock, LabState, Top
         ));
     }
     Ok((lock, state, topo, paths))
-}
-
-fn is_service(netvm: &Qube, kind: FirewallKind) -> bool {
-    netvm.role == Role::Firewall && kind == FirewallKind::Rust
-}
-
-fn service_running(paths: &Paths) -> bool {
-    procs::read_pid(paths, service::PROCESS).is_some_and(procs::alive)
 }
 
 fn link_exists(ns: &str, ifname: &str) -> bool {
@@ -111,16 +103,16 @@ fn remove_vif(state: &LabState, paths: &Paths, netvm: &Qube, vif: &str) -> Resul
     let mut cfg = NetvmConfig::read(&path)?;
     let gone: Vec<Vif> = cfg.vifs.iter().filter(|v| v.name == vif).cloned().collect();
     cfg.vifs.retain(|v| v.name != vif);
-    if is_service(netvm, state.firewall) {
-        let running = service_running(paths);
+    if let Some(svc) = Service::of(netvm, state.firewall) {
+        let running = svc.running(paths);
         let before = if running {
-            service::config_generation(paths)
+            svc.config_generation(paths)
         } else {
             None
         };
         cfg.write(&path)?;
         if running {
-            service::wait_status(paths, before, &format!("let go of {vif}"), |s| {
+            svc.wait_status(paths, before, &format!("let go of {vif}"), |s| {
                 !service::has_client(s, vif)
             })?;
         }
@@ -147,11 +139,16 @@ pub fn start(name: &str, qube: &str) -> Result<()> {
     }
     let netvm = topo.netvm_of(q);
     if let Some(n) = netvm {
-        if is_service(n, state.firewall) && !service_running(&paths) {
+        if let Some(svc) = Service::of(n, state.firewall).filter(|s| !s.running(&paths)) {
+            let restart = match svc {
+                Service::Firewall => "restart-firewall",
+                Service::Whonix => "restart-whonix",
+            };
             return err(format!(
-                "cannot start {qube}: its netvm's sys-firewall service is not running (see {}; \
-                 `qubes-lab restart-firewall` starts it)",
-                paths.log(service::PROCESS).display()
+                "cannot start {qube}: its netvm's {} service is not running (see {}; \
+                 `qubes-lab {restart}` starts it)",
+                svc.process(),
+                paths.log(svc.process()).display()
             ));
         }
     }
@@ -233,14 +230,10 @@ fn add_vif(
         mac: q.mac.clone(),
     };
     cfg.insert_vif(entry.clone());
-    let service = is_service(netvm, state.firewall);
-    let before = if service {
-        service::config_generation(paths)
-    } else {
-        None
-    };
+    let service = Service::of(netvm, state.firewall);
+    let before = service.and_then(|s| s.config_generation(paths));
     cfg.write(&path)?;
-    if !service {
+    if service.is_none() {
         let log = agent_log(paths, netvm);
         netvm::agent_connected_ips(&netvm.ns, &cfg)?;
         netvm::agent_handle_addr(&netvm.ns, &cfg, &ip_s, &log)?;
@@ -259,9 +252,9 @@ fn add_vif(
         .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
         .args(["address", &q.mac])
         .run()?;
-    if service {
+    if let Some(svc) = service {
         Cmd::ip(&netvm.ns).args(["link", "set", vif, "up"]).run()?;
-        service::wait_status(paths, before, &format!("attach {vif}"), |s| {
+        svc.wait_status(paths, before, &format!("attach {vif}"), |s| {
             service::has_client(s, vif)
         })?;
     } else {

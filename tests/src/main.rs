@@ -27,10 +27,11 @@ use crate::state::{FirewallKind, NetvmKind};
 
 const ABOUT: &str = "\
 The Qubes default netvm chain in Linux network namespaces: sys-net, sys-firewall, the app
-qubes work, personal and untrusted, vault without network, and a world of 198.18.0.0/24
-behind sys-net (a web server at 198.18.0.10, a DNS server at 198.18.0.53 that knows
-web.test). Each qube is a namespace <name>-<qube>; each vif a veth pair named as Qubes
-names them. `stop QUBE` and `start QUBE` halt and start a qube as dom0 does: a restarted
+qubes work, personal and untrusted, vault without network, sys-whonix (the Tor gateway,
+behind sys-firewall) with anon-whonix behind it, and a world of 198.18.0.0/24 behind
+sys-net (a web server at 198.18.0.10, a DNS server at 198.18.0.53 that knows web.test, and a
+private Tor network of seven relays at 198.18.0.41-47). Each qube is a namespace
+<name>-<qube>; each vif a veth pair named as Qubes names them. `stop QUBE` and `start QUBE` halt and start a qube as dom0 does: a restarted
 qube comes back with the next domid, so a new vifN.0, with the same address, MAC and rules.
 Needs root. See docs/lab.md.";
 
@@ -72,6 +73,11 @@ struct UpArgs {
     /// Linux). The Linux firewall keeps the kernel's nf_conntrack_max
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     conntrack_max: Option<u32>,
+    /// Leave out sys-whonix, the qubes behind it (anon-whonix) and the private Tor network:
+    /// `up` is then done in seconds instead of the minute or two Tor's first consensus and
+    /// bootstrap take
+    #[arg(long)]
+    no_whonix: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,13 +189,16 @@ enum ProbeCommand {
         #[arg(long)]
         http: bool,
     },
-    /// One DNS A query over UDP
+    /// One DNS query over UDP (type A unless --qtype)
     Dns {
         name: String,
         #[arg(long, default_value = "10.139.1.1")]
         server: Ipv4Addr,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// The query type: A, AAAA, MX, PTR, TXT, or a number
+        #[arg(long, default_value = "A", value_parser = dns::parse_qtype)]
+        qtype: u16,
     },
     /// UDP datagrams with a forged source address, through a raw socket
     Spoof {
@@ -250,6 +259,8 @@ enum Command {
     Matrix(NameArg),
     /// Restart the sys-firewall (the service, or the Linux qubes-firewall agent)
     RestartFirewall(NameArg),
+    /// Restart the sys-whonix service and wait until its Tor client is ready
+    RestartWhonix(NameArg),
     /// Halt a qube as qvm-shutdown does: its vif disappears from its netvm
     #[command(after_long_help = STOP_HELP)]
     Stop(QubeArgs),
@@ -289,6 +300,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 matrix: !a.no_matrix,
                 keep_on_error: a.keep_on_error,
                 conntrack_max: a.conntrack_max.map(|n| n as usize),
+                no_whonix: a.no_whonix,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -298,6 +310,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
         Command::Firewall(a) => lab::firewall(&a.name.name, &a.qube, &a.args).map(code),
         Command::Matrix(a) => lab::matrix(&a.name).map(|_| ExitCode::SUCCESS),
         Command::RestartFirewall(a) => lab::restart_firewall(&a.name).map(|_| ExitCode::SUCCESS),
+        Command::RestartWhonix(a) => lab::restart_whonix(&a.name).map(|_| ExitCode::SUCCESS),
         Command::Mtu(a) => lab::set_mtu(&a.name.name, &a.qube, a.mtu).map(|_| ExitCode::SUCCESS),
         Command::Stop(a) => lifecycle::stop(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
         Command::Start(a) => lifecycle::start(&a.name.name, &a.qube).map(|_| ExitCode::SUCCESS),
@@ -332,8 +345,9 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                     name,
                     server,
                     timeout_ms,
+                    qtype,
                 } => {
-                    let o = probe::dns(&name, server, ms(timeout_ms));
+                    let o = probe::dns(&name, server, qtype, ms(timeout_ms));
                     println!("{}", o.line());
                     o.ok()
                 }

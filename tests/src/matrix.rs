@@ -13,6 +13,9 @@ use crate::topology::{Qube, Topology, VIRTUAL_DNS};
 
 /// Probe timeout for the matrix.
 pub const TIMEOUT_MS: u64 = 1000;
+/// Probe timeout for qubes behind sys-whonix: a stream's first use of an exit circuit, or
+/// one Tor has to build, takes more than a second on a busy machine.
+pub const TOR_TIMEOUT_MS: u64 = 10_000;
 
 /// One cell: reached or not, and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,7 +169,8 @@ fn row(topo: &Topology, q: &Qube, exe: &Path) -> Row {
             cells: vec![halted; COLUMNS.len()],
         };
     }
-    let t = TIMEOUT_MS.to_string();
+    let tor = topo.behind_whonix(q);
+    let t = if tor { TOR_TIMEOUT_MS } else { TIMEOUT_MS }.to_string();
     let web = |port: u16| {
         vec![
             "tcp".to_string(),
@@ -209,12 +213,19 @@ fn row(topo: &Topology, q: &Qube, exe: &Path) -> Row {
                         t.clone(),
                     ],
                 );
-                // A reset also means the packet got there.
-                let reached = out.ok() || out.status == "refused" && out.detail == "tcp reset";
+                // A reset also means the packet got there; except behind sys-whonix, which
+                // answers every connection to a private address with a reset itself.
+                let reset = out.status == "refused" && out.detail == "tcp reset";
+                let reached = out.ok() || reset && !tor;
                 let mut c = cell_of(&out, "");
                 c.reached = reached;
                 let mark = if reached { "✓" } else { "✗" };
                 let rest = c.text.split_once(' ').map(|x| x.1).unwrap_or("");
+                let rest = if reset && tor {
+                    rest.replacen("refused,", "refused by sys-whonix,", 1)
+                } else {
+                    rest.to_string()
+                };
                 c.text = format!("{mark} {}: {rest}", o.name);
                 c
             }

@@ -238,7 +238,7 @@ pub fn tcp(dst: SocketAddrV4, timeout: Duration, http: bool) -> Outcome {
 }
 
 /// `probe dns NAME --server IP`: one A query over UDP.
-pub fn dns(name: &str, server: Ipv4Addr, timeout: Duration) -> Outcome {
+pub fn dns(name: &str, server: Ipv4Addr, qtype: u16, timeout: Duration) -> Outcome {
     let watch = IcmpWatch::open();
     let started = Instant::now();
     let dst = SocketAddrV4::new(server, 53);
@@ -250,7 +250,7 @@ pub fn dns(name: &str, server: Ipv4Addr, timeout: Duration) -> Outcome {
         return classify(&e, &watch, dst, 17, started, timeout);
     }
     let id = (std::process::id() as u16) ^ (started.elapsed().subsec_nanos() as u16);
-    let q = match dns::query(id, name) {
+    let q = match dns::query(id, name, qtype) {
         Ok(q) => q,
         Err(e) => return Outcome::new("error", started, e),
     };
@@ -272,11 +272,14 @@ pub fn dns(name: &str, server: Ipv4Addr, timeout: Duration) -> Outcome {
             Ok(n) => match dns::parse_answer(id, &buf[..n]) {
                 Err(e) if e == "answer to another query" => continue,
                 Err(e) => return Outcome::new("error", started, e),
-                Ok(addrs) if addrs.is_empty() => {
+                Ok(ans) if qtype != dns::TYPE_A => {
+                    return Outcome::new("ok", started, format!("{} records", ans.records))
+                }
+                Ok(ans) if ans.a.is_empty() => {
                     return Outcome::new("error", started, "no A record")
                 }
-                Ok(addrs) => {
-                    let list: Vec<String> = addrs.iter().map(Ipv4Addr::to_string).collect();
+                Ok(ans) => {
+                    let list: Vec<String> = ans.a.iter().map(Ipv4Addr::to_string).collect();
                     return Outcome::new("ok", started, list.join(","));
                 }
             },

@@ -45,6 +45,11 @@ pub mod world {
     /// A TCP echo service that keeps connections open (for rule-change tests).
     pub const ECHO_PORT: u16 = 8080;
     pub const IPERF_PORT: u16 = 5201;
+    /// The first of the private Tor network's seven relays (three directory authorities, two
+    /// middles, two exits), at consecutive addresses up to 198.18.0.47.
+    pub const TOR_FIRST_RELAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 41);
+    /// Every relay's ORPort: all a Tor client ever connects to.
+    pub const TOR_ORPORT: u16 = 9001;
 }
 
 /// One qube as a topology file describes it.
@@ -71,6 +76,10 @@ pub struct QubeSpec {
     /// Runs the pluggable sys-firewall (`--firewall linux|rust`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub firewall: bool,
+    /// Runs sys-whonix, the Tor gateway: its clients reach the world only through the lab's
+    /// private Tor network.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whonix: bool,
     /// Its firewall rules in the YAML rule-file form (docs/rule-files.md: the list under
     /// `rules:`); none: dom0's default, accept everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +101,8 @@ pub enum Role {
     Uplink,
     /// The pluggable sys-firewall: Linux like Qubes, or our service.
     Firewall,
+    /// sys-whonix: our Tor gateway service, with the world's private Tor network.
+    Whonix,
     /// Another netvm with a netvm of its own: a Linux ProxyVM.
     LinuxProxy,
     /// A qube with a netvm that provides no network.
@@ -121,7 +132,10 @@ pub struct Qube {
 impl Qube {
     /// Whether other qubes use it as their netvm (or it is a netvm by role).
     pub fn provides_network(&self) -> bool {
-        matches!(self.role, Role::Uplink | Role::Firewall | Role::LinuxProxy)
+        matches!(
+            self.role,
+            Role::Uplink | Role::Firewall | Role::Whonix | Role::LinuxProxy
+        )
     }
 
     /// The backend end of its vif, in its netvm's namespace: `vif<domid>.0`.
@@ -188,6 +202,44 @@ impl TopologySpec {
         Self::parse(DEFAULT_TOPOLOGY)
     }
 
+    /// The topology without its whonix qube and every qube whose network goes through it
+    /// (`up --no-whonix`). The qubes that stay keep the domids, so the vif names, they have
+    /// in the full topology.
+    pub fn without_whonix(&self) -> Self {
+        let mut gone: BTreeSet<&str> = self
+            .qubes
+            .iter()
+            .filter(|q| q.whonix)
+            .map(|q| q.name.as_str())
+            .collect();
+        // Clients of clients too; a netvm named after a qube that appears later in the list
+        // needs another round, hence the loop until nothing changes.
+        loop {
+            let more: Vec<&str> = self
+                .qubes
+                .iter()
+                .filter(|q| !gone.contains(q.name.as_str()))
+                .filter(|q| q.netvm.as_deref().is_some_and(|n| gone.contains(n)))
+                .map(|q| q.name.as_str())
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            gone.extend(more);
+        }
+        let qubes = self
+            .qubes
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| !gone.contains(q.name.as_str()))
+            .map(|(i, q)| QubeSpec {
+                domid: Some(q.domid.unwrap_or(i as u32 + 1)),
+                ..q.clone()
+            })
+            .collect();
+        TopologySpec { qubes }
+    }
+
     /// The topology of lab `lab`, checked: names, netvms, addresses, rules.
     pub fn resolve(&self, lab: &str) -> Result<Topology> {
         check_lab_name(lab)?;
@@ -223,18 +275,19 @@ impl TopologySpec {
                 })?),
             };
             let used_as_netvm = specs.iter().any(|o| o.netvm.as_deref() == Some(&q.name));
-            let role = match (q.uplink, q.firewall) {
-                (true, true) => {
+            let role = match (q.uplink, q.firewall, q.whonix) {
+                (true, false, false) => Role::Uplink,
+                (false, true, false) => Role::Firewall,
+                (false, false, true) => Role::Whonix,
+                (false, false, false) if used_as_netvm => Role::LinuxProxy,
+                (false, false, false) if netvm.is_some() => Role::App,
+                (false, false, false) => Role::Isolated,
+                _ => {
                     return err(format!(
-                        "invalid topology: {}: uplink and firewall exclude each other",
+                        "invalid topology: {}: uplink, firewall and whonix exclude each other",
                         q.name
                     ))
                 }
-                (true, false) => Role::Uplink,
-                (false, true) => Role::Firewall,
-                (false, false) if used_as_netvm => Role::LinuxProxy,
-                (false, false) if netvm.is_some() => Role::App,
-                (false, false) => Role::Isolated,
             };
             match role {
                 Role::Uplink if netvm.is_some() => {
@@ -243,7 +296,7 @@ impl TopologySpec {
                         q.name
                     ))
                 }
-                Role::Firewall | Role::LinuxProxy if netvm.is_none() => {
+                Role::Firewall | Role::Whonix | Role::LinuxProxy if netvm.is_none() => {
                     return err(format!(
                         "invalid topology: {} provides network but has no netvm (only the \
                          uplink qube may)",
@@ -331,6 +384,9 @@ impl TopologySpec {
         if qubes.iter().filter(|q| q.role == Role::Firewall).count() > 1 {
             return err("invalid topology: at most one qube has firewall: true");
         }
+        if qubes.iter().filter(|q| q.role == Role::Whonix).count() > 1 {
+            return err("invalid topology: at most one qube has whonix: true");
+        }
         Ok(Topology {
             lab: lab.to_string(),
             qubes,
@@ -377,6 +433,22 @@ impl Topology {
 
     pub fn firewall(&self) -> Option<&Qube> {
         self.qubes.iter().find(|q| q.role == Role::Firewall)
+    }
+
+    pub fn whonix(&self) -> Option<&Qube> {
+        self.qubes.iter().find(|q| q.role == Role::Whonix)
+    }
+
+    /// Whether `q`'s network goes through the whonix qube: it reaches the world over Tor only.
+    pub fn behind_whonix(&self, q: &Qube) -> bool {
+        let mut cur = self.netvm_of(q);
+        while let Some(n) = cur {
+            if n.role == Role::Whonix {
+                return true;
+            }
+            cur = self.netvm_of(n);
+        }
+        false
     }
 
     /// Every namespace of the lab: one per qube, then the world's.
@@ -437,8 +509,51 @@ mod tests {
         );
         assert_eq!(t.get("work").expect("q").rules, None);
         assert_eq!(t.namespaces().last().map(String::as_str), Some("lab-world"));
+        // Qubes' Whonix pair: sys-whonix behind sys-firewall, anon-whonix behind sys-whonix.
+        assert_eq!(row("sys-whonix").3, Role::Whonix);
+        assert_eq!(row("sys-whonix").2.as_deref(), Some("vif7.0"));
+        assert_eq!(
+            t.netvm_of(t.get("sys-whonix").expect("q"))
+                .map(|n| n.name.as_str()),
+            Some("sys-firewall")
+        );
+        assert_eq!(row("anon-whonix").3, Role::App);
+        assert!(t.behind_whonix(t.get("anon-whonix").expect("q")));
+        assert!(!t.behind_whonix(t.get("sys-whonix").expect("q")));
+        assert!(!t.behind_whonix(t.get("work").expect("q")));
+        assert_eq!(row("anon-whonix").2.as_deref(), Some("vif8.0"));
+        assert_eq!(
+            t.netvm_of(t.get("anon-whonix").expect("q"))
+                .map(|n| n.name.as_str()),
+            Some("sys-whonix")
+        );
         let ends: Vec<&str> = t.end_qubes().map(|q| q.name.as_str()).collect();
-        assert_eq!(ends, ["work", "personal", "untrusted", "vault"]);
+        assert_eq!(
+            ends,
+            ["work", "personal", "untrusted", "vault", "anon-whonix"]
+        );
+    }
+
+    #[test]
+    fn without_whonix_drops_the_gateway_and_everything_behind_it() {
+        let spec = TopologySpec::parse(
+            "qubes:\n\
+             - {name: net, ip: 10.137.0.1, uplink: true}\n\
+             - {name: anon2, ip: 10.137.0.9, netvm: proxy}\n\
+             - {name: gw, ip: 10.137.0.2, netvm: net, whonix: true}\n\
+             - {name: proxy, ip: 10.137.0.3, netvm: gw}\n\
+             - {name: app, ip: 10.137.0.4, netvm: net}\n",
+        )
+        .expect("parses");
+        let t = spec.without_whonix().resolve("x").expect("resolves");
+        let names: Vec<&str> = t.qubes.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["net", "app"]);
+        // app keeps vif5.0, the vif it has in the full topology.
+        assert_eq!(t.get("app").expect("q").vif().as_deref(), Some("vif5.0"));
+        let full = TopologySpec::default_spec().expect("default");
+        let t = full.without_whonix().resolve("x").expect("resolves");
+        assert!(t.whonix().is_none());
+        assert_eq!(t.qubes.len(), full.qubes.len() - 2);
     }
 
     #[test]
@@ -474,6 +589,21 @@ mod tests {
                 "qubes: [{name: n, ip: 10.137.0.1, uplink: true}, \
                  {name: a, ip: 10.137.0.2, netvm: b}, {name: b, ip: 10.137.0.3, netvm: a}]",
                 "Loops",
+            ),
+            (
+                "qubes: [{name: n, ip: 10.137.0.1, uplink: true, whonix: true}]",
+                "exclude each other",
+            ),
+            (
+                "qubes: [{name: n, ip: 10.137.0.1, uplink: true}, \
+                 {name: w, ip: 10.137.0.2, whonix: true}]",
+                "provides network but has no netvm",
+            ),
+            (
+                "qubes: [{name: n, ip: 10.137.0.1, uplink: true}, \
+                 {name: w, ip: 10.137.0.2, netvm: n, whonix: true}, \
+                 {name: v, ip: 10.137.0.3, netvm: n, whonix: true}]",
+                "at most one qube has whonix",
             ),
         ];
         for (text, want) in cases {

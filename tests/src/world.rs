@@ -1,17 +1,20 @@
 //! The world: a namespace behind the uplink qube that plays the internet, with addresses in
-//! 198.18.0.0/24 only: a router address, a web server, a DNS server. Nothing in it leads to the
-//! host's own network.
+//! 198.18.0.0/24 only: a router address, a web server, a DNS server, and, for sys-whonix, a
+//! private Tor network. Nothing in it leads to the host's own network.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cmd::{err, in_path, Cmd, Result};
+use testkit::tornet::TorNet;
+
+use crate::cmd::{err, in_path, Cmd, Error, Result};
 use crate::netvm::{self_exe, write_resolv_conf};
 use crate::probe::Outcome;
 use crate::procs;
 use crate::state::Paths;
 use crate::topology::world::{
-    DNS_IP, ECHO_PORT, HTTP_PORTS, IFNAME, IPERF_PORT, PREFIX_LEN, ROUTER_IP, WEB_IP, WEB_NAME,
+    DNS_IP, ECHO_PORT, HTTP_PORTS, IFNAME, IPERF_PORT, PREFIX_LEN, ROUTER_IP, TOR_FIRST_RELAY,
+    WEB_IP, WEB_NAME,
 };
 use crate::topology::{world_ns, Topology};
 
@@ -163,6 +166,50 @@ fn dns_answers(ns: &str, exe: &std::path::Path) -> bool {
         }
     }
     ok
+}
+
+/// The world's private Tor network (testkit::tornet: Debian's tor in TestingTorNetwork mode),
+/// one address per relay from [`TOR_FIRST_RELAY`], the exits resolving through the world's
+/// DNS server. Its files are under `<state>/tor-net/`; the relays are daemons of the world's
+/// namespace, so `down` stops them with everything else there.
+pub fn tor_up(topo: &Topology, paths: &Paths) -> Result<TorNet> {
+    let ns = world_ns(&topo.lab);
+    for a in TorNet::addresses(TOR_FIRST_RELAY) {
+        Cmd::ip(&ns)
+            .args(["addr", "add", &format!("{a}/{PREFIX_LEN}"), "dev", IFNAME])
+            .run()?;
+    }
+    TorNet::start_on(&paths.dir.join("tor-net"), &ns, TOR_FIRST_RELAY, DNS_IP)
+        .map_err(|e| Error(format!("starting the private Tor network: {e}")))
+}
+
+/// Waits until the private network's consensus lists all its relays and all of them have
+/// bootstrapped from it, printing on stderr how far it is as that changes (the first consensus
+/// takes 30 to 60 s).
+pub fn wait_tor_consensus(net: &TorNet, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let total = testkit::tornet::NICKNAMES.len();
+    let mut last = None;
+    loop {
+        let now = (net.relays_in_consensus(), net.relays_bootstrapped());
+        if last != Some(now) {
+            eprintln!(
+                "private Tor network: {} of {total} relays in the consensus, {} bootstrapped",
+                now.0, now.1
+            );
+            last = Some(now);
+        }
+        if now.0 >= total && now.1 >= total {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            // The testkit's own message carries the end of the first authority's log.
+            return net
+                .wait_consensus(Duration::ZERO)
+                .map_err(|e| Error(format!("the private Tor network: {e}")));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Fails unless the tools the world needs are installed.

@@ -52,6 +52,9 @@ fn ensure_binaries() {
         if netvm_kind() == "rust" {
             wanted.push(("sys-net", "sys-net"));
         }
+        if !dir.join("sys-whonix").is_file() {
+            wanted.push(("sys-whonix", "sys-whonix"));
+        }
         if wanted.is_empty() {
             return;
         }
@@ -113,7 +116,16 @@ impl Lab {
         Self::up_with(&["--no-matrix"]).map(|(lab, _)| lab)
     }
 
+    /// A lab without sys-whonix and its private Tor network (`--no-whonix`): the tests of the
+    /// netvm chain do not wait for Tor. [`whonix_lab`] is the one that does.
     fn up_with(extra: &[&str]) -> Option<(Lab, String)> {
+        let mut args = vec!["--no-whonix"];
+        args.extend_from_slice(extra);
+        Self::up_full(&args)
+    }
+
+    /// `up` with exactly these extra arguments; its stdout and stderr (progress) together.
+    fn up_full(extra: &[&str]) -> Option<(Lab, String)> {
         if !can_run() {
             return None;
         }
@@ -129,7 +141,12 @@ impl Lab {
             extra,
         );
         assert!(out.status.success(), "up failed: {}", output_text(&out));
-        Some((lab, String::from_utf8_lossy(&out.stdout).into_owned()))
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some((lab, text))
     }
 
     /// `qubes-lab SUB --name N REST...`.
@@ -1497,5 +1514,518 @@ fn sys_net_leases_renews_follows_the_lease_and_fails_closed() {
     );
     let _ = dhcp.kill();
     let _ = dhcp.wait();
+    lab.down();
+}
+
+/// The relays of the lab's private Tor network (198.18.0.41 to .47, docs/lab.md) and the
+/// ORPort they all use: the only place sys-whonix's uplink may lead.
+const TOR_RELAYS: [&str; 7] = [
+    "198.18.0.41",
+    "198.18.0.42",
+    "198.18.0.43",
+    "198.18.0.44",
+    "198.18.0.45",
+    "198.18.0.46",
+    "198.18.0.47",
+];
+const TOR_ORPORT: &str = "9001";
+
+impl Lab {
+    fn whonix_sock(&self) -> String {
+        format!("/run/qubes-lab/{}/sys-whonix.sock", self.name)
+    }
+
+    /// `sys-whonix ARGS --control <the lab's socket>`, which must succeed; its stdout.
+    fn whonix(&self, args: &[&str]) -> String {
+        let bin = Path::new(LAB).with_file_name("sys-whonix");
+        let out = Command::new(bin)
+            .args(args)
+            .args(["--control", &self.whonix_sock()])
+            .output()
+            .expect("run sys-whonix");
+        assert!(
+            out.status.success(),
+            "sys-whonix {args:?}: {}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `curl` inside a qube: the HTTP code, or curl's exit code as `curl N`.
+    fn curl(&self, qube: &str, url: &str, max_secs: u32) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(qube),
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+            ])
+            .args([
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                &max_secs.to_string(),
+                url,
+            ])
+            .output()
+            .expect("run curl");
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        eprintln!(
+            "[{}] {qube}: curl {url} -> {:?} {code}",
+            self.name,
+            out.status.code()
+        );
+        if out.status.success() {
+            code
+        } else {
+            format!("curl {}", out.status.code().unwrap_or(-1))
+        }
+    }
+}
+
+impl Lab {
+    /// Fails the test unless `curl` from `qube` gets HTTP 200, showing sys-whonix's status
+    /// and the end of its log when it does not.
+    fn assert_fetch(&self, qube: &str, url: &str, max_secs: u32) {
+        let got = self.curl(qube, url, max_secs);
+        if got != "200" {
+            let status = self
+                .whonix_status()
+                .unwrap_or_else(|e| format!("(no status: {e})"));
+            let log =
+                std::fs::read_to_string(format!("/run/qubes-lab/{}/sys-whonix.log", self.name))
+                    .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "{qube}: {url} gave {got}, not 200\nsys-whonix status:\n{status}\nits log \
+                 ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+
+    fn whonix_status(&self) -> Result<String, String> {
+        let bin = Path::new(LAB).with_file_name("sys-whonix");
+        let out = Command::new(bin)
+            .args(["status", "--control", &self.whonix_sock()])
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The circuits sys-whonix's status names for the open streams from `src` to `dst`
+/// (`  stream 10.137.0.13:40312 -> 198.18.0.10:8080 circuit Circ 3.0 tcp Established`), once
+/// `count` of them have one.
+fn circuits(lab: &Lab, src: &str, dst: &str, count: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let st = lab.whonix(&["status"]);
+        let found: Vec<String> = st
+            .lines()
+            .filter(|l| {
+                l.trim_start().starts_with(&format!("stream {src}:"))
+                    && l.contains(&format!(" -> {dst} "))
+            })
+            .filter_map(|l| {
+                l.split(" circuit ")
+                    .nth(1)
+                    .and_then(|r| r.split(" tcp ").next())
+                    .filter(|c| !c.starts_with('('))
+                    .map(str::to_string)
+            })
+            .collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "fewer than {count} streams with a circuit from {src} to {dst}:\n{st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An echo connection through sys-whonix that has carried one line both ways.
+fn open_echo(lab: &Lab, qube: &str, tag: &str) -> Background {
+    let mut echo = lab.spawn_in(
+        &lab.ns(qube),
+        &["probe", "echo", "198.18.0.10:8080", "--timeout-ms", "30000"],
+    );
+    assert_eq!(
+        echo.line(Duration::from_secs(30)).as_deref(),
+        Some("connected"),
+        "{qube}: echo {tag}"
+    );
+    echo.send(tag);
+    assert_eq!(
+        echo.line(Duration::from_secs(35)).as_deref(),
+        Some(format!("echo ok {tag}").as_str()),
+        "{qube}: echo {tag} through Tor"
+    );
+    echo
+}
+
+/// The `unsupported=` counter of a client vif in a service status.
+fn unsupported(status: &str, vif: &str) -> u64 {
+    status
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("client {vif} ")))
+        .nth(1)
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("unsupported="))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A counter `NAME=N` of sys-whonix's gateway status line.
+fn gateway_counter(status: &str, name: &str) -> u64 {
+    status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+}
+
+/// The packets of a capture that match a pcap filter, one line each (`tcpdump -r`).
+fn capture_lines(file: &Path, filter: &str) -> Vec<String> {
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(file)
+        .arg(filter)
+        .output()
+        .expect("run tcpdump -r");
+    assert!(
+        out.status.success(),
+        "tcpdump -r {filter}: {}",
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The default topology's sys-whonix and anon-whonix, with a second anonymous qube for the
+/// isolation checks; a capture on sys-whonix's uplink runs from before the first stream to
+/// after the restart. What Whonix promises, checked from the outside:
+/// - anon-whonix fetches a world page by address and by name, and the world's DNS server
+///   hears the name from a Tor exit, not from the lab's netvms;
+/// - an MX query gets NOTIMP (C tor's DNSPort, which Whonix's leak tests expect);
+/// - UDP, ICMP and IPv6 from anon-whonix go nowhere, and sys-whonix counts them;
+/// - two anonymous qubes use different circuits, one qube the same one for its streams, and
+///   another one after `sys-whonix new-identity`;
+/// - with sys-whonix killed, anon-whonix has no path out; restarted, it works again;
+/// - the capture holds only TCP between sys-whonix and the relays' ORPorts: no packet to the
+///   web server, no DNS, nothing of anon-whonix's own.
+#[test]
+fn whonix_lab_carries_tcp_and_dns_over_tor_and_nothing_else() {
+    if !can_run() {
+        return;
+    }
+    if !testkit::tornet::TorNet::can_run("whonix_lab_carries_tcp_and_dns_over_tor_and_nothing_else")
+    {
+        return;
+    }
+    if Command::new("tcpdump").arg("--version").output().is_err() {
+        testkit::not_run(
+            "whonix_lab_carries_tcp_and_dns_over_tor_and_nothing_else",
+            "tcpdump is not installed (scripts/setup-debian.sh installs it)",
+        );
+        return;
+    }
+    let topology = std::env::temp_dir().join(format!("lab-whonix-{}.yaml", std::process::id()));
+    let text = format!(
+        "{}  - name: anon-work\n    ip: 10.137.0.14\n    netvm: sys-whonix\n",
+        include_str!("../topologies/default.yaml")
+    );
+    std::fs::write(&topology, text).expect("write topology");
+    let up = Lab::up_full(&[
+        "--no-matrix",
+        "--topology",
+        topology.to_str().expect("utf-8"),
+    ]);
+    let _ = std::fs::remove_file(&topology);
+    let Some((lab, out)) = up else { return };
+    // `up` showed the network's and the client's progress, and ended with Tor ready.
+    assert!(
+        out.contains("7 of 7 relays in the consensus, 7 bootstrapped")
+            && out.contains("sys-whonix: tor ready"),
+        "{out}"
+    );
+    assert!(out.contains("sys-whonix service: Tor gateway"), "{out}");
+
+    let capture = PathBuf::from(format!("/run/qubes-lab/{}/uplink.pcap", lab.name));
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("sys-whonix"),
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-p",
+        ])
+        .args(["-n", "-U", "-w"])
+        .arg(&capture)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tcpdump");
+    // tcpdump says `listening on eth0` once the capture runs.
+    let mut err = BufReader::new(tcpdump.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("tcpdump's first line");
+    assert!(line.contains("listening on eth0"), "tcpdump: {line}");
+
+    // TCP by address, then by name: the name goes through Tor's resolve to the exits'
+    // resolver, the world's DNS server, which logs who asked.
+    lab.assert_fetch("anon-whonix", &format!("http://{WEB}/"), 30);
+    let dnsmasq_log = PathBuf::from(format!("/run/qubes-lab/{}/dnsmasq.log", lab.name));
+    let asked_before = std::fs::read_to_string(&dnsmasq_log)
+        .expect("the world's dnsmasq log")
+        .lines()
+        .count();
+    let dns = lab.probe(
+        "anon-whonix",
+        &[
+            "dns",
+            "web.test",
+            "--server",
+            "10.139.1.1",
+            "--timeout-ms",
+            "10000",
+        ],
+    );
+    assert_eq!(
+        (dns.status.as_str(), dns.detail.as_str()),
+        ("ok", WEB),
+        "{dns:?}"
+    );
+    lab.assert_fetch("anon-whonix", "http://web.test/", 30);
+    // The exits' resolver queries go out from the world's own addresses (tor does not bind
+    // them to the exit's); what matters is that none came through sys-net's uplink.
+    let dnsmasq = std::fs::read_to_string(&dnsmasq_log).expect("the world's dnsmasq log");
+    let askers: Vec<&str> = dnsmasq
+        .lines()
+        .skip(asked_before)
+        // tor asks in mixed case (0x20 randomisation: `weB.tEsT`).
+        .filter(|l| l.to_ascii_lowercase().contains("query[a] web.test from "))
+        .filter_map(|l| l.rsplit(' ').next())
+        .collect();
+    let world_own = |a: &str| TOR_RELAYS.contains(&a) || ["198.18.0.1", WEB].contains(&a);
+    assert!(
+        !askers.is_empty() && askers.iter().all(|a| world_own(a)),
+        "web.test was asked by {askers:?}: not (only) by the world's Tor exits"
+    );
+    let mx = lab.probe(
+        "anon-whonix",
+        &["dns", "web.test", "--qtype", "MX", "--timeout-ms", "5000"],
+    );
+    assert_eq!(
+        (mx.status.as_str(), mx.detail.as_str()),
+        ("error", "NOTIMP"),
+        "{mx:?}"
+    );
+
+    // UDP and ICMP go nowhere, and are counted.
+    let before = lab.whonix(&["status"]);
+    let listener = lab.spawn_in(
+        &lab.ns("world"),
+        &[
+            "probe",
+            "udp-listen",
+            "198.18.0.10:9999",
+            "--duration-ms",
+            "4000",
+        ],
+    );
+    assert_eq!(
+        listener.line(Duration::from_secs(5)).as_deref(),
+        Some("listening 198.18.0.10:9999")
+    );
+    // The probe's raw socket with the qube's own address: a plain datagram.
+    let sent = lab.cmd_output(
+        &["exec"],
+        &[
+            "anon-whonix",
+            "--",
+            LAB,
+            "probe",
+            "spoof",
+            "--src",
+            "10.137.0.13",
+            "--dst",
+            "198.18.0.10:9999",
+            "--payload",
+            "leak",
+        ],
+    );
+    assert!(sent.status.success(), "udp: {}", output_text(&sent));
+    let (ok, ping) = ping(&lab, "anon-whonix", "dont", 56, WEB);
+    assert!(!ok, "a ping through sys-whonix got an answer: {ping}");
+    let heard = listener.rest(Duration::from_secs(6));
+    assert!(
+        !heard.iter().any(|l| l.contains("leak")),
+        "a datagram from anon-whonix reached the world: {heard:?}"
+    );
+    let after = lab.whonix(&["status"]);
+    assert!(
+        gateway_counter(&after, "udp") >= gateway_counter(&before, "udp") + 3,
+        "{after}"
+    );
+    assert!(
+        gateway_counter(&after, "icmp") > gateway_counter(&before, "icmp"),
+        "{after}"
+    );
+
+    // IPv6: the lab's qubes have it off; anon-whonix gets it, and what it sends (neighbour
+    // discovery, a datagram, a ping) is dropped by the engine as unsupported.
+    let v6_before = unsupported(&lab.whonix(&["status"]), "vif8.0");
+    lab.cmd(
+        &["exec"],
+        &[
+            "anon-whonix",
+            "--",
+            LAB,
+            "sysctl",
+            "net/ipv6/conf/eth0/disable_ipv6=0",
+        ],
+    );
+    let anon = lab.ns("anon-whonix");
+    testkit::ip(&[
+        "-n",
+        &anon,
+        "addr",
+        "add",
+        "fd09:24ef:4179::d/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let v6 = Command::new("ip")
+        .args(["netns", "exec", &anon, "bash", "-c"])
+        .arg("echo leak > /dev/udp/fd09:24ef:4179::1/9999; ping -6 -c 2 -W 1 fd09:24ef:4179::1")
+        .output()
+        .expect("ipv6");
+    assert!(!v6.status.success(), "an IPv6 ping got an answer");
+    std::thread::sleep(Duration::from_millis(300));
+    let st = lab.whonix(&["status"]);
+    assert!(
+        unsupported(&st, "vif8.0") > v6_before,
+        "IPv6 not dropped: {st}"
+    );
+
+    // Isolation: each qube its own circuit; one qube's streams share one until
+    // new-identity.
+    let echo = "198.18.0.10:8080";
+    let a1 = open_echo(&lab, "anon-whonix", "a1");
+    let w1 = open_echo(&lab, "anon-work", "w1");
+    let ca = circuits(&lab, "10.137.0.13", echo, 1);
+    let cw = circuits(&lab, "10.137.0.14", echo, 1);
+    assert_ne!(ca[0], cw[0], "two qubes share a circuit");
+    let a2 = open_echo(&lab, "anon-whonix", "a2");
+    let ca2 = circuits(&lab, "10.137.0.13", echo, 2);
+    assert!(
+        ca2.iter().all(|c| *c == ca[0]),
+        "anon-whonix's streams: {ca2:?}"
+    );
+    lab.whonix(&["new-identity", "10.137.0.13"]);
+    let a3 = open_echo(&lab, "anon-whonix", "a3");
+    let ca3 = circuits(&lab, "10.137.0.13", echo, 3);
+    let fresh: Vec<&String> = ca3.iter().filter(|c| **c != ca[0]).collect();
+    assert_eq!(
+        fresh.len(),
+        1,
+        "after new-identity: {ca3:?} (before: {})",
+        ca[0]
+    );
+    assert_ne!(*fresh[0], cw[0], "the new circuit is anon-work's");
+    drop((a1, a2, a3, w1));
+
+    // A qube behind sys-whonix halted and started again (qvm-shutdown, qvm-start): the
+    // service lets go of its vif and takes the new one, whose traffic is carried at once.
+    lab.cmd(&["stop"], &["anon-work"]);
+    let st = lab.whonix(&["status"]);
+    assert!(
+        !st.contains("client vif9.0 "),
+        "vif9.0 still attached: {st}"
+    );
+    let started = lab.cmd(&["start"], &["anon-work"]);
+    assert!(started.contains("vif10.0 in sys-whonix"), "{started}");
+    lab.assert_fetch("anon-work", &format!("http://{WEB}/"), 30);
+
+    // Killed: no path out (the kernel has no address on vif8.0 and does not forward).
+    let pid = std::fs::read_to_string(format!("/run/qubes-lab/{}/sys-whonix.pid", lab.name))
+        .expect("sys-whonix's pid file");
+    let st = Command::new("kill")
+        .args(["-9", pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let dead = lab.tcp("anon-whonix", &format!("{WEB}:80"), 3000, true);
+    assert_eq!(dead.status, "timeout", "{dead:?}");
+    // Nor into sys-whonix's kernel, which holds the gateway's address on its uplink: no
+    // reset from it, nothing at all.
+    let kernel = lab.tcp("anon-whonix", "10.137.0.8:22", 2000, false);
+    assert_eq!(kernel.status, "timeout", "{kernel:?}");
+    let dead_dns = lab.dns("anon-whonix", "10.139.1.1");
+    assert_ne!(dead_dns.status, "ok", "{dead_dns:?}");
+    // Restarted: it picks up again.
+    lab.cmd(&["restart-whonix"], &[]);
+    lab.assert_fetch("anon-whonix", &format!("http://{WEB}/"), 60);
+
+    // The capture: Tor to the relays and nothing else.
+    let _ = Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let _ = tcpdump.wait();
+    let relay_hosts = |dir: &str| {
+        TOR_RELAYS
+            .iter()
+            .map(|r| format!("{dir} host {r}"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    let tor = format!(
+        // pcap-filter's `and` and `or` bind alike, left to right: every group in brackets.
+        "tcp and ((({}) and dst port {TOR_ORPORT}) or (({}) and src port {TOR_ORPORT}))",
+        relay_hosts("dst"),
+        relay_hosts("src")
+    );
+    let all = capture_lines(&capture, "ip");
+    let to_relays = capture_lines(&capture, &format!("({tor}) and dst port {TOR_ORPORT}"));
+    let from_relays = capture_lines(&capture, &format!("({tor}) and src port {TOR_ORPORT}"));
+    eprintln!(
+        "[{}] capture: {} IPv4 packets, {} to relays, {} from relays",
+        lab.name,
+        all.len(),
+        to_relays.len(),
+        from_relays.len()
+    );
+    // (The kernel's GRO hands tcpdump merged segments, so the counts are small.)
+    assert!(
+        !to_relays.is_empty() && !from_relays.is_empty(),
+        "no Tor traffic both ways on the uplink: is the capture on the right link?"
+    );
+    let other = capture_lines(&capture, &format!("not arp and not ({tor})"));
+    assert!(
+        other.is_empty(),
+        "sys-whonix's uplink carried more than Tor ({} of {} IPv4 packets are other):\n{}",
+        other.len(),
+        all.len(),
+        other
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     lab.down();
 }
