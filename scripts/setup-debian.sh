@@ -10,6 +10,7 @@ PKGS=(
   conntrack procps curl                # the lab: conntrack purge (Linux sys-firewall), kill, tests
   tor                                  # sys-whonix and the lab: a private Tor network (tor, tor-gencert)
   tcpdump                              # the lab test of sys-whonix: a capture of its uplink
+  qemu-system-x86 kmod binutils        # qube-image: boot tests under QEMU, depmod, strip
 )
 
 missing=()

@@ -16,6 +16,7 @@
 //! | [`resolver`] | a sans-IO stub resolver driven by the engine's time |
 //! | [`local`] | the engine, host stack and resolver wired together |
 //! | [`memory`] | the connection table's default size from the machine's memory, as Linux's |
+//! | [`pid1`] | PID 1 in an image: mounts, modules, NICs up, the command line, power off |
 //! | [`error`] | the errors that stop a service or refuse a configuration |
 
 pub mod config_file;
@@ -27,6 +28,7 @@ pub mod event_loop;
 pub mod hoststack;
 pub mod local;
 pub mod memory;
+pub mod pid1;
 pub mod qubesdb_source;
 pub mod resolver;
 pub mod signals;

@@ -81,6 +81,52 @@ impl AsRawFd for LinkMonitor {
     }
 }
 
+/// Renames the link with index `index` to `name` (when given) and sets it up or down
+/// (`RTM_SETLINK`, rtnetlink(7)), waiting for the kernel's acknowledgement. A service image's
+/// PID 1 uses it: nothing else there brings its NICs up, and `ifname=<name>:<mac>` on the
+/// kernel command line names them. The kernel refuses to rename a link that is up (`EBUSY`),
+/// so a rename is sent with the link down, and bringing it up is a second request.
+pub fn set_link(index: u32, name: Option<&str>, up: bool) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    if let Some(name) = name {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        request(&mut socket, msg)?;
+    }
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    if up {
+        msg.header.flags = LinkFlags::Up;
+    }
+    msg.header.change_mask = LinkFlags::Up;
+    request(&mut socket, msg)
+}
+
+fn request(socket: &mut Socket, link: LinkMessage) -> io::Result<()> {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::SetLink(link));
+    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    msg.header.sequence_number = 1;
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut reply = vec![0u8; 8192];
+    loop {
+        let n = socket.recv(&mut &mut reply[..], 0)?;
+        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if let NetlinkPayload::Error(e) = msg.payload {
+            return match e.code {
+                None => Ok(()),
+                Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+            };
+        }
+    }
+}
+
 fn state(msg: &LinkMessage) -> Option<LinkState> {
     let mut name = None;
     let mut mtu = None;

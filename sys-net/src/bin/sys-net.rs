@@ -97,6 +97,15 @@ struct ControlArgs {
 }
 
 fn main() -> ExitCode {
+    // Booted as an image's /init: PID 1's duties, then the service, then power off.
+    qubes_service_runtime::pid1::run_if_init("sys-net", |config| {
+        run_service(RunArgs {
+            config: Some(config),
+            qubesdb: None,
+            uplink: "eth0".into(),
+            control: DEFAULT_CONTROL.into(),
+        })
+    });
     match Cli::parse().command {
         Command::Run(args) => run_service(args),
         Command::Status(args) => control(&args, "status"),

@@ -1,0 +1,567 @@
+//! PID 1 duties, for a service booted as the only program of an image (`qube-image`): the
+//! kernel runs the service binary as `/init` from the initramfs, with nothing else there.
+//!
+//! What a Linux init must do and the service does here, in order:
+//! 1. mount `/proc`, `/sys` and `/dev` (devtmpfs), which the kernel leaves unmounted for an
+//!    initramfs (`init/do_mounts.c`);
+//! 2. read the kernel command line (`/proc/cmdline`) for its own keys, ignoring the rest
+//!    (Qubes appends Linux options unless the qube has `no-default-kernelopts`):
+//!    - `qubes.config=PATH`: the YAML configuration, a file in the image (default
+//!      `/etc/<service>.yaml`) or a block device (`/dev/vdb`, `/dev/xvdb`) whose bytes are the
+//!      YAML, padded with NUL bytes (no filesystem, so no filesystem module);
+//!    - `qubesdb.<KEY>=<VALUE>`: a QubesDB key set over the file's (`qubesdb./qubes-ip=...`);
+//!    - `ifname=<NAME>:<MAC>`: the NIC with that MAC is renamed (dracut.cmdline(7)'s key), so
+//!      a configuration written for `eth0` and `vif3.0` works on a VM's NICs;
+//!    - `qubes.log=<FILTER>`: the log filter (as `RUST_LOG`);
+//! 3. load the image's kernel modules by `finit_module(2)`, in the order the image lists them
+//!    (`/lib/modules/load-order`, dependencies first); a module for hardware that is not
+//!    there (the Xen front and back ends under QEMU) refuses with `ENODEV`, which is noted;
+//! 4. bring every NIC up (nothing else in the image would);
+//! 5. reap orphaned children (any process whose parent dies becomes PID 1's);
+//! 6. power off, never exit: when the service stops (SIGTERM, which the kernel delivers to
+//!    PID 1 only because the service handles it), when the ACPI power button is pressed
+//!    (QEMU's `system_powerdown`, read from the input events), when the kernel's orderly
+//!    power-off runs (`/proc/sys/kernel/poweroff_cmd` is pointed at `/init poweroff`, which
+//!    signals PID 1; Xen's `control/shutdown`, i.e. `qvm-shutdown`, takes this path), and on a
+//!    fatal error or a panic, after printing it. PID 1 exiting would panic the kernel
+//!    ("Attempted to kill init!").
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Where the image keeps its modules and their load order.
+pub const MODULES_DIR: &str = "/lib/modules";
+
+/// The command line keys PID 1 reads (everything else on it is left alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootArgs {
+    /// `qubes.config=`
+    pub config: Option<String>,
+    /// `qubesdb.<KEY>=<VALUE>`, in order.
+    pub qubesdb: Vec<(String, String)>,
+    /// `ifname=<NAME>:<MAC>`: (name, MAC lower-case).
+    pub ifnames: Vec<(String, String)>,
+    /// `qubes.log=`
+    pub log: Option<String>,
+}
+
+/// A command line key that is malformed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootError(pub String);
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BootError {}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Parses the kernel command line. Quoting follows the kernel's `next_arg()`
+/// (`lib/cmdline.c`): double quotes group, and are dropped.
+pub fn parse_cmdline(cmdline: &str) -> Result<BootArgs, BootError> {
+    let mut args = BootArgs::default();
+    for word in split_cmdline(cmdline) {
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        match key {
+            "qubes.config" => {
+                if !value.starts_with('/') {
+                    return Err(BootError(format!(
+                        "qubes.config={value}: must be an absolute path (a file in the image \
+                         or a block device such as /dev/vdb)"
+                    )));
+                }
+                args.config = Some(value.to_string());
+            }
+            "qubes.log" => args.log = Some(value.to_string()),
+            "ifname" => {
+                let Some((name, mac)) = value.split_once(':') else {
+                    return Err(BootError(format!(
+                        "ifname={value}: expected ifname=<name>:<MAC>"
+                    )));
+                };
+                if name.is_empty() || name.len() > 15 || name.contains('/') || !is_mac(mac) {
+                    return Err(BootError(format!(
+                        "ifname={value}: expected a name of 1 to 15 characters, then a MAC \
+                         such as 52:54:00:12:34:56"
+                    )));
+                }
+                args.ifnames
+                    .push((name.to_string(), mac.to_ascii_lowercase()));
+            }
+            k if k.starts_with("qubesdb.") => {
+                let db_key = &k["qubesdb.".len()..];
+                if !db_key.starts_with('/') {
+                    return Err(BootError(format!(
+                        "{word}: a QubesDB key starts with / (qubesdb./qubes-ip=10.137.0.6)"
+                    )));
+                }
+                args.qubesdb.push((db_key.to_string(), value.to_string()));
+            }
+            _ => {}
+        }
+    }
+    Ok(args)
+}
+
+fn split_cmdline(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in s.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+/// The configuration the service is to run with: the file (or disk) the command line names,
+/// with its `qubesdb` keys overlaid, as YAML text. Trailing NUL bytes (a disk's padding) are
+/// cut at the first NUL.
+pub fn merge_config(
+    raw: &[u8],
+    source: &str,
+    overlay: &[(String, String)],
+) -> Result<String, BootError> {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    let text = std::str::from_utf8(&raw[..end])
+        .map_err(|e| BootError(format!("{source}: the configuration is not UTF-8 ({e})")))?;
+    if overlay.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: serde_yaml::Value = if text.trim().is_empty() {
+        serde_yaml::Value::Mapping(Default::default())
+    } else {
+        serde_yaml::from_str(text).map_err(|e| BootError(format!("{source}: {e}")))?
+    };
+    let Some(map) = doc.as_mapping_mut() else {
+        return Err(BootError(format!(
+            "{source}: the configuration is not a YAML mapping"
+        )));
+    };
+    let db = map
+        .entry("qubesdb".into())
+        .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    let Some(db) = db.as_mapping_mut() else {
+        return Err(BootError(format!("{source}: qubesdb is not a mapping")));
+    };
+    for (k, v) in overlay {
+        db.insert(k.as_str().into(), v.as_str().into());
+    }
+    serde_yaml::to_string(&doc).map_err(|e| BootError(format!("{source}: {e}")))
+}
+
+/// Whether this process is PID 1.
+pub fn is_init() -> bool {
+    std::process::id() == 1
+}
+
+/// What `main` of a service binary does first. As PID 1 it boots ([`boot`]), runs `service`
+/// with the configuration file it made, and powers off when that returns; it never returns
+/// itself. Run as `/init poweroff` by the kernel's orderly power-off, it signals PID 1 and
+/// exits. Otherwise it returns at once and `main` goes on as a normal command.
+pub fn run_if_init(service: &str, run: impl FnOnce(PathBuf) -> ExitCode) {
+    let args: Vec<String> = std::env::args().collect();
+    if !is_init() {
+        if args.len() == 2 && args[1] == "poweroff" && same_program_as_init() {
+            // SAFETY of intent: only when PID 1 runs this very program (an image's /init), so
+            // `sys-firewall poweroff` typed on an ordinary system cannot signal its init.
+            let _ = kill(Pid::from_raw(1), Signal::SIGTERM);
+            std::process::exit(0);
+        }
+        return;
+    }
+    install_panic_hook(service);
+    match boot(service) {
+        Ok(config) => {
+            let code = run(config);
+            console(&format!("{service}: stopped ({code:?}); powering off"));
+        }
+        Err(e) => console(&format!("{service}: fatal: {e}; powering off")),
+    }
+    power_off()
+}
+
+fn same_program_as_init() -> bool {
+    match (
+        fs::canonicalize("/proc/1/exe"),
+        fs::canonicalize("/proc/self/exe"),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn console(msg: &str) {
+    eprintln!("{msg}");
+}
+
+fn install_panic_hook(service: &str) {
+    let service = service.to_string();
+    std::panic::set_hook(Box::new(move |info| {
+        console(&format!("{service}: panic: {info}; powering off"));
+        power_off();
+    }));
+}
+
+/// Syncs and powers the machine off; never returns (if the kernel refuses, it waits forever
+/// rather than exit and panic the kernel).
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    console(&format!("power off failed: {e:?}"));
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Steps 1 to 5 of the module docs; returns the configuration file to run with.
+pub fn boot(service: &str) -> Result<PathBuf, BootError> {
+    let t0 = Instant::now();
+    mount_fs("proc", "/proc", "proc")?;
+    mount_fs("sysfs", "/sys", "sysfs")?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs")?;
+    let cmdline = fs::read_to_string("/proc/cmdline")
+        .map_err(|e| BootError(format!("/proc/cmdline: {e}")))?;
+    let args = parse_cmdline(&cmdline)?;
+    // Set before the service starts logging or any thread exists.
+    std::env::set_var("RUST_LOG", args.log.as_deref().unwrap_or("info"));
+    std::env::set_var("NO_COLOR", "1");
+    console(&format!(
+        "{service}: PID 1, kernel {}",
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    ));
+
+    let (loaded, absent) = load_modules(Path::new(MODULES_DIR))?;
+    console(&format!(
+        "{service}: {} modules loaded{}",
+        loaded.len(),
+        if absent.is_empty() {
+            String::new()
+        } else {
+            format!(" ({}: no such device here)", absent.join(", "))
+        }
+    ));
+    // The kernel's orderly power-off (Xen's control/shutdown) runs this command.
+    let _ = fs::write("/proc/sys/kernel/poweroff_cmd", "/init poweroff");
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(reap_children)
+        .map_err(|e| BootError(format!("cannot start the reaper thread: {e}")))?;
+    start_power_button_watch();
+
+    let links = bring_links_up(&args.ifnames)?;
+    console(&format!("{service}: links up: {}", links.join(" ")));
+
+    let source = args
+        .config
+        .clone()
+        .unwrap_or_else(|| format!("/etc/{service}.yaml"));
+    let raw = read_config(&source)?;
+    let text = merge_config(&raw, &source, &args.qubesdb)?;
+    let out = PathBuf::from(format!("/run/{service}.yaml"));
+    fs::write(&out, text).map_err(|e| BootError(format!("{}: {e}", out.display())))?;
+    console(&format!(
+        "{service}: configuration from {source}{}, boot took {} ms",
+        if args.qubesdb.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " and {} qubesdb keys of the command line",
+                args.qubesdb.len()
+            )
+        },
+        t0.elapsed().as_millis()
+    ));
+    Ok(out)
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str) -> Result<(), BootError> {
+    let _ = fs::create_dir_all(target);
+    match mount(
+        Some(source),
+        target,
+        Some(fstype),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(e) => Err(BootError(format!("mount {fstype} on {target}: {e}"))),
+    }
+}
+
+/// Loads the modules `dir/load-order` lists. Returns (loaded, refused with ENODEV).
+fn load_modules(dir: &Path) -> Result<(Vec<String>, Vec<String>), BootError> {
+    let list = dir.join("load-order");
+    let text = match fs::read_to_string(&list) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+        Err(e) => return Err(BootError(format!("{}: {e}", list.display()))),
+    };
+    let (mut loaded, mut absent) = (Vec::new(), Vec::new());
+    for file in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = dir.join(file);
+        let name = file.trim_end_matches(".ko").to_string();
+        let f = fs::File::open(&path).map_err(|e| BootError(format!("{}: {e}", path.display())))?;
+        match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(Errno::EEXIST) => loaded.push(name),
+            Err(Errno::ENODEV) => absent.push(name),
+            Err(e) => return Err(BootError(format!("loading module {name}: {e}"))),
+        }
+    }
+    Ok((loaded, absent))
+}
+
+fn reap_children() {
+    loop {
+        match nix::sys::wait::waitpid(Pid::from_raw(-1), None) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            // No children now; look again later (a thread blocking in waitpid would take the
+            // exit status of a child the service itself waits for: the services start none).
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `struct input_event` on 64-bit Linux (linux/input.h): timeval (16), type, code (u16 each),
+/// value (i32).
+const INPUT_EVENT_LEN: usize = 24;
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
+fn start_power_button_watch() {
+    // devtmpfs creates the nodes asynchronously after the button module's probe.
+    for _ in 0..20 {
+        let Ok(dir) = fs::read_dir("/dev/input") else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("event") {
+                continue;
+            }
+            let Ok(f) = fs::File::open(entry.path()) else {
+                continue;
+            };
+            let _ = std::thread::Builder::new()
+                .name(format!("input-{name}"))
+                .spawn(move || watch_power_key(f));
+        }
+        return;
+    }
+}
+
+fn watch_power_key(mut f: fs::File) {
+    let mut ev = [0u8; INPUT_EVENT_LEN];
+    while f.read_exact(&mut ev).is_ok() {
+        let ty = u16::from_ne_bytes([ev[16], ev[17]]);
+        let code = u16::from_ne_bytes([ev[18], ev[19]]);
+        let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+        if ty == EV_KEY && code == KEY_POWER && value == 1 {
+            console("power button pressed: stopping");
+            let _ = kill(Pid::this(), Signal::SIGTERM);
+        }
+    }
+}
+
+/// Renames NICs as `ifname=` asks, then brings every link up. Returns the link names.
+fn bring_links_up(ifnames: &[(String, String)]) -> Result<Vec<String>, BootError> {
+    let mut by_mac: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    let mut names = Vec::new();
+    let dir =
+        fs::read_dir("/sys/class/net").map_err(|e| BootError(format!("/sys/class/net: {e}")))?;
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let read = |f: &str| fs::read_to_string(entry.path().join(f)).unwrap_or_default();
+        let Ok(index) = read("ifindex").trim().parse::<u32>() else {
+            continue;
+        };
+        by_mac.insert(
+            read("address").trim().to_ascii_lowercase(),
+            (name.clone(), index),
+        );
+        names.push((name, index));
+    }
+    for (want, mac) in ifnames {
+        let Some((old, index)) = by_mac.get(mac) else {
+            return Err(BootError(format!(
+                "ifname={want}:{mac}: no NIC has that MAC"
+            )));
+        };
+        vif_backend::link::set_link(*index, Some(want), false)
+            .map_err(|e| BootError(format!("renaming {old} to {want}: {e}")))?;
+        for n in names.iter_mut().filter(|(_, i)| i == index) {
+            n.0 = want.clone();
+        }
+    }
+    names.sort();
+    let mut up = Vec::new();
+    for (name, index) in names {
+        vif_backend::link::set_link(index, None, true)
+            .map_err(|e| BootError(format!("bringing {name} up: {e}")))?;
+        up.push(name);
+    }
+    Ok(up)
+}
+
+/// Reads the configuration: a file, or a block device (waited for: its driver may still be
+/// probing).
+fn read_config(source: &str) -> Result<Vec<u8>, BootError> {
+    let path = Path::new(source);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() || m.is_file() => break,
+            Ok(_) => {
+                return Err(BootError(format!(
+                    "{source}: neither a file nor a block device"
+                )))
+            }
+            Err(_) if source.starts_with("/dev/") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(BootError(format!(
+                    "no configuration: {source}: {e} (give qubes.config=<file or disk> on the \
+                     kernel command line, or build the image with --config)"
+                )))
+            }
+        }
+    }
+    let mut f = fs::File::open(path).map_err(|e| BootError(format!("{source}: {e}")))?;
+    let mut buf = Vec::new();
+    // A disk is read up to the configuration's end (the first NUL), at most 16 MiB.
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = f
+            .read(&mut chunk)
+            .map_err(|e| BootError(format!("{source}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(z) = chunk[..n].iter().position(|&b| b == 0) {
+            buf.extend_from_slice(&chunk[..z]);
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 16 << 20 {
+            return Err(BootError(format!(
+                "{source}: no NUL within 16 MiB: not a configuration disk"
+            )));
+        }
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_keys_are_read_and_the_rest_left_alone() {
+        let a = parse_cmdline(
+            "console=ttyS0 root=/dev/mapper/dmroot ro nomodeset qubes.config=/dev/vdb \
+             ifname=vif3.0:52:54:00:AB:cd:02 qubesdb./qubes-ip=10.137.0.6 \
+             \"qubesdb./name=a b\" qubes.log=debug quiet",
+        )
+        .expect("test data");
+        assert_eq!(a.config.as_deref(), Some("/dev/vdb"));
+        assert_eq!(
+            a.ifnames,
+            [("vif3.0".to_string(), "52:54:00:ab:cd:02".to_string())]
+        );
+        assert_eq!(
+            a.qubesdb,
+            [
+                ("/qubes-ip".to_string(), "10.137.0.6".to_string()),
+                ("/name".to_string(), "a b".to_string())
+            ]
+        );
+        assert_eq!(a.log.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn malformed_keys_are_named() {
+        for (line, want) in [
+            (
+                "qubes.config=vdb",
+                "qubes.config=vdb: must be an absolute path",
+            ),
+            ("ifname=eth0", "ifname=eth0: expected ifname=<name>:<MAC>"),
+            ("ifname=eth0:52:54", "ifname=eth0:52:54: expected a name"),
+            ("qubesdb.qubes-ip=1", "a QubesDB key starts with /"),
+        ] {
+            let e = parse_cmdline(line).expect_err("must fail").to_string();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_disk_configuration_ends_at_its_padding_and_takes_the_overlay() {
+        let mut raw = b"qubesdb:\n  /qubes-ip: 10.137.0.5\n  /qubes-gateway: 10.137.0.1\n".to_vec();
+        raw.resize(4096, 0);
+        let text = merge_config(&raw, "/dev/vdb", &[]).expect("test data");
+        assert!(text.ends_with("10.137.0.1\n"));
+        let text = merge_config(
+            &raw,
+            "/dev/vdb",
+            &[
+                ("/qubes-ip".into(), "10.137.0.9".into()),
+                ("/name".into(), "fw".into()),
+            ],
+        )
+        .expect("test data");
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).expect("test data");
+        assert_eq!(v["qubesdb"]["/qubes-ip"].as_str(), Some("10.137.0.9"));
+        assert_eq!(v["qubesdb"]["/qubes-gateway"].as_str(), Some("10.137.0.1"));
+        assert_eq!(v["qubesdb"]["/name"].as_str(), Some("fw"));
+        let text = merge_config(b"", "/dev/vdb", &[("/qubes-ip".into(), "1.2.3.4".into())])
+            .expect("test data");
+        assert!(text.contains("/qubes-ip: 1.2.3.4"), "{text}");
+        let e = merge_config(b"- a\n", "/dev/vdb", &[("/a".into(), "b".into())])
+            .expect_err("must fail");
+        assert!(e.to_string().contains("not a YAML mapping"), "{e}");
+    }
+}
