@@ -10,6 +10,7 @@
 //! /lib/x86_64-linux-gnu/...      paths the binary asks for (glibc's default search path)
 //! /lib/modules/<name>.ko         the modules, and in load-order one file name per line,
 //! /lib/modules/load-order        dependencies first (the service's PID 1 loads them)
+//! /etc/passwd, /etc/group        root alone (the Tor client looks its uid up)
 //! /etc/<service>.yaml            the configuration, when the build is given one
 //! /dev/console                   so the kernel can give /init a console
 //! /proc /sys /run /tmp /var/...  empty mount points and state directories
@@ -202,13 +203,48 @@ pub fn parse_ldd(text: &str) -> Result<Vec<String>, String> {
     Ok(libs)
 }
 
-/// Builds one image from `kernel`. `progress` is told each step.
+/// Builds one service image from `kernel`. `progress` is told each step.
 pub fn build(
     spec: &ImageSpec,
     kernel: &Kernel,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Built, BuildError> {
-    let name = spec.service.name();
+    assemble(
+        &Assembly {
+            name: spec.service.name(),
+            binary: &spec.binary,
+            modules: SERVICE_MODULES,
+            config: spec.config.as_deref(),
+            out_dir: &spec.out_dir,
+        },
+        kernel,
+        progress,
+    )
+}
+
+/// Any image: `binary` as /init with `modules`, in `<out_dir>/<name>/`. Besides the services,
+/// the figures build the floor with it: a trivial /init and no modules on the same kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Assembly<'a> {
+    /// The image directory's name.
+    pub name: &'a str,
+    /// The program to run as /init.
+    pub binary: &'a Path,
+    /// Modules to put in and load, by name.
+    pub modules: &'a [&'a str],
+    /// A file to put in as /etc/<name>.yaml.
+    pub config: Option<&'a Path>,
+    /// The parent of the image directory.
+    pub out_dir: &'a Path,
+}
+
+/// Builds the image an [`Assembly`] describes.
+pub fn assemble(
+    spec: &Assembly<'_>,
+    kernel: &Kernel,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Built, BuildError> {
+    let name = spec.name;
     let dir = spec.out_dir.join(name);
     fs::create_dir_all(&dir).map_err(io(&dir))?;
 
@@ -220,17 +256,17 @@ pub fn build(
             .arg("--strip-all")
             .arg("-o")
             .arg(&stripped)
-            .arg(&spec.binary),
+            .arg(spec.binary),
     )?;
     let init = fs::read(&stripped).map_err(io(&stripped))?;
     let _ = fs::remove_file(&stripped);
 
-    let libraries = linked_libraries(&spec.binary)?;
+    let libraries = linked_libraries(spec.binary)?;
     progress(&format!("{name}: libraries {}", libraries.join(" ")));
 
     let dep_path = kernel.modules_dir().join("modules.dep");
     let dep_text = fs::read_to_string(&dep_path).map_err(io(&dep_path))?;
-    let order = ModulesDep::parse(&dep_text)?.load_order(SERVICE_MODULES)?;
+    let order = ModulesDep::parse(&dep_text)?.load_order(spec.modules)?;
     progress(&format!(
         "{name}: {} modules ({})",
         order.len(),
@@ -275,7 +311,23 @@ pub fn build(
             data: load_order.into_bytes(),
         },
     ));
-    if let Some(cfg) = &spec.config {
+    // The only user there is: arti's storage-permission check (fs-mistrust) looks its uid up,
+    // and glibc's built-in files NSS module reads these.
+    files.push((
+        "etc/passwd".into(),
+        Kind::File {
+            perm: 0o644,
+            data: b"root:x:0:0:root:/run:/nonexistent\n".to_vec(),
+        },
+    ));
+    files.push((
+        "etc/group".into(),
+        Kind::File {
+            perm: 0o644,
+            data: b"root:x:0:\n".to_vec(),
+        },
+    ));
+    if let Some(cfg) = spec.config {
         let data = fs::read(cfg).map_err(io(cfg))?;
         files.push((format!("etc/{name}.yaml"), Kind::File { perm: 0o600, data }));
     }

@@ -10,6 +10,7 @@
 //! | [`cpio`] | the initramfs archive ("newc" cpio), deterministic |
 //! | [`build`] | one image: strip, libraries, modules, archive, gzip, SHA256SUMS |
 //! | [`qemu`] | booting an image under QEMU (tests, the lab, the figures) |
+//! | [`testbed`] | an image under QEMU between a world and a client namespace (tests, figures) |
 //!
 //! Builds are reproducible: the archive carries no times, owners or build paths, gzip's
 //! header no time, and entries are in a fixed order, so two builds of one commit are
@@ -20,3 +21,4 @@ pub mod cpio;
 pub mod kernel;
 pub mod modules;
 pub mod qemu;
+pub mod testbed;

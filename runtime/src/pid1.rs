@@ -200,6 +200,23 @@ pub fn is_init() -> bool {
 /// itself. Run as `/init poweroff` by the kernel's orderly power-off, it signals PID 1 and
 /// exits. Otherwise it returns at once and `main` goes on as a normal command.
 pub fn run_if_init(service: &str, run: impl FnOnce(PathBuf) -> ExitCode) {
+    run_if_init_with(service, Duties::default(), run)
+}
+
+/// Duties beyond the common ones, per service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Duties {
+    /// Give the uplink its address and default route from the configuration's QubesDB
+    /// (`/qubes-ip`, `/qubes-netmask`, `/qubes-gateway`), as Qubes' setup-ip does in a Linux
+    /// qube: for a service whose own connections go through the kernel (sys-whonix's Tor
+    /// client). Reverse-path filtering is then made strict everywhere, so that a packet a
+    /// client sends on its vif to that address is dropped by the kernel (the route back to
+    /// its source is not the vif), not delivered to the kernel's sockets.
+    pub kernel_uplink: bool,
+}
+
+/// [`run_if_init`] with service-specific [`Duties`].
+pub fn run_if_init_with(service: &str, duties: Duties, run: impl FnOnce(PathBuf) -> ExitCode) {
     let args: Vec<String> = std::env::args().collect();
     if !is_init() {
         if args.len() == 2 && args[1] == "poweroff" && same_program_as_init() {
@@ -211,14 +228,36 @@ pub fn run_if_init(service: &str, run: impl FnOnce(PathBuf) -> ExitCode) {
         return;
     }
     install_panic_hook(service);
-    match boot(service) {
+    match boot(service, duties) {
         Ok(config) => {
             let code = run(config);
+            console(&format!("{service}: {}", memory_report()));
             console(&format!("{service}: stopped ({code:?}); powering off"));
         }
         Err(e) => console(&format!("{service}: fatal: {e}; powering off")),
     }
     power_off()
+}
+
+/// The service's resident memory now and at its peak (`VmRSS`, `VmHWM` of proc(5)'s
+/// `/proc/self/status`) and the guest's (`MemTotal`, `MemAvailable` of `/proc/meminfo`).
+pub fn memory_report() -> String {
+    let field = |text: &str, key: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    format!(
+        "memory: VmRSS {} kB, VmHWM {} kB; guest MemTotal {} kB, MemAvailable {} kB",
+        field(&status, "VmRSS:"),
+        field(&status, "VmHWM:"),
+        field(&meminfo, "MemTotal:"),
+        field(&meminfo, "MemAvailable:")
+    )
 }
 
 fn same_program_as_init() -> bool {
@@ -255,7 +294,7 @@ pub fn power_off() -> ! {
 }
 
 /// Steps 1 to 5 of the module docs; returns the configuration file to run with.
-pub fn boot(service: &str) -> Result<PathBuf, BootError> {
+pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
     let t0 = Instant::now();
     mount_fs("proc", "/proc", "proc")?;
     mount_fs("sysfs", "/sys", "sysfs")?;
@@ -300,6 +339,18 @@ pub fn boot(service: &str) -> Result<PathBuf, BootError> {
         .unwrap_or_else(|| format!("/etc/{service}.yaml"));
     let raw = read_config(&source)?;
     let text = merge_config(&raw, &source, &args.qubesdb)?;
+    if duties.kernel_uplink {
+        let (name, index, addr, prefix, gw) = kernel_uplink(&text)?;
+        vif_backend::link::set_uplink_ipv4(index, addr, prefix, gw)
+            .map_err(|e| BootError(format!("{name}: address {addr}/{prefix} via {gw}: {e}")))?;
+        for conf in ["all", "default"] {
+            let p = format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter");
+            fs::write(&p, "1").map_err(|e| BootError(format!("{p}: {e}")))?;
+        }
+        console(&format!(
+            "{service}: {name} {addr}/{prefix} via {gw}, strict reverse-path filter"
+        ));
+    }
     let out = PathBuf::from(format!("/run/{service}.yaml"));
     fs::write(&out, text).map_err(|e| BootError(format!("{}: {e}", out.display())))?;
     console(&format!(
@@ -315,6 +366,41 @@ pub fn boot(service: &str) -> Result<PathBuf, BootError> {
         t0.elapsed().as_millis()
     ));
     Ok(out)
+}
+
+/// The uplink's name, index, address, prefix length and gateway from the configuration.
+fn kernel_uplink(
+    text: &str,
+) -> Result<(String, u32, std::net::Ipv4Addr, u8, std::net::Ipv4Addr), BootError> {
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| BootError(format!("configuration: {e}")))?;
+    let name = doc["uplink"]["name"].as_str().unwrap_or("eth0").to_string();
+    let key = |k: &str| -> Result<std::net::Ipv4Addr, BootError> {
+        doc["qubesdb"][k]
+            .as_str()
+            .ok_or_else(|| {
+                BootError(format!(
+                    "configuration: {k} is missing (the uplink needs it)"
+                ))
+            })?
+            .parse()
+            .map_err(|e| BootError(format!("configuration: {k}: {e}")))
+    };
+    let (addr, gw) = (key("/qubes-ip")?, key("/qubes-gateway")?);
+    let prefix = match doc["qubesdb"]["/qubes-netmask"].as_str() {
+        Some(m) => {
+            let m: std::net::Ipv4Addr = m
+                .parse()
+                .map_err(|e| BootError(format!("configuration: /qubes-netmask: {e}")))?;
+            u32::from(m).count_ones() as u8
+        }
+        None => 32,
+    };
+    let index = fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| BootError(format!("the uplink {name} is not there")))?;
+    Ok((name, index, addr, prefix, gw))
 }
 
 fn mount_fs(source: &str, target: &str, fstype: &str) -> Result<(), BootError> {

@@ -121,7 +121,11 @@ struct NewIdentityArgs {
 
 fn main() -> ExitCode {
     // Booted as an image's /init: PID 1's duties, then the service, then power off.
-    qubes_service_runtime::pid1::run_if_init("sys-whonix", |config| {
+    // Its Tor client's connections to relays use the kernel's sockets on the uplink.
+    let duties = qubes_service_runtime::pid1::Duties {
+        kernel_uplink: true,
+    };
+    qubes_service_runtime::pid1::run_if_init_with("sys-whonix", duties, |config| {
         run_service(RunArgs {
             config: Some(config),
             qubesdb: None,

@@ -104,10 +104,79 @@ pub fn set_link(index: u32, name: Option<&str>, up: bool) -> io::Result<()> {
     request(&mut socket, msg)
 }
 
+/// Gives the link with index `index` the IPv4 address `addr/prefix_len`, a host route to
+/// `gateway` on it and the default route through `gateway` (`RTM_NEWADDR`, `RTM_NEWROUTE`),
+/// which is what Qubes' `setup-ip` does on a Linux qube's uplink. Existing entries are
+/// replaced, so running it twice is harmless.
+pub fn set_uplink_ipv4(
+    index: u32,
+    addr: std::net::Ipv4Addr,
+    prefix_len: u8,
+    gateway: std::net::Ipv4Addr,
+) -> io::Result<()> {
+    use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
+        RouteScope, RouteType,
+    };
+    use netlink_packet_route::AddressFamily;
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    let mut a = AddressMessage::default();
+    a.header.family = AddressFamily::Inet;
+    a.header.prefix_len = prefix_len;
+    a.header.index = index;
+    a.attributes.push(AddressAttribute::Local(addr.into()));
+    a.attributes.push(AddressAttribute::Address(addr.into()));
+    send(
+        &mut socket,
+        RouteNetlinkMessage::NewAddress(a),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )?;
+    let route = |dst: Option<std::net::Ipv4Addr>| {
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet;
+        r.header.table = RouteHeader::RT_TABLE_MAIN;
+        r.header.protocol = RouteProtocol::Boot;
+        r.header.kind = RouteType::Unicast;
+        r.attributes.push(RouteAttribute::Oif(index));
+        match dst {
+            Some(d) => {
+                r.header.destination_prefix_length = 32;
+                r.header.scope = RouteScope::Link;
+                r.attributes
+                    .push(RouteAttribute::Destination(RouteAddress::Inet(d)));
+            }
+            None => {
+                r.header.scope = RouteScope::Universe;
+                r.header.flags = RouteFlags::Onlink;
+                r.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+            }
+        }
+        r
+    };
+    send(
+        &mut socket,
+        RouteNetlinkMessage::NewRoute(route(Some(gateway))),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )?;
+    send(
+        &mut socket,
+        RouteNetlinkMessage::NewRoute(route(None)),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+}
+
 fn request(socket: &mut Socket, link: LinkMessage) -> io::Result<()> {
+    send(socket, RouteNetlinkMessage::SetLink(link), 0)
+}
+
+fn send(socket: &mut Socket, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
     use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
-    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::SetLink(link));
-    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut msg = NetlinkMessage::from(message);
+    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     msg.header.sequence_number = 1;
     msg.finalize();
     let mut buf = vec![0u8; msg.buffer_len()];
