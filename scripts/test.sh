@@ -38,6 +38,8 @@ echo "== cargo test (the lab runs our sys-net and sys-firewall services)"
 cargo test --workspace --locked
 echo "== the lab's end-to-end tests again, against the Linux kernel sys-net and sys-firewall (the baseline)"
 QUBES_LAB_FIREWALL=linux cargo test --locked -p qubes-lab --test lab_e2e
+echo "== the lab's end-to-end tests again, with sys-firewall as its image under QEMU (up --vm)"
+QUBES_LAB_VM=sys-firewall cargo test --locked -p qubes-lab --test lab_e2e
 echo "== benchmarks build, and the engine bench's paths work (no timings judged)"
 # sys-whonix's benchmark (bench/whonix-gateway.sh) is left out: it would put arti through a
 # release build here (about 11 minutes on two cores).

@@ -41,14 +41,19 @@ fn mib(b: u64) -> String {
 
 /// Boots the floor image; seconds to its line.
 fn floor_boot(image: &Path, dir: &Path) -> Result<f64, String> {
+    floor_boot_in(image, dir, 128)
+}
+
+fn floor_boot_in(image: &Path, dir: &Path, memory: u32) -> Result<f64, String> {
     let mut vm = Vm::start(&VmSpec {
         image: image.to_path_buf(),
-        memory_mib: 128,
+        memory_mib: memory,
         cmdline: "quiet".into(),
         nics: vec![],
         disk: None,
         netns: None,
         monitor: dir.join("floor-monitor.sock"),
+        lab_port: None,
     })
     .map_err(|e| e.to_string())?;
     let t = vm.wait_for("floor-init: /init reached", BOOT_WAIT)?;
@@ -112,11 +117,11 @@ fn works_in(kind: BedKind, image: &Path, memory: u32, lab: &Path) -> bool {
     ok
 }
 
-/// The smallest memory in [lo, hi] that works, given that hi works.
-fn bisect(kind: BedKind, image: &Path, lab: &Path, mut lo: u32, mut hi: u32) -> u32 {
+/// The smallest memory in [lo, hi] for which `works` holds, given that it holds for hi.
+fn bisect(mut works: impl FnMut(u32) -> bool, mut lo: u32, mut hi: u32) -> u32 {
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if works_in(kind, image, mid, lab) {
+        if works(mid) {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -276,7 +281,7 @@ fn main() {
             println!("{name:<14} does not forward even in 128 MiB");
             continue;
         }
-        let m = bisect(kind, &dir, &lab, 16, 128);
+        let m = bisect(|mem| works_in(kind, &dir, mem, &lab), 16, 128);
         let at_min = service_boot(kind, &dir, m, &lab)
             .ok()
             .and_then(|r| r.memory_line);
@@ -285,5 +290,22 @@ fn main() {
             at_min.unwrap_or_else(|| "?".into())
         );
     }
+    // The kernel's own need: Debian's generic kernel reserves most of it before /init runs.
+    let floor_min = bisect(
+        |mem| {
+            let ok = floor_boot_in(&floor.dir, &out, mem).is_ok();
+            eprintln!(
+                "  floor -m {mem}: {}",
+                if ok { "reaches /init" } else { "fails" }
+            );
+            ok
+        },
+        16,
+        128,
+    );
+    println!(
+        "{:<14} {floor_min} MiB to reach a trivial /init on the same kernel",
+        "floor"
+    );
     eprintln!("bisection took {:.0} s", t0.elapsed().as_secs_f64());
 }

@@ -12,7 +12,7 @@ use std::fmt;
 /// The modules every service image loads, by name (as `modinfo` names them, `-` and `_`
 /// alike): the virtio NIC and disk (QEMU), the Xen network front and back ends (Qubes), and the
 /// Xen disk (a configuration disk in Qubes), the ACPI power button with its input events (the "power off on request" of QEMU's
-/// `system_powerdown`). AF_PACKET, the 8250 serial console and devtmpfs are built into Debian's
+/// `system_powerdown`), and the virtio console for the lab's channel (`qubes.lab=1`). AF_PACKET, the 8250 serial console and devtmpfs are built into Debian's
 /// kernel.
 pub const SERVICE_MODULES: &[&str] = &[
     "virtio_pci",
@@ -23,6 +23,7 @@ pub const SERVICE_MODULES: &[&str] = &[
     "xen-blkfront",
     "button",
     "evdev",
+    "virtio_console",
 ];
 
 /// A parsed `modules.dep`.

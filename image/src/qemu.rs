@@ -39,6 +39,117 @@ pub struct VmSpec {
     pub netns: Option<String>,
     /// Where QEMU's monitor socket goes.
     pub monitor: PathBuf,
+    /// The host end (a UNIX socket QEMU listens on) of the lab's virtio-serial port
+    /// (`org.qubes-lab.0`, PID 1's `qubes.lab=1`).
+    pub lab_port: Option<PathBuf>,
+}
+
+/// QEMU's arguments (after the program) for `spec`. The console is the serial port on
+/// QEMU's stdout.
+pub fn args(spec: &VmSpec) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-machine",
+        "pc",
+        "-accel",
+        "tcg",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push("-m".into());
+    a.push(spec.memory_mib.to_string());
+    a.push("-kernel".into());
+    a.push(spec.image.join("vmlinuz").display().to_string());
+    a.push("-initrd".into());
+    a.push(spec.image.join("initramfs").display().to_string());
+    a.push("-append".into());
+    // panic=-1: a kernel panic reboots at once, which -no-reboot turns into QEMU exiting, so
+    // nobody waits on a dead guest.
+    a.push(format!("console=ttyS0 panic=-1 {}", spec.cmdline));
+    a.push("-monitor".into());
+    a.push(format!(
+        "unix:{},server=on,wait=off",
+        spec.monitor.display()
+    ));
+    for nic in &spec.nics {
+        a.push("-netdev".into());
+        // Ids after the TAP, so a NIC can be unplugged by name later (`device_del d-<tap>`).
+        a.push(format!(
+            "tap,id=n-{},ifname={},script=no,downscript=no",
+            nic.tap, nic.tap
+        ));
+        a.push("-device".into());
+        a.push(format!(
+            "virtio-net-pci,netdev=n-{},mac={},id=d-{}",
+            nic.tap, nic.mac, nic.tap
+        ));
+    }
+    if let Some(disk) = &spec.disk {
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            disk.display()
+        ));
+    }
+    if let Some(port) = &spec.lab_port {
+        a.push("-device".into());
+        a.push("virtio-serial-pci".into());
+        a.push("-chardev".into());
+        a.push(format!(
+            "socket,id=lab,path={},server=on,wait=off",
+            port.display()
+        ));
+        a.push("-device".into());
+        a.push("virtserialport,chardev=lab,name=org.qubes-lab.0".into());
+    }
+    a
+}
+
+/// One command on the human monitor of the QEMU listening at `socket`; what it printed.
+pub fn monitor_command(socket: &Path, command: &str) -> io::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_millis(300)))?;
+    s.write_all(command.as_bytes())?;
+    s.write_all(b"\n")?;
+    // The monitor answers, then prompts "(qemu) " again; read until it goes quiet.
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let quiet_deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if String::from_utf8_lossy(&out).matches("(qemu)").count() >= 2
+                    || Instant::now() > quiet_deadline
+                {
+                    break;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// A running VM.
@@ -74,45 +185,7 @@ impl Vm {
             None => Command::new("qemu-system-x86_64"),
         };
         let _ = std::fs::remove_file(&spec.monitor);
-        cmd.args(["-machine", "pc", "-accel", "tcg", "-smp", "1"])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .args(["-serial", "stdio"])
-            .arg("-m")
-            .arg(spec.memory_mib.to_string())
-            .arg("-kernel")
-            .arg(spec.image.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(spec.image.join("initramfs"))
-            .arg("-append")
-            // panic=-1: a kernel panic reboots at once, which -no-reboot turns into QEMU
-            // exiting, so a test never waits on a dead guest.
-            .arg(format!("console=ttyS0 panic=-1 {}", spec.cmdline))
-            .arg("-monitor")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                spec.monitor.display()
-            ));
-        for (i, nic) in spec.nics.iter().enumerate() {
-            cmd.arg("-netdev")
-                .arg(format!(
-                    "tap,id=n{i},ifname={},script=no,downscript=no",
-                    nic.tap
-                ))
-                .arg("-device")
-                .arg(format!("virtio-net-pci,netdev=n{i},mac={}", nic.mac));
-        }
-        if let Some(disk) = &spec.disk {
-            cmd.arg("-drive").arg(format!(
-                "file={},format=raw,if=virtio,readonly=on",
-                disk.display()
-            ));
-        }
+        cmd.args(args(spec));
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -198,18 +271,7 @@ impl Vm {
 
     /// A command on QEMU's human monitor (e.g. `system_powerdown`, the ACPI power button).
     pub fn monitor(&self, command: &str) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut s = loop {
-            match UnixStream::connect(&self.monitor) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        s.write_all(command.as_bytes())?;
-        s.write_all(b"\n")?;
-        std::thread::sleep(Duration::from_millis(200));
-        Ok(())
+        monitor_command(&self.monitor, command).map(|_| ())
     }
 
     /// Waits for QEMU to exit.

@@ -188,6 +188,7 @@ impl Bed {
             disk: Some(disk),
             netns: Some(world.clone()),
             monitor: dir.join("monitor.sock"),
+            lab_port: None,
         })
         .map_err(|e| e.to_string())?;
         let mut bed = Bed {

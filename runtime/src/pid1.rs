@@ -13,6 +13,8 @@
 //!    - `ifname=<NAME>:<MAC>`: the NIC with that MAC is renamed (dracut.cmdline(7)'s key), so
 //!      a configuration written for `eth0` and `vif3.0` works on a VM's NICs;
 //!    - `qubes.log=<FILTER>`: the log filter (as `RUST_LOG`);
+//!    - `qubes.lab=1`: run as a lab VM ([`lab`]): configuration, NIC names and the control
+//!      socket over a virtio-serial port;
 //! 3. load the image's kernel modules by `finit_module(2)`, in the order the image lists them
 //!    (`/lib/modules/load-order`, dependencies first); a module for hardware that is not
 //!    there (the Xen front and back ends under QEMU) refuses with `ENODEV`, which is noted;
@@ -54,6 +56,9 @@ pub struct BootArgs {
     pub ifnames: Vec<(String, String)>,
     /// `qubes.log=`
     pub log: Option<String>,
+    /// `qubes.lab=1`: the configuration, NIC names and control requests come over the lab's
+    /// virtio-serial port ([`LAB_PORT`]) instead of a file or disk.
+    pub lab: bool,
 }
 
 /// A command line key that is malformed.
@@ -95,6 +100,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootArgs, BootError> {
                 args.config = Some(value.to_string());
             }
             "qubes.log" => args.log = Some(value.to_string()),
+            "qubes.lab" => args.lab = value == "1",
             "ifname" => {
                 let Some((name, mac)) = value.split_once(':') else {
                     return Err(BootError(format!(
@@ -312,14 +318,19 @@ pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
             .trim()
     ));
 
-    let (loaded, absent) = load_modules(Path::new(MODULES_DIR))?;
+    let t_modules = Instant::now();
+    let (loaded, absent) = load_modules(Path::new(MODULES_DIR), on_xen())?;
     console(&format!(
-        "{service}: {} modules loaded{}",
+        "{service}: {} modules loaded in {} ms{}",
         loaded.len(),
+        t_modules.elapsed().as_millis(),
         if absent.is_empty() {
             String::new()
         } else {
-            format!(" ({}: no such device here)", absent.join(", "))
+            format!(
+                " ({}: not on Xen, or no such device here)",
+                absent.join(", ")
+            )
         }
     ));
     // The kernel's orderly power-off (Xen's control/shutdown) runs this command.
@@ -333,12 +344,22 @@ pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
     let links = bring_links_up(&args.ifnames)?;
     console(&format!("{service}: links up: {}", links.join(" ")));
 
-    let source = args
-        .config
-        .clone()
-        .unwrap_or_else(|| format!("/etc/{service}.yaml"));
-    let raw = read_config(&source)?;
-    let text = merge_config(&raw, &source, &args.qubesdb)?;
+    let mut lab_port = None;
+    let (source, text) = if args.lab {
+        let (port, first) = lab::open(Duration::from_secs(30))?;
+        lab_port = Some(port);
+        let source = format!("the lab's port {LAB_PORT}");
+        let text = merge_config(&first, &source, &args.qubesdb)?;
+        (source, text)
+    } else {
+        let source = args
+            .config
+            .clone()
+            .unwrap_or_else(|| format!("/etc/{service}.yaml"));
+        let raw = read_config(&source)?;
+        let text = merge_config(&raw, &source, &args.qubesdb)?;
+        (source, text)
+    };
     if duties.kernel_uplink {
         let (name, index, addr, prefix, gw) = kernel_uplink(&text)?;
         vif_backend::link::set_uplink_ipv4(index, addr, prefix, gw)
@@ -353,6 +374,14 @@ pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
     }
     let out = PathBuf::from(format!("/run/{service}.yaml"));
     fs::write(&out, text).map_err(|e| BootError(format!("{}: {e}", out.display())))?;
+    if let Some(port) = lab_port {
+        let (config, control) = (out.clone(), PathBuf::from(format!("/run/{service}.sock")));
+        let overlay = args.qubesdb.clone();
+        std::thread::Builder::new()
+            .name("lab-port".into())
+            .spawn(move || lab::serve(port, &config, &control, &overlay))
+            .map_err(|e| BootError(format!("cannot start the lab port's thread: {e}")))?;
+    }
     console(&format!(
         "{service}: configuration from {source}{}, boot took {} ms",
         if args.qubesdb.is_empty() {
@@ -417,8 +446,15 @@ fn mount_fs(source: &str, target: &str, fstype: &str) -> Result<(), BootError> {
     }
 }
 
-/// Loads the modules `dir/load-order` lists. Returns (loaded, refused with ENODEV).
-fn load_modules(dir: &Path) -> Result<(Vec<String>, Vec<String>), BootError> {
+/// Whether the guest runs on Xen (`/sys/hypervisor/type`, which the kernel fills only then).
+fn on_xen() -> bool {
+    fs::read_to_string("/sys/hypervisor/type").is_ok_and(|t| t.trim() == "xen")
+}
+
+/// Loads the modules `dir/load-order` lists; off Xen, the Xen drivers (`xen_*`) are not even
+/// tried (they would refuse with ENODEV, after the kernel had relocated them). Returns
+/// (loaded, skipped or refused with ENODEV).
+fn load_modules(dir: &Path, xen: bool) -> Result<(Vec<String>, Vec<String>), BootError> {
     let list = dir.join("load-order");
     let text = match fs::read_to_string(&list) {
         Ok(t) => t,
@@ -429,6 +465,10 @@ fn load_modules(dir: &Path) -> Result<(Vec<String>, Vec<String>), BootError> {
     for file in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = dir.join(file);
         let name = file.trim_end_matches(".ko").to_string();
+        if !xen && name.starts_with("xen_") {
+            absent.push(name);
+            continue;
+        }
         let f = fs::File::open(&path).map_err(|e| BootError(format!("{}: {e}", path.display())))?;
         match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) | Err(Errno::EEXIST) => loaded.push(name),
@@ -581,6 +621,285 @@ fn read_config(source: &str) -> Result<Vec<u8>, BootError> {
     Ok(buf)
 }
 
+/// The virtio-serial port name of the lab channel (`-device virtserialport,name=...`).
+pub const LAB_PORT: &str = "org.qubes-lab.0";
+
+/// The lab channel: when the lab (`qubes-lab up --vm`) runs a service as a VM, one
+/// virtio-serial port carries what the process form gets from files and sockets on the host.
+///
+/// Frames both ways are a header line `<kind> <length>\n` and `length` bytes. From the guest:
+/// `hello` (the port is open, so send the configuration: the guest's driver drops what
+/// arrives before), `reply`. From the host:
+/// `config` (the whole YAML; written to the service's file, which it re-reads on change),
+/// `links` (lines `<name> <mac>`: the NIC with that MAC gets that name and is brought up, now
+/// and whenever it appears, as vifs are hot-plugged), `mtu` (`<name> <mtu>`: the guest's end
+/// of a link changes its MTU, as the lab's `mtu` command does to both ends of a veth pair;
+/// answered by a `reply`), `control` (one control-socket command;
+/// answered with a `reply` frame holding the service's answer). The host sends one request at
+/// a time, so replies need no ids.
+pub mod lab {
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{console, BootError, LAB_PORT};
+
+    /// The largest frame accepted (a configuration with many rules is well below it).
+    const MAX_FRAME: usize = 16 << 20;
+
+    /// Reads one frame: (kind, bytes). `None` at the end of the stream.
+    pub fn read_frame(r: &mut impl BufRead) -> std::io::Result<Option<(String, Vec<u8>)>> {
+        let mut header = String::new();
+        if r.read_line(&mut header)? == 0 {
+            return Ok(None);
+        }
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        let (kind, len) = header
+            .trim_end()
+            .split_once(' ')
+            .ok_or_else(|| bad("frame header without a length"))?;
+        let len: usize = len
+            .parse()
+            .map_err(|_| bad("frame length is not a number"))?;
+        if len > MAX_FRAME {
+            return Err(bad("frame longer than 16 MiB"));
+        }
+        let mut data = vec![0u8; len];
+        r.read_exact(&mut data)?;
+        Ok(Some((kind.to_string(), data)))
+    }
+
+    /// Writes one frame.
+    pub fn write_frame(w: &mut impl Write, kind: &str, data: &[u8]) -> std::io::Result<()> {
+        let mut buf = format!("{kind} {}\n", data.len()).into_bytes();
+        buf.extend_from_slice(data);
+        w.write_all(&buf)?;
+        w.flush()
+    }
+
+    /// The port's device, found by its name in sysfs (there is no udev to make the
+    /// `/dev/virtio-ports/<name>` link).
+    fn find_port() -> Option<String> {
+        for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+            let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+            if name.trim() == LAB_PORT {
+                return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
+            }
+        }
+        None
+    }
+
+    /// Opens the port and waits for the first configuration (and applies `links` frames that
+    /// come before it).
+    pub fn open(wait: Duration) -> Result<(fs::File, Vec<u8>), BootError> {
+        let deadline = Instant::now() + wait;
+        let path = loop {
+            if let Some(p) = find_port().filter(|p| Path::new(p).exists()) {
+                break p;
+            }
+            if Instant::now() > deadline {
+                return Err(BootError(format!(
+                    "qubes.lab=1 but no virtio-serial port named {LAB_PORT} within {wait:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let port = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| BootError(format!("{path}: {e}")))?;
+        let mut r = BufReader::new(
+            port.try_clone()
+                .map_err(|e| BootError(format!("{path}: {e}")))?,
+        );
+        let mut w = port
+            .try_clone()
+            .map_err(|e| BootError(format!("{path}: {e}")))?;
+        // The host discards nothing, but the guest's driver drops what arrives before the port
+        // is open: the lab sends the configuration when it hears this (and when it connects).
+        let _ = write_frame(&mut w, "hello", b"");
+        let mut last_hello = Instant::now();
+        loop {
+            if last_hello.elapsed() > Duration::from_secs(1) {
+                let _ = write_frame(&mut w, "hello", b"");
+                last_hello = Instant::now();
+            }
+            match read_frame(&mut r) {
+                Ok(Some((kind, data))) if kind == "config" => {
+                    console(&format!(
+                        "lab: configuration received ({} bytes)",
+                        data.len()
+                    ));
+                    return Ok((port, data));
+                }
+                Ok(Some((kind, data))) if kind == "links" => apply_links(&parse_links(&data)),
+                Ok(Some((kind, _))) => {
+                    console(&format!("lab: {kind} before any configuration: ignored"))
+                }
+                // Nobody on the host end yet: reads return nothing until the lab connects.
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Ok(None) => {
+                    return Err(BootError(format!(
+                        "{path}: no configuration from the lab within {wait:?}"
+                    )))
+                }
+                Err(e) => return Err(BootError(format!("{path}: {e}"))),
+            }
+        }
+    }
+
+    fn parse_links(data: &[u8]) -> BTreeMap<String, String> {
+        String::from_utf8_lossy(data)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, mac)| (mac.trim().to_ascii_lowercase(), name.to_string()))
+            .collect()
+    }
+
+    /// Renames and brings up the NICs the map names (mac -> name), when they are there.
+    fn apply_links(map: &BTreeMap<String, String>) {
+        let Ok(dir) = fs::read_dir("/sys/class/net") else {
+            return;
+        };
+        for e in dir.flatten() {
+            let cur = e.file_name().to_string_lossy().into_owned();
+            let read = |f: &str| fs::read_to_string(e.path().join(f)).unwrap_or_default();
+            let Some(want) = map.get(read("address").trim()) else {
+                continue;
+            };
+            let Ok(index) = read("ifindex").trim().parse::<u32>() else {
+                continue;
+            };
+            let flags =
+                u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16).unwrap_or(0);
+            if &cur == want && flags & 1 == 1 {
+                continue;
+            }
+            let rename = (&cur != want).then_some(want.as_str());
+            match vif_backend::link::set_link(index, rename, true) {
+                Ok(()) => console(&format!("lab: {cur} is {want}, up")),
+                Err(e) => console(&format!("lab: {cur} as {want}: {e}")),
+            }
+        }
+    }
+
+    /// Serves the port for the life of the service.
+    pub fn serve(port: fs::File, config: &Path, control: &Path, overlay: &[(String, String)]) {
+        let links: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let watched = Arc::clone(&links);
+        // Hot-plugged NICs appear at any time; a light poll names them.
+        let _ = std::thread::Builder::new()
+            .name("lab-links".into())
+            .spawn(move || loop {
+                if let Ok(map) = watched.lock() {
+                    apply_links(&map);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            });
+        let Ok(mut w) = port.try_clone() else { return };
+        let mut r = BufReader::new(port);
+        loop {
+            let (kind, data) = match read_frame(&mut r) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    // The host end is not connected: a read returns nothing until it is.
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => {
+                    console(&format!("lab: the port: {e}"));
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            };
+            match kind.as_str() {
+                "config" => match super::merge_config(&data, "the lab's configuration", overlay) {
+                    Ok(text) => {
+                        let tmp = config.with_extension("yaml.new");
+                        if fs::write(&tmp, text)
+                            .and_then(|()| fs::rename(&tmp, config))
+                            .is_err()
+                        {
+                            console("lab: cannot write the configuration");
+                        }
+                    }
+                    Err(e) => console(&format!("lab: {e}")),
+                },
+                "links" => {
+                    let map = parse_links(&data);
+                    apply_links(&map);
+                    if let Ok(mut l) = links.lock() {
+                        *l = map;
+                    }
+                }
+                "mtu" => {
+                    let reply = set_mtu(&String::from_utf8_lossy(&data));
+                    if write_frame(&mut w, "reply", reply.as_bytes()).is_err() {
+                        console("lab: cannot answer on the port");
+                    }
+                }
+                "control" => {
+                    let reply = ask(control, &data);
+                    if write_frame(&mut w, "reply", reply.as_bytes()).is_err() {
+                        console("lab: cannot answer on the port");
+                    }
+                }
+                other => console(&format!("lab: unknown frame {other:?} ignored")),
+            }
+        }
+    }
+
+    /// `<name> <mtu>`: that link's MTU; `ok` or `error: ...`.
+    fn set_mtu(req: &str) -> String {
+        let mut w = req.split_whitespace();
+        let (Some(name), Some(Ok(mtu))) = (w.next(), w.next().map(str::parse::<u32>)) else {
+            return format!("error: expected <link> <mtu>, got {req:?}\n");
+        };
+        let index = fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let Some(index) = index else {
+            return format!("error: no link {name} in the guest\n");
+        };
+        match vif_backend::link::set_mtu(index, mtu) {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error: {name} mtu {mtu}: {e}\n"),
+        }
+    }
+
+    /// One control request to the service's socket; its answer, or an `error: ...` line.
+    fn ask(control: &Path, command: &[u8]) -> String {
+        let mut s = match UnixStream::connect(control) {
+            Ok(s) => s,
+            Err(e) => {
+                return format!("error: the service's control socket: {e} (still starting?)\n")
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut line = command.to_vec();
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        if let Err(e) = s.write_all(&line) {
+            return format!("error: {e}\n");
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        match s.read_to_string(&mut out) {
+            Ok(_) => out,
+            Err(e) => format!("error: {e}\n"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -606,6 +925,27 @@ mod tests {
             ]
         );
         assert_eq!(a.log.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn lab_frames_round_trip_and_bad_headers_are_refused() {
+        let mut buf = Vec::new();
+        lab::write_frame(&mut buf, "config", b"qubesdb: {}\n").expect("test data");
+        lab::write_frame(&mut buf, "control", b"").expect("test data");
+        let mut r = std::io::BufReader::new(&buf[..]);
+        assert_eq!(
+            lab::read_frame(&mut r).expect("test data"),
+            Some(("config".into(), b"qubesdb: {}\n".to_vec()))
+        );
+        assert_eq!(
+            lab::read_frame(&mut r).expect("test data"),
+            Some(("control".into(), vec![]))
+        );
+        assert_eq!(lab::read_frame(&mut r).expect("test data"), None);
+        for bad in ["config\n", "config x\n", "config 99999999999\n"] {
+            let mut r = std::io::BufReader::new(bad.as_bytes());
+            assert!(lab::read_frame(&mut r).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

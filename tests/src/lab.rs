@@ -25,6 +25,7 @@ use crate::topology::world::{self as w, DNS_IP, ROUTER_IP, UPLINK_IP};
 use crate::topology::{
     check_lab_name, world_ns, Qube, Role, Topology, TopologySpec, BACKEND_MAC, VIRTUAL_DNS,
 };
+use crate::vm;
 use crate::world;
 
 /// What `up` is asked for.
@@ -41,6 +42,8 @@ pub struct UpOptions {
     pub conntrack_max: Option<usize>,
     /// Leave out the whonix qube, the qubes behind it and the private Tor network.
     pub no_whonix: bool,
+    /// The qube whose service runs as a VM (`sys-firewall`), if any.
+    pub vm: Option<String>,
 }
 
 /// sys-whonix's kernel takes nothing from a client vif: only its uplink (the Tor client's
@@ -93,6 +96,27 @@ pub fn up(o: &UpOptions) -> Result<()> {
     if o.firewall == FirewallKind::Rust && topo.firewall().is_some() {
         Service::Firewall.binary()?;
     }
+    if let Some(q) = &o.vm {
+        let fw = topo.firewall().map(|f| f.name.clone());
+        if fw.as_deref() != Some(q.as_str()) {
+            return err(format!(
+                "--vm {q}: only the firewall qube ({}) can run as a VM so far",
+                fw.unwrap_or_else(|| "none in this topology".into())
+            ));
+        }
+        if o.firewall != FirewallKind::Rust {
+            return err("--vm runs our sys-firewall's image: it needs --firewall rust".to_string());
+        }
+        if Cmd::new("qemu-system-x86_64")
+            .arg("--version")
+            .run()
+            .is_err()
+        {
+            return err(
+                "--vm needs qemu-system-x86_64 (scripts/setup-debian.sh installs it)".to_string(),
+            );
+        }
+    }
     if let Some(w) = topo.whonix() {
         Service::Whonix.binary().context(|| {
             format!(
@@ -122,6 +146,10 @@ pub fn up(o: &UpOptions) -> Result<()> {
         topology: spec,
     }
     .write(&paths)?;
+    if o.vm.is_some() {
+        let m = vm::marker(&paths);
+        fs::write(&m, "sys-firewall runs as a VM\n").map_err(io_err("cannot write", &m))?;
+    }
     if o.conntrack_max.is_some() && o.firewall == FirewallKind::Linux {
         // net.netfilter.nf_conntrack_max is read-only in a namespace other than the initial
         // one (and on older kernels one global value): the lab never changes the host's.
@@ -210,10 +238,22 @@ fn build(
             &world_ns(&topo.lab),
         ])
         .run()?;
+    let fw_vm = if vm::enabled(paths) {
+        topo.firewall().map(|f| f.name.clone())
+    } else {
+        None
+    };
     for q in &topo.qubes {
         let (Some(netvm), Some(vif)) = (topo.netvm_of(q), q.vif()) else {
             continue;
         };
+        if fw_vm
+            .as_deref()
+            .is_some_and(|f| f == q.name || f == netvm.name)
+        {
+            // The VM's NICs are TAPs, wired when it boots (vm::start).
+            continue;
+        }
         Cmd::new("ip")
             .args([
                 "link",
@@ -360,7 +400,14 @@ fn netvm_up(
     netvm_kind: NetvmKind,
     p: &Qube,
 ) -> Result<()> {
-    let cfg = NetvmConfig::read(&paths.config(&p.name))?;
+    let mut cfg = NetvmConfig::read(&paths.config(&p.name))?;
+    if vm::enabled(paths) {
+        // The firewall VM's uplink vif is a TAP that appears when the VM boots (vm::start
+        // brings it online then).
+        if let Some(fw_vif) = topo.firewall().and_then(|f| f.vif()) {
+            cfg.vifs.retain(|v| v.name != fw_vif);
+        }
+    }
     if p.role == Role::Uplink && netvm_kind == NetvmKind::Rust {
         // Our sys-net: links up without addresses; its address comes by DHCP.
         Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
@@ -368,6 +415,9 @@ fn netvm_up(
             Cmd::ip(&p.ns).args(["link", "set", &v.name, "up"]).run()?;
         }
         return sysnet::start(paths, p);
+    }
+    if p.role == Role::Firewall && kind == FirewallKind::Rust && vm::enabled(paths) {
+        return vm::start(topo, netvm_kind, paths, p);
     }
     if p.role == Role::Firewall && kind == FirewallKind::Rust {
         Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
@@ -442,7 +492,7 @@ fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind, netvm: NetvmKind)
         netvm.as_str(),
         paths.dir.display()
     );
-    out.push_str(&qube_table(topo, kind, netvm, None));
+    out.push_str(&qube_table(topo, kind, netvm, vm::enabled(paths), None));
     out
 }
 
@@ -452,6 +502,7 @@ fn qube_table(
     topo: &Topology,
     kind: FirewallKind,
     netvm: NetvmKind,
+    firewall_vm: bool,
     present: Option<&[String]>,
 ) -> String {
     let mut rows: Vec<Vec<String>> = vec![vec![
@@ -471,6 +522,9 @@ fn qube_table(
             },
             Role::Firewall => match kind {
                 FirewallKind::Linux => "Linux sys-firewall (nftables)".to_string(),
+                FirewallKind::Rust if firewall_vm => {
+                    "sys-firewall image under QEMU (qube-image)".to_string()
+                }
                 FirewallKind::Rust => "sys-firewall service".to_string(),
             },
             Role::Whonix => "sys-whonix service: Tor gateway (embedded arti)".to_string(),
@@ -591,7 +645,7 @@ pub fn existing_namespaces() -> Result<Vec<String>> {
 }
 
 /// The background processes of a lab: pid-file name and command name.
-const RECORDED: [(&str, &str); 7] = [
+const RECORDED: [(&str, &str); 9] = [
     ("dnsmasq", "dnsmasq"),
     ("serve-http", "qubes-lab"),
     ("iperf3", "iperf3"),
@@ -599,6 +653,9 @@ const RECORDED: [(&str, &str); 7] = [
     ("sys-whonix", "sys-whonix"),
     (sysnet::PROCESS, "sys-net"),
     ("dnsmasq-dhcp", "dnsmasq"),
+    // sys-firewall as a VM (`up --vm`): QEMU under the service's name, and its relay
+    ("sys-firewall", "qemu-system-x86"),
+    (vm::RELAY, "qubes-lab"),
 ];
 
 /// Removes a lab: stops every process in its namespaces, deletes the namespaces, their
@@ -717,7 +774,13 @@ pub fn status(name: &str) -> Result<()> {
     );
     print!(
         "{}",
-        qube_table(&topo, state.firewall, state.netvm, Some(&existing))
+        qube_table(
+            &topo,
+            state.firewall,
+            state.netvm,
+            vm::enabled(&paths),
+            Some(&existing)
+        )
     );
     println!("\nprocesses:");
     let mut names: Vec<(&str, String)> = world::PROCESSES
@@ -725,10 +788,18 @@ pub fn status(name: &str) -> Result<()> {
         .map(|(n, what)| (*n, what.to_string()))
         .collect();
     if state.firewall == FirewallKind::Rust {
-        names.push((
-            Service::Firewall.process(),
-            "the sys-firewall service".to_string(),
-        ));
+        let what = if vm::enabled(&paths) {
+            "the sys-firewall VM (QEMU; its console is the log)"
+        } else {
+            "the sys-firewall service"
+        };
+        names.push((Service::Firewall.process(), what.to_string()));
+        if vm::enabled(&paths) {
+            names.push((
+                vm::RELAY,
+                "its lab port's relay (control socket, configuration)".to_string(),
+            ));
+        }
     }
     if topo.whonix().is_some() {
         names.push((
@@ -986,6 +1057,11 @@ pub fn restart_firewall(name: &str) -> Result<()> {
         .ok_or_else(|| Error("the topology has no firewall qube".to_string()))?;
     let _lock = state::lock(&paths)?;
     match state.firewall {
+        FirewallKind::Rust if vm::enabled(&paths) => {
+            vm::stop(&paths)?;
+            vm::start(&topo, state.netvm, &paths, fw)?;
+            println!("sys-firewall VM restarted");
+        }
         FirewallKind::Rust => {
             Service::Firewall.stop(&paths)?;
             Service::Firewall.start(&paths, fw)?;
@@ -1041,12 +1117,22 @@ pub fn set_mtu(name: &str, qube: &str, mtu: u16) -> Result<()> {
     let mtu_s = mtu.to_string();
     // The netvm's end first: until the qube's end follows, the qube may still send bigger
     // packets, which the smaller end then drops, as a real link with mismatched ends does.
-    Cmd::ip(&netvm.ns)
-        .args(["link", "set", "dev", &vif, "mtu", &mtu_s])
-        .run()?;
-    Cmd::ip(&q.ns)
-        .args(["link", "set", "dev", "eth0", "mtu", &mtu_s])
-        .run()?;
+    // With sys-firewall as a VM, its ends of its links are inside the guest.
+    let in_vm = vm::enabled(&paths);
+    if in_vm && netvm.role == Role::Firewall {
+        vm::set_guest_mtu(&paths, &vif, mtu)?;
+    } else {
+        Cmd::ip(&netvm.ns)
+            .args(["link", "set", "dev", &vif, "mtu", &mtu_s])
+            .run()?;
+    }
+    if in_vm && q.role == Role::Firewall {
+        vm::set_guest_mtu(&paths, "eth0", mtu)?;
+    } else {
+        Cmd::ip(&q.ns)
+            .args(["link", "set", "dev", "eth0", "mtu", &mtu_s])
+            .run()?;
+    }
     // Our service follows netlink; wait until its status shows the new MTU, so that what
     // runs next meets it (a Linux sys-firewall uses the link MTU at once).
     if state.firewall == FirewallKind::Rust {

@@ -26,7 +26,8 @@ use crate::netvm;
 use crate::procs;
 use crate::service::{self, Service};
 use crate::state::{self, LabLock, LabState, Paths};
-use crate::topology::{Qube, Topology, BACKEND_MAC, MAX_DOMID};
+use crate::topology::{Qube, Role, Topology, BACKEND_MAC, MAX_DOMID};
+use crate::vm;
 
 /// The lab, locked, and the qube, checked: it exists, provides no network, and its namespace
 /// is there.
@@ -96,7 +97,14 @@ pub fn stop(name: &str, qube: &str) -> Result<()> {
 /// The vif goes away: the device (and the veth pair with it), the netvm's reaction, the vif
 /// list. Tolerates a vif already gone (a `stop` that failed half-way can be repeated).
 fn remove_vif(state: &LabState, paths: &Paths, netvm: &Qube, vif: &str) -> Result<()> {
-    if link_exists(&netvm.ns, vif) {
+    let in_vm = vm::enabled(paths) && netvm.role == Role::Firewall;
+    if in_vm {
+        // Unplugged from the VM (its TAP, the qube's eth0, goes with it); a VM that is not
+        // running has nothing to unplug.
+        if Service::Firewall.running(paths) {
+            vm::unplug(paths, vif)?;
+        }
+    } else if link_exists(&netvm.ns, vif) {
         Cmd::ip(&netvm.ns).args(["link", "del", "dev", vif]).run()?;
     }
     let path = paths.config(&netvm.name);
@@ -238,22 +246,30 @@ fn add_vif(
         netvm::agent_connected_ips(&netvm.ns, &cfg)?;
         netvm::agent_handle_addr(&netvm.ns, &cfg, &ip_s, &log)?;
     }
-    // The device: netback's backend in the netvm, the frontend `eth0` in the qube.
-    Cmd::new("ip")
-        .args([
-            "link",
-            "add",
-            vif,
-            "netns",
-            &netvm.ns,
-            "address",
-            BACKEND_MAC,
-        ])
-        .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
-        .args(["address", &q.mac])
-        .run()?;
+    let in_vm = vm::enabled(paths) && netvm.role == Role::Firewall;
+    if in_vm {
+        // A NIC hot-plugged into the VM; its TAP becomes the qube's eth0.
+        vm::plug(paths, netvm, q, vif)?;
+    } else {
+        // The device: netback's backend in the netvm, the frontend `eth0` in the qube.
+        Cmd::new("ip")
+            .args([
+                "link",
+                "add",
+                vif,
+                "netns",
+                &netvm.ns,
+                "address",
+                BACKEND_MAC,
+            ])
+            .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
+            .args(["address", &q.mac])
+            .run()?;
+    }
     if let Some(svc) = service {
-        Cmd::ip(&netvm.ns).args(["link", "set", vif, "up"]).run()?;
+        if !in_vm {
+            Cmd::ip(&netvm.ns).args(["link", "set", vif, "up"]).run()?;
+        }
         svc.wait_status(paths, before, &format!("attach {vif}"), |s| {
             service::has_client(s, vif)
         })?;

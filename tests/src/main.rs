@@ -14,6 +14,7 @@ mod service;
 mod state;
 mod sysnet;
 mod topology;
+mod vm;
 mod world;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -78,6 +79,10 @@ struct UpArgs {
     /// bootstrap take
     #[arg(long)]
     no_whonix: bool,
+    /// Run this qube's service as its bootable image under QEMU instead of as a process
+    /// (qube-image; software emulation, so its boot takes seconds): sys-firewall
+    #[arg(long, value_name = "QUBE", env = "QUBES_LAB_VM")]
+    vm: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -282,6 +287,16 @@ enum Command {
     /// Write /proc/sys/PATH=VALUE (inside a namespace)
     #[command(hide = true)]
     Sysctl { settings: Vec<String> },
+    /// Between a service VM's lab port and its control socket and configuration file
+    #[command(hide = true)]
+    VmRelay {
+        #[arg(long)]
+        port: PathBuf,
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn code(n: i32) -> ExitCode {
@@ -301,6 +316,7 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 keep_on_error: a.keep_on_error,
                 conntrack_max: a.conntrack_max.map(|n| n as usize),
                 no_whonix: a.no_whonix,
+                vm: a.vm,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -388,6 +404,11 @@ fn run(cli: Cli) -> cmd::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::VmRelay {
+            port,
+            control,
+            config,
+        } => vm::relay(&port, &control, &config).map(|_| ExitCode::SUCCESS),
         Command::Sysctl { settings } => {
             netvm::write_sysctls(&settings)?;
             Ok(ExitCode::SUCCESS)

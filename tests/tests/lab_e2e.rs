@@ -2,7 +2,9 @@
 //! parallel), checks traffic inside it, and tears it down, also when it fails (a Drop guard).
 //!
 //! The sys-firewall under test is `$QUBES_LAB_FIREWALL` (`rust` or `linux`; default `rust`),
-//! so the same tests judge the Linux kernel and our service. They need root (network
+//! so the same tests judge the Linux kernel and our service; with `$QUBES_LAB_VM` set
+//! (`sys-firewall`, passed on to `qubes-lab up`) our service runs as its image under QEMU. They
+//! need root (network
 //! namespaces): without it they fail under CI and otherwise report `NOT RUN: <test>: <why>`
 //! (`testkit`).
 
@@ -891,6 +893,26 @@ fn stopping_the_service_leaves_clients_without_forwarding() {
     lab.down();
 }
 
+/// Whether sys-firewall runs as its image under QEMU (`up --vm`, from the environment).
+fn firewall_vm() -> bool {
+    std::env::var_os("QUBES_LAB_VM").is_some_and(|v| !v.is_empty())
+}
+
+/// sys-firewall's client vifs: the links in its namespace, or, when it is a VM (its links are
+/// inside the guest), the clients its service reports.
+fn firewall_vifs(lab: &Lab) -> Vec<String> {
+    if !firewall_vm() {
+        return links(&lab.ns("sys-firewall"));
+    }
+    let out = lab.cmd_output(&["status"], &[]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("client "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The interfaces of a namespace (`ip -o link show`), without their `@peer` suffix.
 fn links(ns: &str) -> Vec<String> {
     let out = Command::new("ip")
@@ -984,13 +1006,13 @@ fn restarting_a_qube_gives_it_the_next_vif_and_leaves_other_connections_alone() 
     let mut vif = "vif4.0".to_string();
     for round in 1..=RESTARTS {
         assert!(
-            links(&fw).contains(&vif),
+            firewall_vifs(&lab).contains(&vif),
             "no {vif} in {fw}: {:?}",
-            links(&fw)
+            firewall_vifs(&lab)
         );
         lab.cmd(&["stop"], &["personal"]);
         assert!(
-            !links(&fw).contains(&vif),
+            !firewall_vifs(&lab).contains(&vif),
             "round {round}: {vif} is still in {fw} after stop"
         );
         assert_eq!(
@@ -1011,7 +1033,7 @@ fn restarting_a_qube_gives_it_the_next_vif_and_leaves_other_connections_alone() 
         }
         lab.cmd(&["start"], &["personal"]);
         let next = format!("vif{}.0", 6 + round);
-        let now = links(&fw);
+        let now = firewall_vifs(&lab);
         assert!(
             now.contains(&next) && !now.contains(&vif),
             "round {round}: expected {next} (the next domid) instead of {vif} in {fw}: {now:?}"

@@ -169,6 +169,16 @@ pub fn set_uplink_ipv4(
     )
 }
 
+/// Sets the MTU of the link with index `index` (`RTM_SETLINK` with `IFLA_MTU`).
+pub fn set_mtu(index: u32, mtu: u32) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.attributes.push(LinkAttribute::Mtu(mtu));
+    request(&mut socket, msg)
+}
+
 fn request(socket: &mut Socket, link: LinkMessage) -> io::Result<()> {
     send(socket, RouteNetlinkMessage::SetLink(link), 0)
 }
