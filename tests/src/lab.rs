@@ -645,7 +645,7 @@ pub fn existing_namespaces() -> Result<Vec<String>> {
 }
 
 /// The background processes of a lab: pid-file name and command name.
-const RECORDED: [(&str, &str); 9] = [
+const RECORDED: [(&str, &str); 8] = [
     ("dnsmasq", "dnsmasq"),
     ("serve-http", "qubes-lab"),
     ("iperf3", "iperf3"),
@@ -653,9 +653,8 @@ const RECORDED: [(&str, &str); 9] = [
     ("sys-whonix", "sys-whonix"),
     (sysnet::PROCESS, "sys-net"),
     ("dnsmasq-dhcp", "dnsmasq"),
-    // sys-firewall as a VM (`up --vm`): QEMU under the service's name, and its relay
+    // sys-firewall as a VM (`up --vm`): QEMU under the service's name
     ("sys-firewall", "qemu-system-x86"),
-    (vm::RELAY, "qubes-lab"),
 ];
 
 /// Removes a lab: stops every process in its namespaces, deletes the namespaces, their
@@ -687,6 +686,13 @@ pub fn down(name: &str, verbose: bool) -> Result<()> {
         if !pids.contains(&pid) {
             pids.push(pid);
         }
+    }
+    // The VM's relay runs in our own namespace, which recorded_pids leaves out (it also ends
+    // by itself once QEMU is gone).
+    if let Some(pid) = procs::read_pid(&paths, vm::RELAY)
+        .filter(|&p| procs::alive(p) && procs::comm(p) == "qubes-lab" && !pids.contains(&p))
+    {
+        pids.push(pid);
     }
     if let Err(e) = procs::stop(&pids, Duration::from_secs(3)) {
         problems.push(e.to_string());

@@ -338,6 +338,8 @@ pub fn relay(port: &Path, control: &Path, config: &Path) -> Result<()> {
                 break;
             }
         }
+        // The port closed: QEMU is gone, and so is everything this relay stood for.
+        let _ = tx.send(("closed".to_string(), Vec::new()));
     });
     let _ = std::fs::remove_file(control);
     let listener =
@@ -356,6 +358,10 @@ pub fn relay(port: &Path, control: &Path, config: &Path) -> Result<()> {
         // The guest says hello when it opens its port (at boot): it gets the file again.
         let mut hello = false;
         while let Ok((kind, _)) = rx.try_recv() {
+            if kind == "closed" {
+                let _ = std::fs::remove_file(control);
+                return Ok(());
+            }
             hello |= kind == "hello";
         }
         if let Ok(bytes) = std::fs::read(config) {
@@ -404,6 +410,7 @@ fn answer(
     let reply = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok((kind, data)) if kind == "reply" => break data,
+            Ok((kind, _)) if kind == "closed" => break b"error: the VM is gone\n".to_vec(),
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(_) => break b"error: the VM did not answer\n".to_vec(),

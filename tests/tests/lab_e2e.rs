@@ -777,7 +777,7 @@ fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
         ],
         &[],
     );
-    let pids: Vec<u32> = ["world", "sys-firewall"]
+    let mut pids: Vec<u32> = ["world", "sys-firewall"]
         .iter()
         .flat_map(|q| {
             let out = Command::new("ip")
@@ -790,6 +790,17 @@ fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
                 .collect::<Vec<u32>>()
         })
         .collect();
+    // And every process the lab recorded, wherever it runs (the VM's relay runs in ours).
+    let state = PathBuf::from(format!("/run/qubes-lab/{}", lab.name));
+    for e in std::fs::read_dir(&state)
+        .expect("the lab's state")
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "pid") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            pids.extend(text.trim().parse::<u32>().ok());
+        }
+    }
     assert!(!pids.is_empty());
     let name = lab.name.clone();
     lab.down();

@@ -446,17 +446,6 @@ pub fn client_ns(tor: &str, ns: &str, vif: &str, addr: &str, mac: &str) {
 }
 
 fn config(net: &TorNet, dir: &Path) -> String {
-    let auths: Vec<String> = net.authorities.iter().map(|a| format!("\"{a}\"")).collect();
-    let fbs: Vec<String> = net
-        .fallbacks
-        .iter()
-        .map(|f| {
-            format!(
-                "{{rsa_identity: \"{}\", ed_identity: \"{}\", orport: \"{}\"}}",
-                f.rsa_identity, f.ed_identity, f.orport
-            )
-        })
-        .collect();
     format!(
         "uplink: {{name: lo}}\n\
          qubesdb:\n  /qubes-ip: 10.137.0.20\n  /qubes-gateway: 10.137.0.19\n\
@@ -467,9 +456,8 @@ fn config(net: &TorNet, dir: &Path) -> String {
          \x20 - {{name: vif2.0, ip: 10.137.0.31, mac: \"00:16:3e:5e:6c:31\"}}\n\
          tor:\n  state_dir: {d}/arti/state\n  cache_dir: {d}/arti/cache\n\
          \x20 trust_storage_permissions: true\n\
-         \x20 network: {{authorities: [{}], fallbacks: [{}]}}\n",
-        auths.join(", "),
-        fbs.join(", "),
+         \x20 network: {}\n",
+        net.network_yaml(),
         d = dir.display()
     )
 }
