@@ -29,15 +29,40 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the binaries the test runs (a no-op when cargo already has them).
+/// Builds the binaries the test runs when they are missing. `cargo test --workspace` (the
+/// suite) has built them, fresh, before any test runs; building them again here would not be a
+/// no-op: `cargo build -p ...` resolves features differently from `cargo test --workspace` and
+/// recompiles half the dependency tree (minutes of CI). Run alone (`cargo test -p
+/// qube-image`), the test uses whatever binaries the last build left: it says which.
 fn ensure_binaries(packages: &[&str]) {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !profile_dir().join(p).is_file())
+        .collect();
+    for p in packages.iter().filter(|p| !missing.contains(p)) {
+        let age = std::fs::metadata(profile_dir().join(p))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        eprintln!(
+            "using {} (built {age} s ago)",
+            profile_dir().join(p).display()
+        );
+    }
+    if missing.is_empty() {
+        return;
+    }
+    let packages = missing;
     let release = profile_dir().ends_with("release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace()).args(["build", "--locked"]);
     if release {
         cmd.arg("--release");
     }
-    for p in packages {
+    for p in &packages {
         cmd.args(["-p", p]);
     }
     let st = cmd.status().expect("run cargo build");
