@@ -226,7 +226,7 @@ pub fn run_if_init_with(service: &str, duties: Duties, run: impl FnOnce(PathBuf)
     let args: Vec<String> = std::env::args().collect();
     if !is_init() {
         if args.len() == 2 && args[1] == "poweroff" && same_program_as_init() {
-            // SAFETY of intent: only when PID 1 runs this very program (an image's /init), so
+            // Only when PID 1 runs this very program (an image's /init), so that
             // `sys-firewall poweroff` typed on an ordinary system cannot signal its init.
             let _ = kill(Pid::from_raw(1), Signal::SIGTERM);
             std::process::exit(0);
