@@ -22,9 +22,7 @@ use crate::service::Service;
 use crate::state::{self, FirewallKind, LabState, NetvmKind, Paths};
 use crate::sysnet;
 use crate::topology::world::{self as w, DNS_IP, ROUTER_IP, UPLINK_IP};
-use crate::topology::{
-    check_lab_name, world_ns, Qube, Role, Topology, TopologySpec, BACKEND_MAC, VIRTUAL_DNS,
-};
+use crate::topology::{check_lab_name, world_ns, Qube, Role, Topology, TopologySpec, VIRTUAL_DNS};
 use crate::vm;
 use crate::world;
 
@@ -254,19 +252,7 @@ fn build(
             // The VM's NICs are TAPs, wired when it boots (vm::start).
             continue;
         }
-        Cmd::new("ip")
-            .args([
-                "link",
-                "add",
-                &vif,
-                "netns",
-                &netvm.ns,
-                "address",
-                BACKEND_MAC,
-            ])
-            .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
-            .args(["address", &q.mac])
-            .run()?;
+        netvm::add_vif_link(&netvm.ns, &vif, &q.ns, &q.mac)?;
     }
     // The rule store, and each netvm's configuration (its QubesDB tree).
     let store = Store::new(paths.store());

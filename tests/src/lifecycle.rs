@@ -26,7 +26,7 @@ use crate::netvm;
 use crate::procs;
 use crate::service::{self, Service};
 use crate::state::{self, LabLock, LabState, Paths};
-use crate::topology::{Qube, Role, Topology, BACKEND_MAC, MAX_DOMID};
+use crate::topology::{Qube, Role, Topology, MAX_DOMID};
 use crate::vm;
 
 /// The lab, locked, and the qube, checked: it exists, provides no network, and its namespace
@@ -252,19 +252,7 @@ fn add_vif(
         vm::plug(paths, netvm, q, vif)?;
     } else {
         // The device: netback's backend in the netvm, the frontend `eth0` in the qube.
-        Cmd::new("ip")
-            .args([
-                "link",
-                "add",
-                vif,
-                "netns",
-                &netvm.ns,
-                "address",
-                BACKEND_MAC,
-            ])
-            .args(["type", "veth", "peer", "name", "eth0", "netns", &q.ns])
-            .args(["address", &q.mac])
-            .run()?;
+        netvm::add_vif_link(&netvm.ns, vif, &q.ns, &q.mac)?;
     }
     if let Some(svc) = service {
         if !in_vm {

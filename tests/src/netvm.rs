@@ -162,6 +162,25 @@ pub fn nft(ns: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// A vif as netback makes it: the backend `vif` in the netvm's namespace with Qubes' backend
+/// MAC, and its frontend, the qube's `eth0` with the qube's MAC (a veth pair).
+pub fn add_vif_link(netvm_ns: &str, vif: &str, qube_ns: &str, qube_mac: &str) -> Result<()> {
+    Cmd::new("ip")
+        .args([
+            "link",
+            "add",
+            vif,
+            "netns",
+            netvm_ns,
+            "address",
+            BACKEND_MAC,
+        ])
+        .args(["type", "veth", "peer", "name", "eth0", "netns", qube_ns])
+        .args(["address", qube_mac])
+        .run()?;
+    Ok(())
+}
+
 /// `/usr/lib/qubes/setup-ip add eth0` without NetworkManager (reference 4.3): the client end
 /// of a vif, with the qube's address, the gateway's permanent neighbour entry and the routes.
 pub fn setup_ip(ns: &str, ip: Ipv4Addr, gateway: Ipv4Addr) -> Result<()> {
