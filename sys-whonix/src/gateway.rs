@@ -904,7 +904,7 @@ fn pump_tor(s: &mut tcp::Socket, tc: &mut TorConn, counters: &mut Counters) -> b
                 break;
             }
             Ok(FromTor::Failed(why)) => {
-                tracing::debug!(target = %tc.target, why, "Tor stream failed: reset");
+                tracing::info!(target = %tc.target, why, "Tor stream failed: the client gets a reset");
                 counters.tor_failed += 1;
                 tc.from_tor = None;
                 s.abort();

@@ -10,6 +10,7 @@
 //! | [`tap`] | a TAP device with `IFF_VNET_HDR` (QEMU's side of a NIC, or a test's) |
 //! | [`pcap`] | a pcap/pcapng file read as input and written as output |
 //! | [`memory`] | an in-memory pair of devices for tests |
+//! | [`xen`] | the Xen transports (grant tables, event channels, XenStore) behind traits, with the Linux devices and an emulation |
 //!
 //! and beside them:
 //!
@@ -30,6 +31,7 @@ pub mod offload;
 pub mod pcap;
 pub mod sys;
 pub mod tap;
+pub mod xen;
 
 use std::io;
 use std::os::fd::RawFd;
