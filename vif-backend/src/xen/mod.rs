@@ -142,8 +142,7 @@ pub trait GrantImport: fmt::Debug {
 
     /// Maps the pages `peer` granted under `refs`, contiguously in that order; writable
     /// only if asked for and granted so (a read-only grant mapped writable is refused).
-    fn map(&mut self, peer: DomId, refs: &[GrantRef], writable: bool)
-        -> io::Result<Self::Mapping>;
+    fn map(&mut self, peer: DomId, refs: &[GrantRef], writable: bool) -> io::Result<Self::Mapping>;
 }
 
 /// A domain's event channels: one handle for all its ports, with one descriptor that
