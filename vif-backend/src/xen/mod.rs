@@ -16,6 +16,16 @@
 //! read, so every access goes through [`SharedPages`], as a copy into our own memory (which
 //! is then parsed: a hostile peer cannot change a request between our check and our use)
 //! or as one atomic load or store of a ring index.
+//!
+//! The protocols over those services:
+//!
+//! | module | protocol |
+//! |---|---|
+//! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
+//! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
+
+pub mod netif;
+pub mod ring;
 
 use std::fmt;
 use std::io;
