@@ -11,6 +11,7 @@
 //! | [`GrantImport`] | grant table, mapping side | `/dev/xen/gntdev` | the same memfd, passed over a Unix socket and mapped |
 //! | [`EventChannels`] | event channels (`event_channel.h`) | `/dev/xen/evtchn` | an eventfd pair per bound channel |
 //! | `xenstore::Store` | XenStore (`io/xs_wire.h`) | `/dev/xen/xenbus` | the in-repository XenStore server, same wire format |
+//! | [`vchan::Vchan`] (a protocol on the rows above) | libxenvchan (`tools/libs/vchan`) | the grant and event devices above | the same, over the emulated grants and events |
 //!
 //! Memory shared with another domain is never a Rust reference: the peer writes it while we
 //! read, so every access goes through [`SharedPages`], as a copy into our own memory (which
@@ -26,6 +27,8 @@
 
 pub mod netif;
 pub mod ring;
+
+pub mod vchan;
 
 use std::fmt;
 use std::io;
