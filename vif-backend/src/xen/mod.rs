@@ -111,6 +111,21 @@ pub trait SharedPages: Send + Sync + fmt::Debug {
     /// before publishing a producer index).
     fn store_u32(&self, offset: usize, value: u32) -> Result<(), OutOfRange>;
 
+    /// Atomically ORs `bits` into the little-endian `u32` at `offset` (4-byte aligned), with
+    /// sequentially consistent ordering (a full barrier, as `__sync_fetch_and_or` is), and
+    /// returns the previous value.
+    ///
+    /// Where both ends update one word (vchan's notify bytes: one side sets bits, the other
+    /// clears them), a load and a store would lose the peer's update, and a lost request bit
+    /// is a lost wakeup. libxenvchan uses `__sync` builtins on the byte; these work on the
+    /// aligned word that holds it, which is atomic against the peer's byte-wide operation on
+    /// x86 and Arm alike (the word is one unit of coherence).
+    fn fetch_or_u32(&self, offset: usize, bits: u32) -> Result<u32, OutOfRange>;
+
+    /// Atomically ANDs `mask` into the little-endian `u32` at `offset` (4-byte aligned),
+    /// sequentially consistent, and returns the previous value.
+    fn fetch_and_u32(&self, offset: usize, mask: u32) -> Result<u32, OutOfRange>;
+
     /// A full barrier (`virt_mb`): the store of an event index before the re-check of the
     /// producer that closes the lost-wakeup race in `RING_FINAL_CHECK_FOR_REQUESTS`.
     fn fence(&self) {

@@ -549,6 +549,19 @@ pub(crate) mod test_pages {
                 }),
             }
         }
+
+        /// The aligned word at `offset`, for the atomic operations.
+        fn word(&self, offset: usize) -> Result<&AtomicU32, OutOfRange> {
+            self.check(offset, 4)?;
+            if !offset.is_multiple_of(4) {
+                return Err(OutOfRange {
+                    offset,
+                    len: 4,
+                    size: self.size(),
+                });
+            }
+            Ok(&self.0[offset / 4])
+        }
     }
 
     impl SharedPages for TestPages {
@@ -601,6 +614,14 @@ pub(crate) mod test_pages {
             }
             self.0[offset / 4].store(value, Ordering::Release);
             Ok(())
+        }
+
+        fn fetch_or_u32(&self, offset: usize, bits: u32) -> Result<u32, OutOfRange> {
+            Ok(self.word(offset)?.fetch_or(bits, Ordering::SeqCst))
+        }
+
+        fn fetch_and_u32(&self, offset: usize, mask: u32) -> Result<u32, OutOfRange> {
+            Ok(self.word(offset)?.fetch_and(mask, Ordering::SeqCst))
         }
     }
 }
@@ -858,6 +879,12 @@ mod tests {
                 }
             }
             self.inner.store_u32(offset, value)
+        }
+        fn fetch_or_u32(&self, offset: usize, bits: u32) -> Result<u32, OutOfRange> {
+            self.inner.fetch_or_u32(offset, bits)
+        }
+        fn fetch_and_u32(&self, offset: usize, mask: u32) -> Result<u32, OutOfRange> {
+            self.inner.fetch_and_u32(offset, mask)
         }
     }
 

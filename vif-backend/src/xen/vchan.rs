@@ -52,7 +52,8 @@
 //!
 //! Both sides change both notify bytes (one sets bits, the other clears them), so the
 //! updates must be atomic read-modify-writes (libxenvchan uses `__sync_or_and_fetch` and
-//! `__sync_fetch_and_and`); [`SharedPagesRmw`] adds them to [`SharedPages`].
+//! `__sync_fetch_and_and`), which [`SharedPages::fetch_or_u32`] and
+//! [`SharedPages::fetch_and_u32`] provide.
 //!
 //! # A hostile peer
 //!
@@ -104,34 +105,11 @@ pub fn xenstore_permissions(server: DomId, client: DomId) -> [String; 2] {
     [format!("n{server}"), format!("r{client}")]
 }
 
-/// Atomic read-modify-write on shared memory, which the notify bytes need and
-/// [`SharedPages`] does not offer.
-///
-/// Both ends write both notify bytes, one setting bits and the other clearing them; done as
-/// a load and a store, one side's update can be lost, and a lost request bit is a lost
-/// wakeup (a reader that waits forever). libxenvchan does them with `__sync` builtins on the
-/// byte; these work on the aligned 32-bit word that holds it, which is atomic with respect
-/// to the peer's byte-wide operation on x86 and Arm alike (the whole word is one unit of
-/// coherence, and a conflicting byte write breaks an exclusive reservation on the word).
-///
-/// This belongs in [`SharedPages`] itself; it is a separate trait only so that this module
-/// could be written without changing `mod.rs`.
-pub trait SharedPagesRmw: SharedPages {
-    /// Atomically ORs `bits` into the little-endian `u32` at `offset` (4-byte aligned), with
-    /// sequentially consistent ordering (a full barrier, as `__sync_or_and_fetch` is), and
-    /// returns the previous value.
-    fn fetch_or_u32(&self, offset: usize, bits: u32) -> Result<u32, OutOfRange>;
-
-    /// Atomically ANDs `mask` into the little-endian `u32` at `offset` (4-byte aligned),
-    /// sequentially consistent, and returns the previous value.
-    fn fetch_and_u32(&self, offset: usize, mask: u32) -> Result<u32, OutOfRange>;
-}
-
 /// The shared page's layout (`struct vchan_interface` in xen-project/xen
 /// `xen/include/public/io/libxenvchan.h`) as byte offsets, the ring placement rules of
 /// `tools/libs/vchan/init.c`, and accessors that go through [`SharedPages`].
 pub mod wire {
-    use super::{GrantRef, OutOfRange, SharedPages, SharedPagesRmw, VchanError, PAGE_SIZE};
+    use super::{GrantRef, OutOfRange, SharedPages, VchanError, PAGE_SIZE};
 
     /// `struct ring_shared left`: the client-to-server ring's indices.
     pub const LEFT: usize = 0;
@@ -388,7 +366,7 @@ pub mod wire {
 
     /// Atomically sets `bits` in one of the notify bytes (`__sync_or_and_fetch`).
     pub fn set_bits(
-        page: &impl SharedPagesRmw,
+        page: &impl SharedPages,
         byte_offset: usize,
         bits: u8,
     ) -> Result<u8, OutOfRange> {
@@ -400,7 +378,7 @@ pub mod wire {
     /// Atomically clears `bits` in one of the notify bytes and returns the byte as it was
     /// (`__sync_fetch_and_and` with `~bits`).
     pub fn clear_bits(
-        page: &impl SharedPagesRmw,
+        page: &impl SharedPages,
         byte_offset: usize,
         bits: u8,
     ) -> Result<u8, OutOfRange> {
@@ -615,7 +593,7 @@ impl<P> Ring<P> {
 /// handle is passed into each call that may notify, since one handle serves every
 /// channel of the domain.
 #[derive(Debug)]
-pub struct Vchan<P: SharedPagesRmw> {
+pub struct Vchan<P: SharedPages> {
     role: Role,
     /// The shared page (`struct vchan_interface`).
     shared: P,
@@ -634,7 +612,7 @@ pub struct Vchan<P: SharedPagesRmw> {
     closed: bool,
 }
 
-impl<P: SharedPagesRmw> Vchan<P> {
+impl<P: SharedPages> Vchan<P> {
     /// Sets up the server end towards client domain `peer`, with a ring of `1 << left_order`
     /// bytes from the client and one of `1 << right_order` bytes to it, as
     /// `libxenvchan_server_init` in xen-project/xen `tools/libs/vchan/init.c` does: an
@@ -1204,7 +1182,7 @@ impl<P: SharedPagesRmw> Vchan<P> {
     }
 }
 
-impl<P: SharedPagesRmw> Drop for Vchan<P> {
+impl<P: SharedPages> Drop for Vchan<P> {
     /// An end dropped without [`Vchan::close`] still marks itself dead, as the grant's
     /// unmap notification (`xengntshr_share_page_notify`, `xengnttab_map_grant_ref_notify`
     /// in init.c) does on real Xen for a process that dies; there is no event handle here
@@ -1318,9 +1296,7 @@ mod tests {
             self.aligned(offset)?.store(value, Ordering::Release);
             Ok(())
         }
-    }
 
-    impl SharedPagesRmw for TestPages {
         fn fetch_or_u32(&self, offset: usize, bits: u32) -> Result<u32, OutOfRange> {
             self.assert_writable();
             Ok(self.aligned(offset)?.fetch_or(bits, Ordering::SeqCst))
