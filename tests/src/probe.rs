@@ -501,8 +501,9 @@ pub fn refused_burst(dst: SocketAddrV4, count: u32, wait: Duration) -> Result<()
 }
 
 /// `probe echo`: connects, prints `connected`; then sends every line of stdin and prints
-/// `echo ok LINE`, `no answer` (nothing within the timeout) or `error ...` for each. Echoes of
-/// earlier lines that arrive together are printed on one line (`echo ok two three`).
+/// `echo ok LINE`, `no answer` (its echo not back within the timeout) or `error ...` for each.
+/// Each line waits for its own echo; echoes of earlier lines that come with it are printed on
+/// the same line (`echo ok two three`).
 pub fn echo(dst: SocketAddrV4, timeout: Duration) -> Result<bool> {
     let started = Instant::now();
     let mut out = io::stdout();
@@ -534,8 +535,11 @@ pub fn echo(dst: SocketAddrV4, timeout: Duration) -> Result<bool> {
                 Ok(0) => break format!("error closed after {} bytes", got.len()),
                 Ok(n) => {
                     got.extend_from_slice(&buf[..n]);
-                    if got.ends_with(b"\n") {
-                        // Lines held back by a stalled connection may come together: one
+                    // Reading until this line's own echo: stopping at any line end would
+                    // leave a late echo of an earlier line to answer this one, and every
+                    // line after would be answered one behind.
+                    if got.ends_with(msg.as_bytes()) {
+                        // Lines held back by a stalled connection come together: one
                         // output line for all of them.
                         let text = String::from_utf8_lossy(&got).trim_end().replace('\n', " ");
                         break format!("echo ok {text}");
