@@ -1,5 +1,5 @@
 //! A QubesDB daemon on a UNIX stream socket (the local interface of upstream `qubesdb-daemon`,
-//! qubes-core-qubesdb `include/qubesdb.h`, `daemon/db-cmds.c`). No vchan: the inter-VM link is out of scope.
+//! qubes-core-qubesdb `include/qubesdb.h`, `daemon/db-cmds.c`). The vchan itself is not here (see [`LinkPort`]).
 //!
 //! Threads: one accepts connections; each connection has a reader (decodes commands and runs
 //! them on the shared [`Tree`]) and a writer (drains that connection's outgoing queue).
@@ -19,6 +19,11 @@
 //!   [`WRITE_TIMEOUT`] also disconnects it;
 //! - nothing here panics on input; a poisoned lock is recovered (the tree is always
 //!   consistent between statements).
+//!
+//! A daemon may also hold one link to a peer daemon (a qube's to dom0's, over vchan):
+//! [`ServerHandle::attach_link`]. Writes and removals its local clients make are then sent
+//! to the peer, in the order the tree saw them, and what the peer sends is applied to the
+//! tree and fires local watches like a client's change (see [`crate::link`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::link::{Link, LinkError, Received};
 use crate::tree::{ConnId, Tree};
 use crate::wire::{salvage_path, Decoder, Message, MsgType};
 
@@ -76,15 +82,42 @@ struct Conn {
     stream: UnixStream,
 }
 
+/// The link to a peer daemon: its protocol state, and the writing end of the socket pair
+/// that tells the link's driver there is output.
+struct LinkSlot {
+    link: Link,
+    wake: UnixStream,
+}
+
 struct Shared {
     tree: Mutex<Tree>,
     conns: Mutex<HashMap<ConnId, Conn>>,
+    /// Locked after `tree` when both are needed, never before.
+    link: Mutex<Option<LinkSlot>>,
     next_id: AtomicU64,
     stopping: AtomicBool,
     verbose: AtomicBool,
 }
 
 impl Shared {
+    /// Sends a local client's successful write or removal to the peer daemon, if linked.
+    /// Called with the tree locked, so the peer gets changes in the tree's order.
+    fn forward(&self, message: &Message) {
+        let mut slot = lock(&self.link);
+        let Some(slot) = slot.as_mut() else {
+            return;
+        };
+        match message.msg_type {
+            MsgType::CmdWrite => slot.link.forward_write(&message.path, &message.data),
+            MsgType::CmdRm => slot.link.forward_remove(&message.path),
+            _ => return,
+        }
+        if slot.link.has_output() {
+            // One byte is enough to wake the driver; a full socket already wakes it.
+            let _ = (&slot.wake).write(&[1]);
+        }
+    }
+
     fn log(&self, msg: fmt::Arguments<'_>) {
         if self.verbose.load(Ordering::Relaxed) {
             eprintln!("qubesdb-daemon: {msg}");
@@ -188,6 +221,7 @@ impl Server {
             shared: Arc::new(Shared {
                 tree: Mutex::new(Tree::new()),
                 conns: Mutex::new(HashMap::new()),
+                link: Mutex::new(None),
                 next_id: AtomicU64::new(1),
                 stopping: AtomicBool::new(false),
                 verbose: AtomicBool::new(false),
@@ -265,6 +299,34 @@ impl ServerHandle {
         lock(&self.shared.conns).len()
     }
 
+    /// Attaches the link to a peer daemon; its driver moves bytes between the returned
+    /// [`LinkPort`] and the peer (over vchan in a qube). One link at a time: a second is
+    /// refused until the first is dropped.
+    pub fn attach_link(&self) -> Result<LinkPort, ServerError> {
+        let (wake, woken) =
+            UnixStream::pair().map_err(server_err("cannot create the link's wake socket"))?;
+        for s in [&wake, &woken] {
+            s.set_nonblocking(true).map_err(server_err(
+                "cannot make the link's wake socket non-blocking",
+            ))?;
+        }
+        let mut slot = lock(&self.shared.link);
+        if slot.is_some() {
+            return Err(ServerError {
+                what: "cannot attach a second link to the peer daemon".to_string(),
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "one is attached"),
+            });
+        }
+        *slot = Some(LinkSlot {
+            link: Link::new(),
+            wake,
+        });
+        Ok(LinkPort {
+            shared: Arc::clone(&self.shared),
+            woken,
+        })
+    }
+
     /// Stops accepting, disconnects every client, waits for all threads and removes the
     /// socket file.
     pub fn shutdown(mut self) -> Result<(), ServerError> {
@@ -306,6 +368,82 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// The daemon's end of its link to a peer daemon, for the driver that carries the bytes.
+///
+/// The driver calls [`LinkPort::request_sync`] once the channel is up (on the qube's side),
+/// sends what [`LinkPort::take_output`] gives, passes what arrives to
+/// [`LinkPort::receive`], and polls [`LinkPort::wake_fd`] beside its channel: it becomes
+/// readable when a local client's change waits to be sent. Dropping the port detaches the
+/// link; local changes are then no longer sent anywhere.
+#[derive(Debug)]
+pub struct LinkPort {
+    shared: Arc<Shared>,
+    woken: UnixStream,
+}
+
+impl LinkPort {
+    fn with_link<T>(&self, f: impl FnOnce(&mut Link) -> T) -> Option<T> {
+        lock(&self.shared.link)
+            .as_mut()
+            .map(|slot| f(&mut slot.link))
+    }
+
+    /// Asks the peer for its whole database (the qube's side).
+    pub fn request_sync(&self) {
+        self.with_link(Link::request_sync);
+    }
+
+    /// Whether the peer's database has been copied in whole.
+    pub fn synced(&self) -> bool {
+        self.with_link(|l| l.synced()).unwrap_or(false)
+    }
+
+    /// Bytes to send to the peer, in order; also clears the wake descriptor.
+    pub fn take_output(&self) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        while matches!((&self.woken).read(&mut buf), Ok(n) if n > 0) {}
+        self.with_link(Link::take_output).unwrap_or_default()
+    }
+
+    /// Applies bytes from the peer to the database and delivers the watch notifications
+    /// they cause to local clients. An error means the link must be closed (see
+    /// [`crate::link`]); what came before the bad message was applied.
+    pub fn receive(&self, bytes: &[u8]) -> Result<Received, LinkError> {
+        let mut tree = lock(&self.shared.tree);
+        let got = {
+            let mut slot = lock(&self.shared.link);
+            match slot.as_mut() {
+                Some(slot) => slot.link.receive(bytes, &mut tree)?,
+                None => return Ok(Received::default()),
+            }
+        };
+        for why in &got.refused {
+            self.shared.log(format_args!("link: refused {why}"));
+        }
+        let conns = lock(&self.shared.conns);
+        for n in &got.notifications {
+            let event = encode_all(
+                &[Message::bare(MsgType::RespWatch, n.path.clone())],
+                &self.shared,
+            );
+            self.shared.deliver(&conns, n.conn, event);
+        }
+        Ok(got)
+    }
+
+    /// Readable when local changes wait in [`LinkPort::take_output`].
+    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.woken.as_fd()
+    }
+}
+
+impl Drop for LinkPort {
+    fn drop(&mut self) {
+        *lock(&self.shared.link) = None;
     }
 }
 
@@ -453,6 +591,11 @@ fn execute(shared: &Shared, id: ConnId, message: &Message) -> bool {
             "client {id}: refused {} {:?}: {why}",
             message.msg_type, message.path
         ));
+    }
+    if matches!(message.msg_type, MsgType::CmdWrite | MsgType::CmdRm)
+        && outcome.replies.first().map(|r| r.msg_type) == Some(MsgType::RespOk)
+    {
+        shared.forward(message);
     }
     let conns = lock(&shared.conns);
     shared.deliver(&conns, id, encode_all(&outcome.replies, shared));
