@@ -94,27 +94,10 @@ pub fn up(o: &UpOptions) -> Result<()> {
     if o.firewall == FirewallKind::Rust && topo.firewall().is_some() {
         Service::Firewall.binary()?;
     }
-    if let Some(q) = &o.vm {
-        let fw = topo.firewall().map(|f| f.name.clone());
-        if fw.as_deref() != Some(q.as_str()) {
-            return err(format!(
-                "--vm {q}: only the firewall qube ({}) can run as a VM so far",
-                fw.unwrap_or_else(|| "none in this topology".into())
-            ));
-        }
-        if o.firewall != FirewallKind::Rust {
-            return err("--vm runs our sys-firewall's image: it needs --firewall rust".to_string());
-        }
-        if Cmd::new("qemu-system-x86_64")
-            .arg("--version")
-            .run()
-            .is_err()
-        {
-            return err(
-                "--vm needs qemu-system-x86_64 (scripts/setup-debian.sh installs it)".to_string(),
-            );
-        }
-    }
+    let vm_guest = match &o.vm {
+        Some(q) => Some(vm_guest(&topo, q, o)?),
+        None => None,
+    };
     if let Some(w) = topo.whonix() {
         Service::Whonix.binary().context(|| {
             format!(
@@ -144,9 +127,10 @@ pub fn up(o: &UpOptions) -> Result<()> {
         topology: spec,
     }
     .write(&paths)?;
-    if o.vm.is_some() {
-        let m = vm::marker(&paths);
-        fs::write(&m, "sys-firewall runs as a VM\n").map_err(io_err("cannot write", &m))?;
+    if let Some(g) = vm_guest {
+        let m = vm::marker(&paths, g);
+        fs::write(&m, format!("{} runs as a VM\n", g.name()))
+            .map_err(io_err("cannot write", &m))?;
     }
     if o.conntrack_max.is_some() && o.firewall == FirewallKind::Linux {
         // net.netfilter.nf_conntrack_max is read-only in a namespace other than the initial
@@ -180,6 +164,42 @@ pub fn up(o: &UpOptions) -> Result<()> {
         print!("{}", matrix_text(&topo, o.firewall)?);
     }
     Ok(())
+}
+
+/// The VM `up --vm QUBE` asks for, checked: sys-firewall with our firewall, or sys-net with
+/// our sys-net, and QEMU installed.
+fn vm_guest(topo: &Topology, q: &str, o: &UpOptions) -> Result<vm::Guest> {
+    let qube = topo.get(q)?;
+    let guest = vm::Guest::of_role(qube.role).ok_or_else(|| {
+        Error(format!(
+            "--vm {q}: only the firewall qube ({}) and the uplink qube ({}) can run as VMs",
+            topo.firewall().map_or("none", |f| f.name.as_str()),
+            topo.uplink().map_or("none", |u| u.name.as_str()),
+        ))
+    })?;
+    match guest {
+        vm::Guest::Firewall if o.firewall != FirewallKind::Rust => {
+            return err(format!(
+                "--vm {q} runs our sys-firewall's image: it needs --firewall rust"
+            ));
+        }
+        vm::Guest::Net if o.netvm != NetvmKind::Rust => {
+            return err(format!(
+                "--vm {q} runs our sys-net's image: it needs --netvm rust"
+            ));
+        }
+        _ => {}
+    }
+    if Cmd::new("qemu-system-x86_64")
+        .arg("--version")
+        .run()
+        .is_err()
+    {
+        return err(
+            "--vm needs qemu-system-x86_64 (scripts/setup-debian.sh installs it)".to_string(),
+        );
+    }
+    Ok(guest)
 }
 
 fn matrix_text(topo: &Topology, kind: FirewallKind) -> Result<String> {
@@ -236,16 +256,17 @@ fn build(
             &world_ns(&topo.lab),
         ])
         .run()?;
-    let fw_vm = if vm::enabled(paths) {
-        topo.firewall().map(|f| f.name.clone())
-    } else {
-        None
-    };
+    // The qube that runs as a VM, whose NICs are TAPs wired when it boots (vm::start).
+    let vm_qube = topo
+        .qubes
+        .iter()
+        .find(|q| vm::guest_of(paths, q.role).is_some())
+        .map(|q| q.name.clone());
     for q in &topo.qubes {
         let (Some(netvm), Some(vif)) = (topo.netvm_of(q), q.vif()) else {
             continue;
         };
-        if fw_vm
+        if vm_qube
             .as_deref()
             .is_some_and(|f| f == q.name || f == netvm.name)
         {
@@ -387,12 +408,15 @@ fn netvm_up(
     p: &Qube,
 ) -> Result<()> {
     let mut cfg = NetvmConfig::read(&paths.config(&p.name))?;
-    if vm::enabled(paths) {
+    if vm::firewall_vm(paths) {
         // The firewall VM's uplink vif is a TAP that appears when the VM boots (vm::start
         // brings it online then).
         if let Some(fw_vif) = topo.firewall().and_then(|f| f.vif()) {
             cfg.vifs.retain(|v| v.name != fw_vif);
         }
+    }
+    if p.role == Role::Uplink && netvm_kind == NetvmKind::Rust && vm::net_vm(paths) {
+        return vm::start(topo, netvm_kind, paths, p, vm::Guest::Net);
     }
     if p.role == Role::Uplink && netvm_kind == NetvmKind::Rust {
         // Our sys-net: links up without addresses; its address comes by DHCP.
@@ -402,8 +426,8 @@ fn netvm_up(
         }
         return sysnet::start(paths, p);
     }
-    if p.role == Role::Firewall && kind == FirewallKind::Rust && vm::enabled(paths) {
-        return vm::start(topo, netvm_kind, paths, p);
+    if p.role == Role::Firewall && kind == FirewallKind::Rust && vm::firewall_vm(paths) {
+        return vm::start(topo, netvm_kind, paths, p, vm::Guest::Firewall);
     }
     if p.role == Role::Firewall && kind == FirewallKind::Rust {
         Cmd::ip(&p.ns).args(["link", "set", "eth0", "up"]).run()?;
@@ -470,6 +494,14 @@ fn netvm_up(
     netvm::vifs_online(&p.ns, &cfg, &domid_of)
 }
 
+/// The qubes this lab runs as VMs.
+fn vm_flags(paths: &Paths) -> Vec<vm::Guest> {
+    vm::Guest::ALL
+        .into_iter()
+        .filter(|&g| vm::runs(paths, g))
+        .collect()
+}
+
 fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind, netvm: NetvmKind) -> String {
     let mut out = format!(
         "lab {} is up (sys-firewall: {}, sys-net: {}, state in {})\n",
@@ -478,7 +510,7 @@ fn summary(topo: &Topology, paths: &Paths, kind: FirewallKind, netvm: NetvmKind)
         netvm.as_str(),
         paths.dir.display()
     );
-    out.push_str(&qube_table(topo, kind, netvm, vm::enabled(paths), None));
+    out.push_str(&qube_table(topo, kind, netvm, &vm_flags(paths), None));
     out
 }
 
@@ -488,9 +520,11 @@ fn qube_table(
     topo: &Topology,
     kind: FirewallKind,
     netvm: NetvmKind,
-    firewall_vm: bool,
+    vms: &[vm::Guest],
     present: Option<&[String]>,
 ) -> String {
+    let firewall_vm = vms.contains(&vm::Guest::Firewall);
+    let net_vm = vms.contains(&vm::Guest::Net);
     let mut rows: Vec<Vec<String>> = vec![vec![
         "qube".into(),
         "namespace".into(),
@@ -504,6 +538,9 @@ fn qube_table(
         let runs = match q.role {
             Role::Uplink => match netvm {
                 NetvmKind::Linux => format!("Linux netvm, eth0 {UPLINK_IP} to the world"),
+                NetvmKind::Rust if net_vm => {
+                    "sys-net image under QEMU (qube-image), eth0 by DHCP from the world".to_string()
+                }
                 NetvmKind::Rust => "sys-net service, eth0 by DHCP from the world".to_string(),
             },
             Role::Firewall => match kind {
@@ -631,7 +668,7 @@ pub fn existing_namespaces() -> Result<Vec<String>> {
 }
 
 /// The background processes of a lab: pid-file name and command name.
-const RECORDED: [(&str, &str); 8] = [
+const RECORDED: [(&str, &str); 9] = [
     ("dnsmasq", "dnsmasq"),
     ("serve-http", "qubes-lab"),
     ("iperf3", "iperf3"),
@@ -639,8 +676,9 @@ const RECORDED: [(&str, &str); 8] = [
     ("sys-whonix", "sys-whonix"),
     (sysnet::PROCESS, "sys-net"),
     ("dnsmasq-dhcp", "dnsmasq"),
-    // sys-firewall as a VM (`up --vm`): QEMU under the service's name
+    // sys-firewall or sys-net as a VM (`up --vm`): QEMU under the service's name
     ("sys-firewall", "qemu-system-x86"),
+    (sysnet::PROCESS, "qemu-system-x86"),
 ];
 
 /// Removes a lab: stops every process in its namespaces, deletes the namespaces, their
@@ -675,10 +713,12 @@ pub fn down(name: &str, verbose: bool) -> Result<()> {
     }
     // The VM's relay runs in our own namespace, which recorded_pids leaves out (it also ends
     // by itself once QEMU is gone).
-    if let Some(pid) = procs::read_pid(&paths, vm::RELAY)
-        .filter(|&p| procs::alive(p) && procs::comm(p) == "qubes-lab" && !pids.contains(&p))
-    {
-        pids.push(pid);
+    for g in vm::Guest::ALL {
+        if let Some(pid) = procs::read_pid(&paths, &g.relay())
+            .filter(|&p| procs::alive(p) && procs::comm(p) == "qubes-lab" && !pids.contains(&p))
+        {
+            pids.push(pid);
+        }
     }
     if let Err(e) = procs::stop(&pids, Duration::from_secs(3)) {
         problems.push(e.to_string());
@@ -770,7 +810,7 @@ pub fn status(name: &str) -> Result<()> {
             &topo,
             state.firewall,
             state.netvm,
-            vm::enabled(&paths),
+            &vm_flags(&paths),
             Some(&existing)
         )
     );
@@ -780,18 +820,26 @@ pub fn status(name: &str) -> Result<()> {
         .map(|(n, what)| (*n, what.to_string()))
         .collect();
     if state.firewall == FirewallKind::Rust {
-        let what = if vm::enabled(&paths) {
+        let what = if vm::firewall_vm(&paths) {
             "the sys-firewall VM (QEMU; its console is the log)"
         } else {
             "the sys-firewall service"
         };
         names.push((Service::Firewall.process(), what.to_string()));
-        if vm::enabled(&paths) {
-            names.push((
-                vm::RELAY,
-                "its lab port's relay (control socket, configuration)".to_string(),
-            ));
-        }
+    }
+    let relays: Vec<(vm::Guest, String)> = vm::Guest::ALL
+        .into_iter()
+        .filter(|&g| vm::runs(&paths, g))
+        .map(|g| (g, g.relay()))
+        .collect();
+    for (g, relay) in &relays {
+        names.push((
+            relay.as_str(),
+            format!(
+                "the {} VM's lab port relay (control socket, configuration)",
+                g.name()
+            ),
+        ));
     }
     if topo.whonix().is_some() {
         names.push((
@@ -800,7 +848,12 @@ pub fn status(name: &str) -> Result<()> {
         ));
     }
     if state.netvm == NetvmKind::Rust {
-        names.push((sysnet::PROCESS, "the sys-net service".to_string()));
+        let what = if vm::net_vm(&paths) {
+            "the sys-net VM (QEMU; its console is the log)"
+        } else {
+            "the sys-net service"
+        };
+        names.push((sysnet::PROCESS, what.to_string()));
         names.push((
             "dnsmasq-dhcp",
             "DHCP server of the uplink segment".to_string(),
@@ -1049,9 +1102,9 @@ pub fn restart_firewall(name: &str) -> Result<()> {
         .ok_or_else(|| Error("the topology has no firewall qube".to_string()))?;
     let _lock = state::lock(&paths)?;
     match state.firewall {
-        FirewallKind::Rust if vm::enabled(&paths) => {
-            vm::stop(&paths)?;
-            vm::start(&topo, state.netvm, &paths, fw)?;
+        FirewallKind::Rust if vm::firewall_vm(&paths) => {
+            vm::stop(&paths, vm::Guest::Firewall)?;
+            vm::start(&topo, state.netvm, &paths, fw, vm::Guest::Firewall)?;
             println!("sys-firewall VM restarted");
         }
         FirewallKind::Rust => {
@@ -1110,16 +1163,15 @@ pub fn set_mtu(name: &str, qube: &str, mtu: u16) -> Result<()> {
     // The netvm's end first: until the qube's end follows, the qube may still send bigger
     // packets, which the smaller end then drops, as a real link with mismatched ends does.
     // With sys-firewall as a VM, its ends of its links are inside the guest.
-    let in_vm = vm::enabled(&paths);
-    if in_vm && netvm.role == Role::Firewall {
-        vm::set_guest_mtu(&paths, &vif, mtu)?;
+    if let Some(g) = vm::guest_of(&paths, netvm.role) {
+        vm::set_guest_mtu(&paths, g, &vif, mtu)?;
     } else {
         Cmd::ip(&netvm.ns)
             .args(["link", "set", "dev", &vif, "mtu", &mtu_s])
             .run()?;
     }
-    if in_vm && q.role == Role::Firewall {
-        vm::set_guest_mtu(&paths, "eth0", mtu)?;
+    if let Some(g) = vm::guest_of(&paths, q.role) {
+        vm::set_guest_mtu(&paths, g, "eth0", mtu)?;
     } else {
         Cmd::ip(&q.ns)
             .args(["link", "set", "dev", "eth0", "mtu", &mtu_s])

@@ -26,7 +26,7 @@ use crate::netvm;
 use crate::procs;
 use crate::service::{self, Service};
 use crate::state::{self, LabLock, LabState, Paths};
-use crate::topology::{Qube, Role, Topology, MAX_DOMID};
+use crate::topology::{Qube, Topology, MAX_DOMID};
 use crate::vm;
 
 /// The lab, locked, and the qube, checked: it exists, provides no network, and its namespace
@@ -97,12 +97,11 @@ pub fn stop(name: &str, qube: &str) -> Result<()> {
 /// The vif goes away: the device (and the veth pair with it), the netvm's reaction, the vif
 /// list. Tolerates a vif already gone (a `stop` that failed half-way can be repeated).
 fn remove_vif(state: &LabState, paths: &Paths, netvm: &Qube, vif: &str) -> Result<()> {
-    let in_vm = vm::enabled(paths) && netvm.role == Role::Firewall;
-    if in_vm {
+    if let Some(g) = vm::guest_of(paths, netvm.role) {
         // Unplugged from the VM (its TAP, the qube's eth0, goes with it); a VM that is not
         // running has nothing to unplug.
-        if Service::Firewall.running(paths) {
-            vm::unplug(paths, vif)?;
+        if g.running(paths) {
+            vm::unplug(paths, g, vif)?;
         }
     } else if link_exists(&netvm.ns, vif) {
         Cmd::ip(&netvm.ns).args(["link", "del", "dev", vif]).run()?;
@@ -246,10 +245,11 @@ fn add_vif(
         netvm::agent_connected_ips(&netvm.ns, &cfg)?;
         netvm::agent_handle_addr(&netvm.ns, &cfg, &ip_s, &log)?;
     }
-    let in_vm = vm::enabled(paths) && netvm.role == Role::Firewall;
-    if in_vm {
+    let guest = vm::guest_of(paths, netvm.role);
+    let in_vm = guest.is_some();
+    if let Some(g) = guest {
         // A NIC hot-plugged into the VM; its TAP becomes the qube's eth0.
-        vm::plug(paths, netvm, q, vif)?;
+        vm::plug(paths, g, netvm, q, vif)?;
     } else {
         // The device: netback's backend in the netvm, the frontend `eth0` in the qube.
         netvm::add_vif_link(&netvm.ns, vif, &q.ns, &q.mac)?;

@@ -80,7 +80,8 @@ struct UpArgs {
     #[arg(long)]
     no_whonix: bool,
     /// Run this qube's service as its bootable image under QEMU instead of as a process
-    /// (qube-image; software emulation, so its boot takes seconds): sys-firewall
+    /// (qube-image; software emulation, so its boot takes seconds): sys-firewall (with
+    /// --firewall rust) or sys-net (with --netvm rust)
     #[arg(long, value_name = "QUBE", env = "QUBES_LAB_VM")]
     vm: Option<String>,
 }

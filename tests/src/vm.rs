@@ -1,12 +1,16 @@
-//! `up --vm sys-firewall`: sys-firewall as its image (qube-image) under QEMU instead of a
-//! process, in the sys-firewall qube's namespace, wired with TAP devices where the process form
+//! `up --vm sys-firewall` or `up --vm sys-net`: that qube as its image (qube-image) under QEMU
+//! instead of a process, in the qube's namespace, wired with TAP devices where the process form
 //! has veth pairs.
 //!
-//! - Each NIC's TAP is made by QEMU in the sys-firewall namespace and then moved to where the
-//!   other end of the link lives: the uplink's becomes `vifN.0` in the netvm above (as the
-//!   backend side of a vif), a client's becomes that qube's `eth0`. QEMU holds each TAP by its
-//!   descriptor, so the move keeps the link; when QEMU dies, every link of the qube goes with
-//!   it, as a qube's vifs go with its domain.
+//! - Each NIC's TAP is made by QEMU in the qube's namespace and then moved to where the other
+//!   end of the link lives: sys-firewall's uplink TAP becomes `vifN.0` in the netvm above (as
+//!   the backend side of a vif), a client's becomes that qube's `eth0`. QEMU holds each TAP by
+//!   its descriptor, so the move keeps the link; when QEMU dies, every link of the qube goes
+//!   with it, as a qube's vifs go with its domain.
+//! - sys-net's uplink is its NIC on the world's wire: the TAP stays in sys-net's namespace,
+//!   bridged there with the veth whose other end is the world's router port, as a physical
+//!   NIC passed through to sys-net sits on the LAN. The world (its router address, dnsmasq)
+//!   is unchanged, and the lease comes over the bridge.
 //! - Clients that start later are hot-plugged (`netdev_add`, `device_add` on QEMU's monitor;
 //!   the guest's PCI hotplug finds the NIC), and unplugged when they stop.
 //! - The service's configuration, the NIC names, and its control socket travel over one
@@ -34,33 +38,132 @@ use crate::netvm;
 use crate::procs;
 use crate::service::Service;
 use crate::state::{NetvmKind, Paths};
-use crate::topology::{Qube, Topology, BACKEND_MAC};
+use crate::sysnet;
+use crate::topology::{Qube, Role, Topology, BACKEND_MAC};
 
-/// The relay's process name (its pid and log files).
-pub const RELAY: &str = "sys-firewall-relay";
+/// The qube that runs as a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guest {
+    /// sys-firewall (`--firewall rust`).
+    Firewall,
+    /// sys-net (`--netvm rust`).
+    Net,
+}
+
+impl Guest {
+    pub const ALL: [Guest; 2] = [Guest::Firewall, Guest::Net];
+
+    /// The guest for a qube of this role, if one can run as a VM.
+    pub fn of_role(role: Role) -> Option<Guest> {
+        match role {
+            Role::Firewall => Some(Guest::Firewall),
+            Role::Uplink => Some(Guest::Net),
+            _ => None,
+        }
+    }
+
+    /// The service's name, which its files in the state directory start with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Guest::Firewall => "sys-firewall",
+            Guest::Net => "sys-net",
+        }
+    }
+
+    /// The pid-file name QEMU runs under: the service's own, so stopping or killing the
+    /// service is pulling the VM's power.
+    pub fn process(self) -> &'static str {
+        match self {
+            Guest::Firewall => Service::Firewall.process(),
+            Guest::Net => sysnet::PROCESS,
+        }
+    }
+
+    /// The relay's process name (its pid and log files).
+    pub fn relay(self) -> String {
+        format!("{}-relay", self.name())
+    }
+
+    /// The control socket the relay answers on: the service's usual one.
+    pub fn sock(self, paths: &Paths) -> PathBuf {
+        match self {
+            Guest::Firewall => Service::Firewall.sock(paths),
+            Guest::Net => paths.net_control_sock(),
+        }
+    }
+
+    fn binary(self) -> Result<PathBuf> {
+        match self {
+            Guest::Firewall => Service::Firewall.binary(),
+            Guest::Net => sysnet::binary(),
+        }
+    }
+
+    fn image_service(self) -> ImageService {
+        match self {
+            Guest::Firewall => ImageService::SysFirewall,
+            Guest::Net => ImageService::SysNet,
+        }
+    }
+
+    /// Whether the service in the guest answers `status` through the relay.
+    fn answers(self, paths: &Paths) -> bool {
+        self.sock(paths).exists()
+            && match self {
+                Guest::Firewall => Service::Firewall.status(paths).is_ok(),
+                Guest::Net => sysnet::status(paths).is_ok(),
+            }
+    }
+
+    /// Whether QEMU runs.
+    pub fn running(self, paths: &Paths) -> bool {
+        procs::read_pid(paths, self.process()).is_some_and(procs::alive)
+    }
+}
+
 const UPLINK_TAP: &str = "vmup";
+/// The bridge joining sys-net's uplink TAP to the world's wire.
+const UPLINK_BRIDGE: &str = "br-up";
+/// The MAC of the wire's end in sys-net's namespace once it is a bridge port: the bridge
+/// keeps its ports' own addresses for itself, so it must not be the guest NIC's.
+const WIRE_MAC: &str = "02:00:00:00:fe:01";
 /// Guest memory. A debug build of the service (what the tests use) needs more than a release
 /// one; bench/images.sh measures the smallest.
 const MEMORY_MIB: u32 = 256;
 /// The guest boots under software emulation.
 const READY_WAIT: Duration = Duration::from_secs(180);
 
-/// The file that says this lab runs sys-firewall as a VM.
-pub fn marker(paths: &Paths) -> PathBuf {
-    paths.dir.join("sys-firewall.vm")
+/// The file that says this lab runs `guest` as a VM.
+pub fn marker(paths: &Paths, guest: Guest) -> PathBuf {
+    paths.dir.join(format!("{}.vm", guest.name()))
+}
+
+/// Whether the lab runs `guest` as a VM.
+pub fn runs(paths: &Paths, guest: Guest) -> bool {
+    marker(paths, guest).exists()
 }
 
 /// Whether the lab runs sys-firewall as a VM.
-pub fn enabled(paths: &Paths) -> bool {
-    marker(paths).exists()
+pub fn firewall_vm(paths: &Paths) -> bool {
+    runs(paths, Guest::Firewall)
 }
 
-fn monitor(paths: &Paths) -> PathBuf {
-    paths.dir.join("sys-firewall.monitor")
+/// Whether the lab runs sys-net as a VM.
+pub fn net_vm(paths: &Paths) -> bool {
+    runs(paths, Guest::Net)
 }
 
-fn port(paths: &Paths) -> PathBuf {
-    paths.dir.join("sys-firewall.port")
+/// The VM a netvm of this role is, if the lab runs it as one.
+pub fn guest_of(paths: &Paths, role: Role) -> Option<Guest> {
+    Guest::of_role(role).filter(|&g| runs(paths, g))
+}
+
+fn monitor(paths: &Paths, guest: Guest) -> PathBuf {
+    paths.dir.join(format!("{}.monitor", guest.name()))
+}
+
+fn port(paths: &Paths, guest: Guest) -> PathBuf {
+    paths.dir.join(format!("{}.port", guest.name()))
 }
 
 fn domid_of_vif(vif: &str) -> Option<u32> {
@@ -94,8 +197,8 @@ pub fn links_of(cfg: &NetvmConfig) -> String {
 }
 
 /// The image, built once per service binary: its directory.
-fn image() -> Result<PathBuf> {
-    let binary = Service::Firewall.binary()?;
+fn image(guest: Guest) -> Result<PathBuf> {
+    let binary = guest.binary()?;
     let cache = binary
         .parent()
         .and_then(Path::parent)
@@ -104,12 +207,13 @@ fn image() -> Result<PathBuf> {
     let hash = qube_image::kernel::sha256_file(&binary)
         .map_err(|e| Error(format!("{}: {e}", binary.display())))?;
     let out = cache.join("lab").join(&hash[..16]);
-    let dir = out.join("sys-firewall");
+    let dir = out.join(guest.name());
     if dir.join("SHA256SUMS").exists() {
         return Ok(dir);
     }
     eprintln!(
-        "qubes-lab: building the sys-firewall image from {}",
+        "qubes-lab: building the {} image from {}",
+        guest.name(),
         binary.display()
     );
     let kernel = qube_image::kernel::prepare(qube_image::kernel::PINNED, &cache, &mut |m| {
@@ -117,13 +221,13 @@ fn image() -> Result<PathBuf> {
     })
     .map_err(|e| Error(format!("the image's kernel: {e}")))?;
     let spec = ImageSpec {
-        service: ImageService::SysFirewall,
+        service: guest.image_service(),
         binary,
         config: None,
         out_dir: out,
     };
     build::build(&spec, &kernel, &mut |_| {})
-        .map_err(|e| Error(format!("the sys-firewall image: {e}")))?;
+        .map_err(|e| Error(format!("the {} image: {e}", guest.name())))?;
     Ok(dir)
 }
 
@@ -159,16 +263,23 @@ fn move_tap(from: &str, tap: &str, to: &str, name: &str, mac: &str) -> Result<()
     Ok(())
 }
 
-/// Boots the sys-firewall VM with a NIC for each vif in its list, wires the NICs, sets up the
-/// clients' side, starts the relay, and waits until the service answers.
-pub fn start(topo: &Topology, netvm_kind: NetvmKind, paths: &Paths, fw: &Qube) -> Result<()> {
-    let image = image()?;
-    let cfg = NetvmConfig::read(&paths.config(&fw.name))?;
-    // The uplink NIC has the qube's own MAC, as a Qubes frontend does.
-    let mut cmdline = format!("quiet qubes.lab=1 ifname={}:{}", cfg.uplink.name, fw.mac);
+/// Boots the qube `q` as `guest` with a NIC for its uplink and one for each vif in its list,
+/// wires the NICs, sets up the clients' side, starts the relay, and waits until the service
+/// answers (sys-net: and holds a DHCP lease).
+pub fn start(
+    topo: &Topology,
+    netvm_kind: NetvmKind,
+    paths: &Paths,
+    q: &Qube,
+    guest: Guest,
+) -> Result<()> {
+    let image = image(guest)?;
+    let cfg = NetvmConfig::read(&paths.config(&q.name))?;
+    // The uplink NIC has the qube's own MAC, as a Qubes frontend (or sys-net's real NIC) does.
+    let mut cmdline = format!("quiet qubes.lab=1 ifname={}:{}", cfg.uplink.name, q.mac);
     let mut nics = vec![Nic {
         tap: UPLINK_TAP.into(),
-        mac: fw.mac.clone(),
+        mac: q.mac.clone(),
     }];
     for v in &cfg.vifs {
         let mac = guest_mac(&v.name)
@@ -186,21 +297,68 @@ pub fn start(topo: &Topology, netvm_kind: NetvmKind, paths: &Paths, fw: &Qube) -
         nics,
         disk: None,
         netns: None,
-        monitor: monitor(paths),
-        lab_port: Some(port(paths)),
+        monitor: monitor(paths, guest),
+        lab_port: Some(port(paths, guest)),
     };
-    let _ = std::fs::remove_file(monitor(paths));
-    let _ = std::fs::remove_file(port(paths));
-    let sock = Service::Firewall.sock(paths);
+    let _ = std::fs::remove_file(monitor(paths, guest));
+    let _ = std::fs::remove_file(port(paths, guest));
+    let sock = guest.sock(paths);
     let _ = std::fs::remove_file(&sock);
-    // The pid file is QEMU's under the service's name: stopping or killing "sys-firewall"
-    // is pulling the VM's power.
     let mut child = procs::start(
         paths,
-        Service::Firewall.process(),
-        &Cmd::in_ns(&fw.ns, "qemu-system-x86_64").args(qemu::args(&spec)),
+        guest.process(),
+        &Cmd::in_ns(&q.ns, "qemu-system-x86_64").args(qemu::args(&spec)),
     )?;
-    // The uplink: the backend side of sys-firewall's vif in the netvm above.
+    match guest {
+        Guest::Firewall => firewall_uplink(topo, netvm_kind, paths, q)?,
+        Guest::Net => net_uplink(&q.ns)?,
+    }
+    // The clients: each one's TAP becomes its eth0. App qubes are set up here as before;
+    // a netvm below (sys-firewall under sys-net) sets up its own eth0 when it starts, after.
+    for v in &cfg.vifs {
+        let Some(c) = topo
+            .qubes
+            .iter()
+            .find(|c| c.vif().as_deref() == Some(v.name.as_str()))
+        else {
+            continue;
+        };
+        move_tap(&q.ns, &tap_of(&v.name), &c.ns, "eth0", &c.mac)?;
+        if !c.provides_network() {
+            let ip = c.ip.ok_or_else(|| Error(format!("{} has no ip", c.name)))?;
+            netvm::setup_ip(&c.ns, ip, crate::lab::gateway(topo, c)?)?;
+        }
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| Error(format!("cannot find the qubes-lab executable: {e}")))?;
+    procs::start(
+        paths,
+        &guest.relay(),
+        &Cmd::new(exe)
+            .arg("vm-relay")
+            .arg("--port")
+            .arg(port(paths, guest))
+            .arg("--control")
+            .arg(&sock)
+            .arg("--config")
+            .arg(paths.config(&q.name)),
+    )?;
+    procs::wait_ready(
+        &format!("the {} VM (its console is the log)", guest.name()),
+        &mut child,
+        &paths.log(guest.process()),
+        READY_WAIT,
+        || guest.answers(paths),
+    )?;
+    if guest == Guest::Net {
+        // dnsmasq pings an address before it offers it (about 3 s), and the guest is slow.
+        sysnet::wait_lease(paths, Duration::from_secs(60))?;
+    }
+    Ok(())
+}
+
+/// sys-firewall's uplink: the backend side of its vif in the netvm above.
+fn firewall_uplink(topo: &Topology, netvm_kind: NetvmKind, paths: &Paths, fw: &Qube) -> Result<()> {
     let up = topo
         .netvm_of(fw)
         .ok_or_else(|| Error(format!("{} has no netvm", fw.name)))?;
@@ -227,53 +385,44 @@ pub fn start(topo: &Topology, netvm_kind: NetvmKind, paths: &Paths, fw: &Qube) -
         )?;
         netvm::vif_online(&up.ns, gw, &entry, fw.domid)?;
     }
-    // The clients: each one's TAP becomes its eth0, set up as before.
-    for v in &cfg.vifs {
-        let Some(q) = topo
-            .qubes
-            .iter()
-            .find(|q| q.vif().as_deref() == Some(v.name.as_str()))
-        else {
-            continue;
-        };
-        move_tap(&fw.ns, &tap_of(&v.name), &q.ns, "eth0", &q.mac)?;
-        let ip = q.ip.ok_or_else(|| Error(format!("{} has no ip", q.name)))?;
-        netvm::setup_ip(&q.ns, ip, crate::lab::gateway(topo, q)?)?;
+    Ok(())
+}
+
+/// sys-net's uplink: its TAP and the world's wire (the veth `eth0`) on one bridge in its
+/// namespace, which holds no address and forwards only between the two.
+fn net_uplink(ns: &str) -> Result<()> {
+    wait_link(ns, UPLINK_TAP, Duration::from_secs(30))?;
+    if !link_exists(ns, UPLINK_BRIDGE) {
+        Cmd::ip(ns)
+            .args(["link", "add", UPLINK_BRIDGE, "type", "bridge"])
+            .args(["forward_delay", "0", "stp_state", "0"])
+            .run()?;
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| Error(format!("cannot find the qubes-lab executable: {e}")))?;
-    procs::start(
-        paths,
-        RELAY,
-        &Cmd::new(exe)
-            .arg("vm-relay")
-            .arg("--port")
-            .arg(port(paths))
-            .arg("--control")
-            .arg(&sock)
-            .arg("--config")
-            .arg(paths.config(&fw.name)),
-    )?;
-    procs::wait_ready(
-        "the sys-firewall VM (its console is the log)",
-        &mut child,
-        &paths.log(Service::Firewall.process()),
-        READY_WAIT,
-        || sock.exists() && Service::Firewall.status(paths).is_ok(),
-    )
+    Cmd::ip(ns)
+        .args(["link", "set", "eth0", "down", "address", WIRE_MAC])
+        .run()?;
+    for dev in ["eth0", UPLINK_TAP] {
+        Cmd::ip(ns)
+            .args(["link", "set", dev, "master", UPLINK_BRIDGE, "up"])
+            .run()?;
+    }
+    Cmd::ip(ns)
+        .args(["link", "set", UPLINK_BRIDGE, "up"])
+        .run()?;
+    Ok(())
 }
 
 /// Stops the VM (QEMU ends at once: the qube's power is cut) and the relay.
-pub fn stop(paths: &Paths) -> Result<()> {
-    procs::stop_named(paths, Service::Firewall.process())?;
-    procs::stop_named(paths, RELAY)
+pub fn stop(paths: &Paths, guest: Guest) -> Result<()> {
+    procs::stop_named(paths, guest.process())?;
+    procs::stop_named(paths, &guest.relay())
 }
 
-/// Hot-plugs a NIC for `vif` and makes its TAP `q`'s eth0.
-pub fn plug(paths: &Paths, fw: &Qube, q: &Qube, vif: &str) -> Result<()> {
+/// Hot-plugs a NIC for `vif` into `guest` (the VM qube `netvm`) and makes its TAP `q`'s eth0.
+pub fn plug(paths: &Paths, guest: Guest, netvm: &Qube, q: &Qube, vif: &str) -> Result<()> {
     let mac = guest_mac(vif).ok_or_else(|| Error(format!("vif {vif} is not vif<domid>.0")))?;
     let tap = tap_of(vif);
-    let mon = monitor(paths);
+    let mon = monitor(paths, guest);
     for command in [
         format!("netdev_add tap,id=n-{tap},ifname={tap},script=no,downscript=no"),
         format!("device_add virtio-net-pci,netdev=n-{tap},mac={mac},id=d-{tap}"),
@@ -284,29 +433,29 @@ pub fn plug(paths: &Paths, fw: &Qube, q: &Qube, vif: &str) -> Result<()> {
             return err(format!("QEMU refused {command:?}: {}", out.trim()));
         }
     }
-    move_tap(&fw.ns, &tap, &q.ns, "eth0", &q.mac)
+    move_tap(&netvm.ns, &tap, &q.ns, "eth0", &q.mac)
 }
 
-/// Sets the MTU of the guest's end of a link (`eth0`, `vifN.0`), through the relay.
-pub fn set_guest_mtu(paths: &Paths, link: &str, mtu: u16) -> Result<()> {
-    let sock = Service::Firewall.sock(paths);
+/// Sets the MTU of `guest`'s end of a link (`eth0`, `vifN.0`), through the relay.
+pub fn set_guest_mtu(paths: &Paths, guest: Guest, link: &str, mtu: u16) -> Result<()> {
+    let sock = guest.sock(paths);
     let reply = qubes_service_runtime::control::request(
         &sock,
         &format!("lab-mtu {link} {mtu}"),
         "qubes-lab",
     )
-    .map_err(|e| Error(format!("the sys-firewall VM: {e}")))?;
+    .map_err(|e| Error(format!("the {} VM: {e}", guest.name())))?;
     if reply.trim() == "ok" {
         Ok(())
     } else {
-        err(format!("the sys-firewall VM: {}", reply.trim()))
+        err(format!("the {} VM: {}", guest.name(), reply.trim()))
     }
 }
 
 /// Unplugs `vif`'s NIC; its TAP (the client's eth0) goes with it.
-pub fn unplug(paths: &Paths, vif: &str) -> Result<()> {
+pub fn unplug(paths: &Paths, guest: Guest, vif: &str) -> Result<()> {
     let tap = tap_of(vif);
-    let mon = monitor(paths);
+    let mon = monitor(paths, guest);
     for command in [format!("device_del d-{tap}"), format!("netdev_del n-{tap}")] {
         qemu::monitor_command(&mon, &command)
             .map_err(|e| Error(format!("QEMU monitor {}: {e}", mon.display())))?;

@@ -1555,6 +1555,68 @@ fn sys_net_leases_renews_follows_the_lease_and_fails_closed() {
     lab.down();
 }
 
+/// Tracker issue 11: sys-net as its image under QEMU (`up --vm sys-net`) in place of the
+/// process. Its NIC is a TAP on the world's wire (bridged with the world's veth in its
+/// namespace, which holds no address), its lease comes from the world's dnsmasq, and the
+/// chain carries work's traffic through it; pulling the VM's power leaves work with no path
+/// out.
+#[test]
+fn sys_net_as_its_image_leases_and_carries_the_chain() {
+    if !can_run() {
+        return;
+    }
+    if netvm_kind() != "rust" {
+        eprintln!("not applicable to the Linux sys-net: `--vm sys-net` runs our sys-net's image");
+        return;
+    }
+    let Some((lab, up)) = Lab::up_with(&["--vm", "sys-net"]) else {
+        return;
+    };
+    assert!(up.contains("sys-net image under QEMU"), "{up}");
+    let st = sysnet_status(&lab);
+    let lease = st
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("dhcp Bound lease "))
+        .unwrap_or_else(|| panic!("no lease: {st}"))
+        .to_string();
+    assert!(lease.starts_with("198.18.0.1"), "{lease}");
+    assert!(lease.contains("router 198.18.0.1 "), "{lease}");
+    let dhcp_log = std::fs::read_to_string(format!("/run/qubes-lab/{}/dnsmasq-dhcp.log", lab.name))
+        .unwrap_or_default();
+    assert!(
+        dhcp_log.contains("DHCPACK("),
+        "dnsmasq acked no lease: {dhcp_log}"
+    );
+    // The namespace around the VM is the wire: it holds no address of the world.
+    let addrs = ip_in(&lab.ns("sys-net"), &["-o", "-4", "addr", "show"]);
+    assert!(
+        !addrs.contains("198.18."),
+        "sys-net's namespace holds {addrs}"
+    );
+    // The chain works through the VM: names, HTTP by address and by name.
+    let d = lab.dns("work", "10.139.1.1");
+    assert_eq!((d.status.as_str(), d.detail.as_str()), ("ok", WEB), "{d:?}");
+    let h = lab.tcp("work", "198.18.0.10:80", 5000, true);
+    assert_eq!(h.status, "ok", "{h:?}");
+    assert!(h.detail.contains("200"), "{h:?}");
+    let out = lab.cmd_output(
+        &["exec"],
+        &["work", "--", "curl", "-sS", "-m", "10", "http://web.test/"],
+    );
+    assert!(out.status.success(), "curl: {}", output_text(&out));
+    // Pulling the power (QEMU runs under sys-net's pid file): nothing forwards.
+    let pid = std::fs::read_to_string(format!("/run/qubes-lab/{}/sys-net.pid", lab.name))
+        .expect("sys-net pid");
+    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+    std::thread::sleep(Duration::from_millis(500));
+    let o = lab.tcp("work", "198.18.0.10:80", 2000, true);
+    assert_ne!(
+        o.status, "ok",
+        "work reaches the world with the sys-net VM dead: {o:?}"
+    );
+    lab.down();
+}
+
 /// The relays of the lab's private Tor network (198.18.0.41 to .47, docs/lab.md) and the
 /// ORPort they all use: the only place sys-whonix's uplink may lead.
 const TOR_RELAYS: [&str; 7] = [
