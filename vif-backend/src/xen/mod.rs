@@ -24,7 +24,18 @@
 //! |---|---|
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
+//!
+//! and the implementations of the traits:
+//!
+//! | module | implementation |
+//! |---|---|
+//! | [`mem`] | [`SharedPages`] as memory: our own heap, or a shared `mmap` (memfd, gntalloc, gntdev), accessed only as 32-bit atomics |
+//! | [`emul`] | an emulated hypervisor: a broker process or thread keeping the grant and event tables, domains in separate processes sharing memfd pages and signalling with eventfds |
+//! | [`linux`] | the Linux Xen devices `/dev/xen/gntalloc`, `/dev/xen/gntdev` and `/dev/xen/evtchn` (ioctls of the Linux uapi headers `xen/gntalloc.h`, `xen/gntdev.h`, `xen/evtchn.h`) |
 
+pub mod emul;
+pub mod linux;
+pub mod mem;
 pub mod netif;
 pub mod ring;
 
