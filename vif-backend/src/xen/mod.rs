@@ -24,6 +24,7 @@
 //! |---|---|
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
+//! | [`qubesdb`] | QubesDB over vchan: a local daemon kept in step with dom0's, and dom0's side for tests |
 //!
 //! and the implementations of the traits:
 //!
@@ -39,6 +40,7 @@ pub mod mem;
 pub mod netif;
 pub mod ring;
 
+pub mod qubesdb;
 pub mod vchan;
 
 use std::fmt;
