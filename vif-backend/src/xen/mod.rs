@@ -10,7 +10,7 @@
 //! | [`GrantExport`] | grant table, granting side (`grant_table.h`) | `/dev/xen/gntalloc` | memfd pages registered with the emulated hypervisor |
 //! | [`GrantImport`] | grant table, mapping side | `/dev/xen/gntdev` | the same memfd, passed over a Unix socket and mapped |
 //! | [`EventChannels`] | event channels (`event_channel.h`) | `/dev/xen/evtchn` | an eventfd pair per bound channel |
-//! | `xenstore::Store` | XenStore (`io/xs_wire.h`) | `/dev/xen/xenbus` | the in-repository XenStore server, same wire format |
+//! | [`xenstore::Store`] | XenStore (`io/xs_wire.h`) | `/dev/xen/xenbus` | the in-repository XenStore server, same wire format |
 //! | [`vchan::Vchan`] (a protocol on the rows above) | libxenvchan (`tools/libs/vchan`) | the grant and event devices above | the same, over the emulated grants and events |
 //!
 //! Memory shared with another domain is never a Rust reference: the peer writes it while we
@@ -25,6 +25,8 @@
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
 //! | [`qubesdb`] | QubesDB over vchan: a local daemon kept in step with dom0's, and dom0's side for tests |
+//! | [`xs_wire`] | the XenStore wire format: header, message types, error names, payload syntax |
+//! | [`xenstore`] | the [`xenstore::Store`] trait, its client over a socket or `/dev/xen/xenbus`, and the emulation's server |
 //!
 //! and the implementations of the traits:
 //!
@@ -42,6 +44,9 @@ pub mod ring;
 
 pub mod qubesdb;
 pub mod vchan;
+
+pub mod xenstore;
+pub mod xs_wire;
 
 use std::fmt;
 use std::io;
