@@ -18,7 +18,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -27,8 +27,12 @@ use std::time::{Duration, Instant};
 use ::qubesdb::link::LinkError;
 use ::qubesdb::{LinkPort, Server, ServerHandle, Tree};
 
-use super::vchan::{PeerState, Vchan, VchanError};
-use super::{EventChannels, SharedPages};
+use super::emul::Domain;
+use super::linux::{Evtchn, Gntdev};
+use super::vchan::{self, PeerState, Vchan, VchanError};
+use super::xenstore::client as xs_client;
+use super::xenstore::{Errno, Perm, Store, Tx};
+use super::{DomId, EventChannels, GrantImport, GrantRef, Port, SharedPages};
 
 /// Bytes queued for dom0 that it has not read before the link is given up: a dom0 that
 /// stops reading must not make the qube's daemon grow without bound.
@@ -52,6 +56,8 @@ pub enum LinkDriverError {
     SyncTimeout(Duration),
     /// The local daemon could not be started.
     Daemon(::qubesdb::ServerError),
+    /// The hypervisor's interfaces: a device, the emulation's sockets, or XenStore.
+    Xen(String),
 }
 
 impl fmt::Display for LinkDriverError {
@@ -73,6 +79,7 @@ impl fmt::Display for LinkDriverError {
                 t.as_secs()
             ),
             LinkDriverError::Daemon(e) => write!(f, "the local QubesDB daemon: {e}"),
+            LinkDriverError::Xen(e) => write!(f, "QubesDB over vchan: {e}"),
         }
     }
 }
@@ -334,13 +341,173 @@ impl Dom0Peer {
     }
 }
 
+/// Which hypervisor interfaces a qube reaches dom0 through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XenAccess {
+    /// The Linux Xen devices (`/dev/xen/gntdev`, `/dev/xen/evtchn`, `/dev/xen/xenbus`): a
+    /// real Qubes qube.
+    Linux,
+    /// The repository's emulation: the broker's socket (`emul::Hypervisor`), this domain's
+    /// socket of the XenStore server (`xenstore::server`), and this domain's id.
+    Emulated {
+        hypervisor: PathBuf,
+        xenstore: PathBuf,
+        domid: DomId,
+    },
+}
+
+/// How long to wait for dom0's QubesDB daemon to publish the vchan and send the database.
+pub const DOM0_WAIT: Duration = Duration::from_secs(30);
+
+/// The qube's side, from nothing: finds the vchan dom0's daemon published for this domain
+/// in XenStore (`/local/domain/0/data/vchan/<domid>/111`, waiting for it), connects to it,
+/// and starts the [`Agent`] serving the database on `socket`.
+pub fn connect_to_dom0(
+    access: &XenAccess,
+    socket: &Path,
+    wait: Duration,
+) -> Result<Agent, LinkDriverError> {
+    let xen_err = |what: String| move |e: io::Error| LinkDriverError::Xen(format!("{what}: {e}"));
+    match access {
+        XenAccess::Linux => {
+            let mut store = xs_client::Client::open_xenbus()
+                .map_err(xen_err(format!("cannot open {}", xs_client::XENBUS_DEVICE)))?;
+            let domid = own_domid(&mut store)?;
+            let mut imports = Gntdev::open().map_err(xen_err("grant mapping".into()))?;
+            let events = Evtchn::open().map_err(xen_err("event channels".into()))?;
+            connect_with(&mut store, domid, &mut imports, events, socket, wait)
+        }
+        XenAccess::Emulated {
+            hypervisor,
+            xenstore,
+            domid,
+        } => {
+            let mut store = xs_client::Client::connect(xenstore).map_err(xen_err(format!(
+                "cannot reach the XenStore server at {}",
+                xenstore.display()
+            )))?;
+            let domain = Domain::connect(hypervisor, *domid).map_err(xen_err(format!(
+                "cannot reach the emulated hypervisor at {}",
+                hypervisor.display()
+            )))?;
+            let mut imports = domain.grants();
+            let events = domain.events().map_err(xen_err("event channels".into()))?;
+            connect_with(&mut store, *domid, &mut imports, events, socket, wait)
+        }
+    }
+}
+
+/// This domain's id, as the toolstack writes it (`domid` under our `/local/domain/<id>`,
+/// read relative to it).
+fn own_domid(store: &mut impl Store) -> Result<DomId, LinkDriverError> {
+    let v = store
+        .read_string(Tx::NONE, "domid")
+        .map_err(|e| LinkDriverError::Xen(format!("cannot learn our domain id: {e}")))?;
+    v.trim()
+        .parse()
+        .map_err(|_| LinkDriverError::Xen(format!("xenstore domid is {v:?}, not a domain id")))
+}
+
+/// Reads a decimal key, `None` while it is not there for us. A missing node below one we
+/// may not read is `EACCES`, not `ENOENT` (xenstored's `errno_from_parents`), and dom0's
+/// `data/vchan` directory is not ours: until dom0 publishes the key with our read
+/// permission, either answer means "not yet".
+fn read_number(store: &mut impl Store, path: &str) -> Result<Option<u32>, LinkDriverError> {
+    match store.read_string(Tx::NONE, path) {
+        Ok(v) => {
+            v.trim().parse().map(Some).map_err(|_| {
+                LinkDriverError::Xen(format!("xenstore {path} is {v:?}, not a number"))
+            })
+        }
+        Err(e) if e.is_not_found() || e.errno() == Some(Errno::EACCES) => Ok(None),
+        Err(e) => Err(LinkDriverError::Xen(e.to_string())),
+    }
+}
+
+fn connect_with<S, I, E>(
+    store: &mut S,
+    domid: DomId,
+    imports: &mut I,
+    mut events: E,
+    socket: &Path,
+    wait: Duration,
+) -> Result<Agent, LinkDriverError>
+where
+    S: Store,
+    I: GrantImport,
+    I::Mapping: 'static,
+    E: EventChannels + Send + 'static,
+{
+    let dir = vchan::xenstore_dir(0, domid, vchan::QUBESDB_PORT);
+    let (ring, port) = (
+        format!("{dir}/{}", vchan::RING_REF_KEY),
+        format!("{dir}/{}", vchan::EVENT_CHANNEL_KEY),
+    );
+    let token = "qubesdb-vchan";
+    store
+        .watch(&dir, token)
+        .map_err(|e| LinkDriverError::Xen(e.to_string()))?;
+    let start = Instant::now();
+    let found = loop {
+        if let (Some(r), Some(p)) = (read_number(store, &ring)?, read_number(store, &port)?) {
+            break (r, p);
+        }
+        let left = wait.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            let _ = store.unwatch(&dir, token);
+            return Err(LinkDriverError::Xen(format!(
+                "dom0's QubesDB published no vchan in {dir} within {} s",
+                wait.as_secs()
+            )));
+        }
+        store
+            .wait_event(left.min(POLL_SLICE))
+            .map_err(|e| LinkDriverError::Xen(e.to_string()))?;
+    };
+    let _ = store.unwatch(&dir, token);
+    let vchan = Vchan::client(imports, &mut events, 0, GrantRef(found.0), Port(found.1))?;
+    Agent::start(
+        socket,
+        vchan,
+        events,
+        wait.saturating_sub(start.elapsed()).max(POLL_SLICE),
+    )
+}
+
+impl Dom0Peer {
+    /// Publishes a vchan server's grant and port where the qube `client` looks for them,
+    /// as libxenvchan's `init_xs_srv` does: both keys in one transaction, owned by dom0
+    /// and readable by the client.
+    pub fn publish(
+        store: &mut impl Store,
+        client: DomId,
+        info: vchan::ServerInfo,
+    ) -> Result<(), LinkDriverError> {
+        let dir = vchan::xenstore_dir(0, client, vchan::QUBESDB_PORT);
+        let perms = vchan::xenstore_permissions(0, client);
+        let perms: Vec<Perm> = perms.iter().filter_map(|p| Perm::parse(p).ok()).collect();
+        store
+            .transaction(|s, tx| {
+                for (key, value) in [
+                    (vchan::RING_REF_KEY, info.ring_ref.0),
+                    (vchan::EVENT_CHANNEL_KEY, info.event_port.0),
+                ] {
+                    let path = format!("{dir}/{key}");
+                    s.write(tx, &path, value.to_string().as_bytes())?;
+                    s.set_perms(tx, &path, &perms)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| LinkDriverError::Xen(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::xen::emul::{Domain, EmulEvents, Hypervisor};
     use crate::xen::mem::MmapPages;
     use crate::xen::vchan::ServerInfo;
-    use crate::xen::DomId;
     use ::qubesdb::wire::{encode, MsgType};
     use ::qubesdb::Client;
 
@@ -509,6 +676,52 @@ mod tests {
             ]
         );
         v0.close(&mut e0).expect("close");
+    }
+
+    /// The whole path a booted qube takes: it starts before dom0 has published anything,
+    /// finds dom0's vchan through XenStore once dom0's side publishes it, and serves the
+    /// tree; another qube may not read where the vchan is.
+    #[test]
+    fn a_qube_finds_dom0s_vchan_in_xenstore_and_serves_the_tree() {
+        use crate::xen::xenstore::server::Server as XenStored;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv = Hypervisor::serve(dir.path().join("hv.sock")).expect("broker");
+        let xs = XenStored::start(dir.path().join("xs")).expect("xenstored");
+        let xs0 = xs.add_domain(0).expect("dom0 socket");
+        let xs_qube = xs.add_domain(QUBE).expect("qube socket");
+        let xs_other = xs.add_domain(7).expect("other socket");
+        let access = XenAccess::Emulated {
+            hypervisor: hv.path().to_path_buf(),
+            xenstore: xs_qube,
+            domid: QUBE,
+        };
+        let socket = dir.path().join("qubesdb.sock");
+        let qube = {
+            let socket = socket.clone();
+            std::thread::spawn(move || connect_to_dom0(&access, &socket, WAIT))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let (v0, e0, info) = dom0_vchan(hv.path());
+        let mut store0 = xs_client::Client::connect(&xs0).expect("dom0 xenstore");
+        Dom0Peer::publish(&mut store0, QUBE, info).expect("publish");
+        let tree = Tree::from_entries([("/qubes-ip", &b"10.137.0.5"[..])]).expect("tree");
+        let _dom0 = Dom0Peer::start(&dir.path().join("dom0.sock"), tree, v0, e0).expect("dom0");
+        let agent = qube.join().expect("qube thread").expect("agent");
+        assert_eq!(
+            client(&socket).read("/qubes-ip").expect("read").as_deref(),
+            Some(&b"10.137.0.5"[..])
+        );
+        assert!(agent.is_linked());
+        let mut other = xs_client::Client::connect(&xs_other).expect("other xenstore");
+        let ring = format!(
+            "{}/{}",
+            vchan::xenstore_dir(0, QUBE, vchan::QUBESDB_PORT),
+            vchan::RING_REF_KEY
+        );
+        let e = other
+            .read(Tx::NONE, &ring)
+            .expect_err("another qube read the ring ref");
+        assert_eq!(e.errno(), Some(crate::xen::xenstore::Errno::EACCES), "{e}");
     }
 
     #[test]
