@@ -6,14 +6,40 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::service::{self, Role, RunOptions, Source};
+pub use vif_backend::xen::qubesdb::XenAccess;
+
+/// Where QubesDB is, for `run` without `--config`.
+#[derive(Debug, Clone)]
+pub enum QubesDbAt {
+    /// A running daemon's socket (a Linux qube's `qubesdb-daemon`).
+    Socket(PathBuf),
+    /// dom0's daemon over vchan: our own daemon is served on `socket` and kept in step.
+    Vchan { access: XenAccess, socket: PathBuf },
+}
+
+impl QubesDbAt {
+    /// From the binaries' `--qubesdb [SOCKET]` and `--qubesdb-vchan [ACCESS]`: with the
+    /// latter, the socket (default [`qubesdb::DEFAULT_SOCKET`]) is where our daemon serves.
+    pub fn from_args(socket: Option<PathBuf>, vchan: Option<XenAccess>) -> Option<QubesDbAt> {
+        match (socket, vchan) {
+            (s, Some(access)) => Some(QubesDbAt::Vchan {
+                access,
+                socket: s.unwrap_or_else(|| PathBuf::from(qubesdb::DEFAULT_SOCKET)),
+            }),
+            (Some(s), None) => Some(QubesDbAt::Socket(s)),
+            (None, None) => None,
+        }
+    }
+}
 
 /// `run`: logs on stderr (`RUST_LOG`, default info), the service until it is stopped. Exactly
-/// one of `config` (a YAML file) and `qubesdb` (a daemon's socket, with the uplink named) is
-/// given; clap makes sure of it, and a caller that does not gets exit code 2.
+/// one of `config` (a YAML file) and `qubesdb` (a daemon's socket, or dom0's over vchan, with
+/// the uplink named) is given; clap makes sure of it, and a caller that does not gets exit
+/// code 2.
 pub fn run(
     role: Role,
     config: Option<PathBuf>,
-    qubesdb: Option<PathBuf>,
+    qubesdb: Option<QubesDbAt>,
     uplink: String,
     control: PathBuf,
 ) -> ExitCode {
@@ -36,7 +62,7 @@ pub fn init_logging() {
 pub fn serve(
     role: Role,
     config: Option<PathBuf>,
-    qubesdb: Option<PathBuf>,
+    qubesdb: Option<QubesDbAt>,
     uplink: String,
     control: PathBuf,
     terminator: Option<Box<dyn service::Terminator>>,
@@ -44,9 +70,14 @@ pub fn serve(
     let name = role.name();
     let source = match (config, qubesdb) {
         (Some(c), _) => Source::Yaml(c),
-        (None, Some(socket)) => Source::QubesDb { socket, uplink },
+        (None, Some(QubesDbAt::Socket(socket))) => Source::QubesDb { socket, uplink },
+        (None, Some(QubesDbAt::Vchan { access, socket })) => Source::QubesDbVchan {
+            access,
+            socket,
+            uplink,
+        },
         (None, None) => {
-            eprintln!("{name} run: give --config FILE or --qubesdb [SOCKET]");
+            eprintln!("{name} run: give --config FILE, --qubesdb [SOCKET] or --qubesdb-vchan");
             return ExitCode::from(2);
         }
     };

@@ -54,6 +54,9 @@ pub struct QubesDbSource {
     /// Addresses committed since the last `report_handled`.
     to_report: BTreeSet<String>,
     started: bool,
+    /// The link to dom0 when this daemon is our own (QubesDB over vchan): it runs as long
+    /// as the source does.
+    agent: Option<vif_backend::xen::qubesdb::Agent>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> ServiceError {
@@ -81,7 +84,19 @@ impl QubesDbSource {
             committed: BTreeMap::new(),
             to_report: BTreeSet::new(),
             started: false,
+            agent: None,
         })
+    }
+
+    /// Keeps `agent` (the link to dom0 feeding this daemon) running with the source.
+    pub fn keeping(mut self, agent: vif_backend::xen::qubesdb::Agent) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// Whether the link to dom0 still runs (always true for a daemon that is not ours).
+    pub fn dom0_linked(&self) -> bool {
+        self.agent.as_ref().is_none_or(|a| a.is_linked())
     }
 
     fn read_tree(&mut self) -> Result<BTreeMap<String, String>, ServiceError> {

@@ -11,6 +11,7 @@ use qubes_engine::config::{self, EngineConfig, NetvmUplink, VifInfo};
 use crate::config_file::{ConfigFile, DnsEntry};
 use crate::error::{ConfigError, ServiceError};
 use crate::qubesdb_source::QubesDbSource;
+use vif_backend::xen::qubesdb::{connect_to_dom0, XenAccess, DOM0_WAIT};
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -20,6 +21,14 @@ pub enum Source {
     /// A QubesDB daemon's socket; the uplink is named on the command line (in Qubes it is
     /// the qube's `eth0`).
     QubesDb { socket: PathBuf, uplink: String },
+    /// dom0's QubesDB over vchan, as a qube booted from an image has it (no C daemon): a
+    /// QubesDB daemon of our own is started on `socket`, kept in step with dom0's, and read
+    /// as [`Source::QubesDb`] is.
+    QubesDbVchan {
+        access: XenAccess,
+        socket: PathBuf,
+        uplink: String,
+    },
 }
 
 /// What a configuration source yields.
@@ -152,6 +161,29 @@ impl ConfigSource {
             }
             Source::QubesDb { socket, uplink } => {
                 let mut q = QubesDbSource::connect(socket, uplink)?;
+                let d = q.desired()?;
+                Ok((ConfigSource::QubesDb(Box::new(q)), d))
+            }
+            Source::QubesDbVchan {
+                access,
+                socket,
+                uplink,
+            } => {
+                if let Some(dir) = socket.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| ServiceError::QubesDb {
+                        what: format!("cannot create {}", dir.display()),
+                        source: e,
+                    })?;
+                }
+                // Returns once dom0's whole database is here: the first read below sees
+                // the configuration complete, not half-synced.
+                let agent = connect_to_dom0(access, socket, DOM0_WAIT).map_err(|e| {
+                    ServiceError::QubesDb {
+                        what: "QubesDB from dom0".to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    }
+                })?;
+                let mut q = QubesDbSource::connect(socket, uplink)?.keeping(agent);
                 let d = q.desired()?;
                 Ok((ConfigSource::QubesDb(Box::new(q)), d))
             }

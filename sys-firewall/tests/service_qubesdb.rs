@@ -68,6 +68,11 @@ impl Lab {
     }
 
     fn start(&mut self, qdb: &Path) {
+        self.start_with(&[std::ffi::OsStr::new("--qubesdb"), qdb.as_os_str()]);
+    }
+
+    /// Starts the service with these source options.
+    fn start_with(&mut self, source: &[&std::ffi::OsStr]) {
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -76,8 +81,7 @@ impl Lab {
                 env!("CARGO_BIN_EXE_sys-firewall"),
                 "run",
             ])
-            .arg("--qubesdb")
-            .arg(qdb)
+            .args(source)
             .arg("--control")
             .arg(self.path("control.sock"))
             .stdout(Stdio::null())
@@ -380,4 +384,74 @@ fn link_mtus_are_read_followed_and_lowered_by_keys() {
     }
     drop(c);
     server.shutdown().expect("shutdown");
+}
+
+/// Tracker issue 12: the configuration's third source. dom0 is emulated (the repository's
+/// hypervisor broker and XenStore server, a QubesDB daemon with a vchan server on port 111
+/// published in XenStore as libxenvchan does); the service, given only `--qubesdb-vchan`,
+/// finds the vchan, copies dom0's tree into a daemon of its own, applies it, and reports
+/// each commit handled, which reaches dom0 back over the vchan.
+#[test]
+fn qubesdb_over_vchan_from_an_emulated_dom0() {
+    use vif_backend::xen::emul::{Domain, Hypervisor};
+    use vif_backend::xen::qubesdb::Dom0Peer;
+    use vif_backend::xen::vchan::Vchan;
+    use vif_backend::xen::xenstore::client::Client as XsClient;
+    use vif_backend::xen::xenstore::server::Server as XenStored;
+
+    if !testkit::require_root("qubesdb_over_vchan_from_an_emulated_dom0") {
+        return;
+    }
+    const FIREWALL_DOMID: u16 = 6;
+    let mut lab = Lab::new();
+    let hv = Hypervisor::serve(lab.path("hv.sock")).expect("hypervisor");
+    let xs = XenStored::start(lab.path("xs")).expect("xenstored");
+    let xs0 = xs.add_domain(0).expect("dom0's xenstore socket");
+    let xs_fw = xs
+        .add_domain(FIREWALL_DOMID)
+        .expect("the qube's xenstore socket");
+    let d0 = Domain::connect(hv.path(), 0).expect("dom0");
+    let (mut g0, mut e0) = (d0.grants(), d0.events().expect("events"));
+    let (vchan, info) = Vchan::server(&mut g0, &mut e0, FIREWALL_DOMID, 12, 12).expect("vchan");
+    let mut xs_dom0 = XsClient::connect(&xs0).expect("dom0 xenstore client");
+    Dom0Peer::publish(&mut xs_dom0, FIREWALL_DOMID, info).expect("publish");
+    let dom0 = Dom0Peer::start(&lab.path("dom0-qubesdb.sock"), base_tree(), vchan, e0)
+        .expect("dom0's QubesDB");
+    let access = format!(
+        "emul:{}:{}:{FIREWALL_DOMID}",
+        hv.path().display(),
+        xs_fw.display()
+    );
+    let ours = lab.path("qubesdb.sock");
+    lab.start_with(&[
+        "--qubesdb".as_ref(),
+        ours.as_os_str(),
+        "--qubesdb-vchan".as_ref(),
+        access.as_ref(),
+    ]);
+    // dom0's side: the service's first report arrives over the vchan.
+    let mut c = Client::connect(dom0.daemon().socket_path()).expect("dom0 client");
+    wait_handled(&mut c, 1);
+    let s = lab.status();
+    assert!(
+        s.contains("client vif3.0 address 10.137.0.10 rules 1"),
+        "{s}"
+    );
+    // dom0 commits new rules: pushed over the vchan, applied, reported back.
+    push_rules(
+        &mut c,
+        &vec!["action=accept proto=tcp dstports=443-443".into(); 3],
+    );
+    wait_handled(&mut c, 2);
+    let s = lab.wait_status("the new rules", |s| s.contains("rules 3 "));
+    assert!(
+        s.contains("client vif3.0 address 10.137.0.10 rules 3"),
+        "{s}"
+    );
+    // The service's own daemon holds dom0's tree, for the qube's other programs.
+    let mut local = Client::connect(&ours).expect("our daemon");
+    assert_eq!(
+        local.read("/qubes-ip").expect("read").as_deref(),
+        Some(&b"10.137.0.6"[..])
+    );
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use qubes_router::cli::XenAccess;
 use qubes_router::service::Role;
 use qubes_service_runtime::config_file::{ConfigFile, TorSection};
 use sys_whonix::gateway::{Gateway, GatewayConfig, SharedTor, TorState};
@@ -72,6 +73,11 @@ Configuration, one of:
                     (no network: the public Tor network);
   --qubesdb SOCKET  a QubesDB daemon, with the uplink named by --uplink and the Tor client
                     by --tor-state / --tor-cache (public network).
+  --qubesdb-vchan [xen|emul:...]
+                    dom0's QubesDB over vchan (port 111), as in a qube booted from the
+                    image: no qubesdb-daemon needed; the service serves dom0's tree on
+                    --qubesdb's socket (default /var/run/qubes/qubesdb.sock) and reads it
+                    there. Starts once dom0's whole tree has arrived (30 s at most).
 
 Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the gateway, after which
 clients have no path anywhere (fail closed). Logs go to stderr (RUST_LOG=debug for more).";
@@ -83,13 +89,18 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with = "qubesdb",
-        required_unless_present = "qubesdb"
+        conflicts_with_all = ["qubesdb", "qubesdb_vchan"],
+        required_unless_present_any = ["qubesdb", "qubesdb_vchan"]
     )]
     config: Option<PathBuf>,
     /// QubesDB daemon socket (default /var/run/qubes/qubesdb.sock)
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/qubes/qubesdb.sock")]
     qubesdb: Option<PathBuf>,
+    /// dom0's QubesDB over vchan, with no qubesdb-daemon in the qube: `xen` (the default, the
+    /// Linux Xen devices) or `emul:HYPERVISOR:XENSTORE:DOMID` (the repository's emulation).
+    /// The service serves it on --qubesdb's socket (default /var/run/qubes/qubesdb.sock)
+    #[arg(long, value_name = "ACCESS", num_args = 0..=1, default_missing_value = "xen")]
+    qubesdb_vchan: Option<XenAccess>,
     /// Uplink interface name when the configuration comes from QubesDB
     #[arg(long, default_value = "eth0")]
     uplink: String,
@@ -129,6 +140,7 @@ fn main() -> ExitCode {
         run_service(RunArgs {
             config: Some(config),
             qubesdb: None,
+            qubesdb_vchan: None,
             uplink: "eth0".into(),
             tor_state: "/var/lib/sys-whonix/state".into(),
             tor_cache: "/var/cache/sys-whonix".into(),
@@ -238,7 +250,7 @@ fn run_service(args: RunArgs) -> ExitCode {
     let code = qubes_router::cli::serve(
         Role::Whonix,
         args.config,
-        args.qubesdb,
+        qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
         Some(Box::new(gateway)),

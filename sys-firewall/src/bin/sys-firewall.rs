@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use qubes_router::cli::XenAccess;
 use sys_firewall::replay;
 use sys_firewall::service::Role;
 
@@ -50,6 +51,11 @@ Configuration, one of:
   --qubesdb SOCKET  a QubesDB daemon: the same keys, rules applied on Qubes' commit signal
                     (the empty write of /qubes-firewall/<ip>), /qubes-firewall-handled/<ip>
                     bumped after; the vif list under /qubes-vif/<name>/{ip,mac,ip6,mtu}.
+  --qubesdb-vchan [xen|emul:...]
+                    dom0's QubesDB over vchan (port 111), as in a qube booted from the
+                    image: no qubesdb-daemon needed; the service serves dom0's tree on
+                    --qubesdb's socket (default /var/run/qubes/qubesdb.sock) and reads it
+                    there. Starts once dom0's whole tree has arrived (30 s at most).
 
 Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the service, after which
 the clients have no forwarding at all (fail closed). Logs go to stderr (RUST_LOG=debug for
@@ -62,13 +68,18 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with = "qubesdb",
-        required_unless_present = "qubesdb"
+        conflicts_with_all = ["qubesdb", "qubesdb_vchan"],
+        required_unless_present_any = ["qubesdb", "qubesdb_vchan"]
     )]
     config: Option<PathBuf>,
     /// QubesDB daemon socket (default /var/run/qubes/qubesdb.sock)
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/qubes/qubesdb.sock")]
     qubesdb: Option<PathBuf>,
+    /// dom0's QubesDB over vchan, with no qubesdb-daemon in the qube: `xen` (the default, the
+    /// Linux Xen devices) or `emul:HYPERVISOR:XENSTORE:DOMID` (the repository's emulation).
+    /// The service serves it on --qubesdb's socket (default /var/run/qubes/qubesdb.sock)
+    #[arg(long, value_name = "ACCESS", num_args = 0..=1, default_missing_value = "xen")]
+    qubesdb_vchan: Option<XenAccess>,
     /// Uplink interface name when the configuration comes from QubesDB
     #[arg(long, default_value = "eth0")]
     uplink: String,
@@ -139,6 +150,7 @@ fn main() -> ExitCode {
         run_service(RunArgs {
             config: Some(config),
             qubesdb: None,
+            qubesdb_vchan: None,
             uplink: "eth0".into(),
             control: DEFAULT_CONTROL.into(),
         })
@@ -155,7 +167,7 @@ fn run_service(args: RunArgs) -> ExitCode {
     qubes_router::cli::run(
         Role::Firewall,
         args.config,
-        args.qubesdb,
+        qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
     )

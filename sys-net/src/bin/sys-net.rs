@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use qubes_router::cli::XenAccess;
 use qubes_router::service::Role;
 
 #[derive(Debug, Parser)]
@@ -63,6 +64,11 @@ Configuration, one of:
   --config FILE     YAML (as `sys-firewall replay --help` describes, with the uplink section
                     above), re-read whenever the file changes;
   --qubesdb SOCKET  a QubesDB daemon, with the uplink named by --uplink.
+  --qubesdb-vchan [xen|emul:...]
+                    dom0's QubesDB over vchan (port 111), as in a qube booted from the
+                    image: no qubesdb-daemon needed; the service serves dom0's tree on
+                    --qubesdb's socket (default /var/run/qubes/qubesdb.sock) and reads it
+                    there. Starts once dom0's whole tree has arrived (30 s at most).
 
 Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the service, after which
 nothing is forwarded (fail closed). Logs go to stderr (RUST_LOG=debug for more).";
@@ -74,13 +80,18 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with = "qubesdb",
-        required_unless_present = "qubesdb"
+        conflicts_with_all = ["qubesdb", "qubesdb_vchan"],
+        required_unless_present_any = ["qubesdb", "qubesdb_vchan"]
     )]
     config: Option<PathBuf>,
     /// QubesDB daemon socket (default /var/run/qubes/qubesdb.sock)
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "/var/run/qubes/qubesdb.sock")]
     qubesdb: Option<PathBuf>,
+    /// dom0's QubesDB over vchan, with no qubesdb-daemon in the qube: `xen` (the default, the
+    /// Linux Xen devices) or `emul:HYPERVISOR:XENSTORE:DOMID` (the repository's emulation).
+    /// The service serves it on --qubesdb's socket (default /var/run/qubes/qubesdb.sock)
+    #[arg(long, value_name = "ACCESS", num_args = 0..=1, default_missing_value = "xen")]
+    qubesdb_vchan: Option<XenAccess>,
     /// Uplink interface name when the configuration comes from QubesDB
     #[arg(long, default_value = "eth0")]
     uplink: String,
@@ -102,6 +113,7 @@ fn main() -> ExitCode {
         run_service(RunArgs {
             config: Some(config),
             qubesdb: None,
+            qubesdb_vchan: None,
             uplink: "eth0".into(),
             control: DEFAULT_CONTROL.into(),
         })
@@ -117,7 +129,7 @@ fn run_service(args: RunArgs) -> ExitCode {
     qubes_router::cli::run(
         Role::Net,
         args.config,
-        args.qubesdb,
+        qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
     )

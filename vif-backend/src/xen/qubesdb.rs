@@ -356,6 +356,37 @@ pub enum XenAccess {
     },
 }
 
+impl std::str::FromStr for XenAccess {
+    type Err = String;
+
+    /// `xen` (the Linux devices), or `emul:<hypervisor socket>:<xenstore socket>:<domid>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "xen" {
+            return Ok(XenAccess::Linux);
+        }
+        let usage = "give `xen` (the Linux Xen devices) or \
+                     `emul:<hypervisor socket>:<xenstore socket>:<domid>` (the emulation)";
+        let Some(rest) = s.strip_prefix("emul:") else {
+            return Err(format!("{s:?}: {usage}"));
+        };
+        let parts: Vec<&str> = rest.split(':').collect();
+        let [hv, xs, domid] = parts[..] else {
+            return Err(format!("{s:?}: {usage}"));
+        };
+        let domid: DomId = domid
+            .parse()
+            .map_err(|_| format!("{s:?}: {domid:?} is not a domain id; {usage}"))?;
+        if hv.is_empty() || xs.is_empty() {
+            return Err(format!("{s:?}: empty socket path; {usage}"));
+        }
+        Ok(XenAccess::Emulated {
+            hypervisor: PathBuf::from(hv),
+            xenstore: PathBuf::from(xs),
+            domid,
+        })
+    }
+}
+
 /// How long to wait for dom0's QubesDB daemon to publish the vchan and send the database.
 pub const DOM0_WAIT: Duration = Duration::from_secs(30);
 
@@ -722,6 +753,30 @@ mod tests {
             .read(Tx::NONE, &ring)
             .expect_err("another qube read the ring ref");
         assert_eq!(e.errno(), Some(crate::xen::xenstore::Errno::EACCES), "{e}");
+    }
+
+    #[test]
+    fn access_specs_parse_or_say_what_to_give() {
+        assert_eq!("xen".parse::<XenAccess>(), Ok(XenAccess::Linux));
+        assert_eq!(
+            "emul:/run/hv.sock:/run/xs.5:5".parse::<XenAccess>(),
+            Ok(XenAccess::Emulated {
+                hypervisor: "/run/hv.sock".into(),
+                xenstore: "/run/xs.5".into(),
+                domid: 5
+            })
+        );
+        for bad in [
+            "",
+            "kvm",
+            "emul:a:b",
+            "emul:a:b:c",
+            "emul::b:5",
+            "emul:a:b:70000",
+        ] {
+            let e = bad.parse::<XenAccess>().expect_err(bad);
+            assert!(e.contains("emul:<hypervisor socket>"), "{bad}: {e}");
+        }
     }
 
     #[test]
