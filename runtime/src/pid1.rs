@@ -15,6 +15,8 @@
 //!    - `qubes.log=<FILTER>`: the log filter (as `RUST_LOG`);
 //!    - `qubes.lab=1`: run as a lab VM ([`lab`]): configuration, NIC names and the control
 //!      socket over a virtio-serial port;
+//!    - `qubes.qubesdb=vchan`: no configuration file; the service reads dom0's QubesDB over
+//!      vchan, as a Qubes qube booted from the image has it ([`BootConfig::QubesDbVchan`]);
 //! 3. load the image's kernel modules by `finit_module(2)`, in the order the image lists them
 //!    (`/lib/modules/load-order`, dependencies first); a module for hardware that is not
 //!    there (the Xen front and back ends under QEMU) refuses with `ENODEV`, which is noted;
@@ -59,6 +61,36 @@ pub struct BootArgs {
     /// `qubes.lab=1`: the configuration, NIC names and control requests come over the lab's
     /// virtio-serial port ([`LAB_PORT`]) instead of a file or disk.
     pub lab: bool,
+    /// `qubes.qubesdb=vchan`: the configuration is dom0's QubesDB, over vchan.
+    pub qubesdb_vchan: bool,
+}
+
+/// Where the booted service takes its configuration from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootConfig {
+    /// The YAML file PID 1 wrote (from the image, a disk, or the lab's port, with the
+    /// command line's `qubesdb.` keys over it).
+    File(PathBuf),
+    /// dom0's QubesDB over vchan (`qubes.qubesdb=vchan`), through the Linux Xen devices.
+    QubesDbVchan,
+}
+
+impl BootConfig {
+    /// The configuration file, for `run --config`.
+    pub fn file(&self) -> Option<PathBuf> {
+        match self {
+            BootConfig::File(p) => Some(p.clone()),
+            BootConfig::QubesDbVchan => None,
+        }
+    }
+
+    /// The hypervisor access for `run --qubesdb-vchan`.
+    pub fn qubesdb_vchan(&self) -> Option<vif_backend::xen::qubesdb::XenAccess> {
+        match self {
+            BootConfig::File(_) => None,
+            BootConfig::QubesDbVchan => Some(vif_backend::xen::qubesdb::XenAccess::Linux),
+        }
+    }
 }
 
 /// A command line key that is malformed.
@@ -101,6 +133,15 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootArgs, BootError> {
             }
             "qubes.log" => args.log = Some(value.to_string()),
             "qubes.lab" => args.lab = value == "1",
+            "qubes.qubesdb" => {
+                if value != "vchan" {
+                    return Err(BootError(format!(
+                        "qubes.qubesdb={value}: the only source is `vchan` (dom0's QubesDB); \
+                         for a file give qubes.config=PATH"
+                    )));
+                }
+                args.qubesdb_vchan = true;
+            }
             "ifname" => {
                 let Some((name, mac)) = value.split_once(':') else {
                     return Err(BootError(format!(
@@ -205,7 +246,7 @@ pub fn is_init() -> bool {
 /// with the configuration file it made, and powers off when that returns; it never returns
 /// itself. Run as `/init poweroff` by the kernel's orderly power-off, it signals PID 1 and
 /// exits. Otherwise it returns at once and `main` goes on as a normal command.
-pub fn run_if_init(service: &str, run: impl FnOnce(PathBuf) -> ExitCode) {
+pub fn run_if_init(service: &str, run: impl FnOnce(BootConfig) -> ExitCode) {
     run_if_init_with(service, Duties::default(), run)
 }
 
@@ -222,7 +263,7 @@ pub struct Duties {
 }
 
 /// [`run_if_init`] with service-specific [`Duties`].
-pub fn run_if_init_with(service: &str, duties: Duties, run: impl FnOnce(PathBuf) -> ExitCode) {
+pub fn run_if_init_with(service: &str, duties: Duties, run: impl FnOnce(BootConfig) -> ExitCode) {
     let args: Vec<String> = std::env::args().collect();
     if !is_init() {
         if args.len() == 2 && args[1] == "poweroff" && same_program_as_init() {
@@ -300,7 +341,7 @@ pub fn power_off() -> ! {
 }
 
 /// Steps 1 to 5 of the module docs; returns the configuration file to run with.
-pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
+pub fn boot(service: &str, duties: Duties) -> Result<BootConfig, BootError> {
     let t0 = Instant::now();
     mount_fs("proc", "/proc", "proc")?;
     mount_fs("sysfs", "/sys", "sysfs")?;
@@ -344,6 +385,27 @@ pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
     let links = bring_links_up(&args.ifnames)?;
     console(&format!("{service}: links up: {}", links.join(" ")));
 
+    if args.qubesdb_vchan {
+        if args.lab || args.config.is_some() || !args.qubesdb.is_empty() {
+            return Err(BootError(
+                "qubes.qubesdb=vchan takes the whole configuration from dom0: drop \
+                 qubes.config, qubes.lab and the qubesdb. keys"
+                    .to_string(),
+            ));
+        }
+        if duties.kernel_uplink {
+            return Err(BootError(format!(
+                "{service} gives its kernel the uplink's address at boot, from a \
+                 configuration file: qubes.qubesdb=vchan is not supported for it yet \
+                 (give qubes.config)"
+            )));
+        }
+        console(&format!(
+            "{service}: configuration from dom0's QubesDB over vchan, boot took {} ms",
+            t0.elapsed().as_millis()
+        ));
+        return Ok(BootConfig::QubesDbVchan);
+    }
     let mut lab_port = None;
     let (source, text) = if args.lab {
         let (port, first) = lab::open(Duration::from_secs(30))?;
@@ -394,7 +456,7 @@ pub fn boot(service: &str, duties: Duties) -> Result<PathBuf, BootError> {
         },
         t0.elapsed().as_millis()
     ));
-    Ok(out)
+    Ok(BootConfig::File(out))
 }
 
 /// The uplink's name, index, address, prefix length and gateway from the configuration.
@@ -925,6 +987,9 @@ mod tests {
             ]
         );
         assert_eq!(a.log.as_deref(), Some("debug"));
+        assert!(!a.qubesdb_vchan);
+        let q = parse_cmdline("root=/dev/xvda qubes.qubesdb=vchan").expect("test data");
+        assert!(q.qubesdb_vchan && q.config.is_none());
     }
 
     #[test]
@@ -958,6 +1023,7 @@ mod tests {
             ("ifname=eth0", "ifname=eth0: expected ifname=<name>:<MAC>"),
             ("ifname=eth0:52:54", "ifname=eth0:52:54: expected a name"),
             ("qubesdb.qubes-ip=1", "a QubesDB key starts with /"),
+            ("qubes.qubesdb=socket", "the only source is `vchan`"),
         ] {
             let e = parse_cmdline(line).expect_err("must fail").to_string();
             assert!(e.contains(want), "{line}: {e}");

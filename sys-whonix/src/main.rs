@@ -136,11 +136,11 @@ fn main() -> ExitCode {
     let duties = qubes_service_runtime::pid1::Duties {
         kernel_uplink: true,
     };
-    qubes_service_runtime::pid1::run_if_init_with("sys-whonix", duties, |config| {
+    qubes_service_runtime::pid1::run_if_init_with("sys-whonix", duties, |boot| {
         run_service(RunArgs {
-            config: Some(config),
+            config: boot.file(),
             qubesdb: None,
-            qubesdb_vchan: None,
+            qubesdb_vchan: boot.qubesdb_vchan(),
             uplink: "eth0".into(),
             tor_state: "/var/lib/sys-whonix/state".into(),
             tor_cache: "/var/cache/sys-whonix".into(),

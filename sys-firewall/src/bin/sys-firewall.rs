@@ -146,11 +146,11 @@ struct ReplayArgs {
 
 fn main() -> ExitCode {
     // Booted as an image's /init: PID 1's duties, then the service, then power off.
-    qubes_service_runtime::pid1::run_if_init("sys-firewall", |config| {
+    qubes_service_runtime::pid1::run_if_init("sys-firewall", |boot| {
         run_service(RunArgs {
-            config: Some(config),
+            config: boot.file(),
             qubesdb: None,
-            qubesdb_vchan: None,
+            qubesdb_vchan: boot.qubesdb_vchan(),
             uplink: "eth0".into(),
             control: DEFAULT_CONTROL.into(),
         })
