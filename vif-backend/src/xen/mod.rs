@@ -25,6 +25,7 @@
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
 //! | [`qubesdb`] | QubesDB over vchan: a local daemon kept in step with dom0's, and dom0's side for tests |
+//! | [`xenbus`] | the xenbus handshake of a netif device, backend and frontend: states, features, ring keys, close and reconnect |
 //! | [`xs_wire`] | the XenStore wire format: header, message types, error names, payload syntax |
 //! | [`xenstore`] | the [`xenstore::Store`] trait, its client over a socket or `/dev/xen/xenbus`, and the emulation's server |
 //!
@@ -44,6 +45,7 @@ pub mod ring;
 
 pub mod qubesdb;
 pub mod vchan;
+pub mod xenbus;
 
 pub mod xenstore;
 pub mod xs_wire;
