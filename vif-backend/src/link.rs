@@ -104,6 +104,77 @@ pub fn set_link(index: u32, name: Option<&str>, up: bool) -> io::Result<()> {
     request(&mut socket, msg)
 }
 
+/// Sets the link named `name` up or down (`RTM_SETLINK` with `ifi_index` 0 and `IFLA_IFNAME`:
+/// the kernel's `rtnl_setlink` then finds the link by name). By name rather than by a sysfs
+/// index because sysfs shows the network namespace it was mounted in, while the netlink socket
+/// is the calling thread's: this acts where the caller is, as `ip link set NAME up` does. A
+/// missing link is `ENODEV`.
+pub fn set_link_up(name: &str, up: bool) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    if up {
+        msg.header.flags = LinkFlags::Up;
+    }
+    msg.header.change_mask = LinkFlags::Up;
+    request(&mut socket, msg)
+}
+
+/// Whether a link named `name` exists in the calling thread's network namespace
+/// (`RTM_GETLINK` by `IFLA_IFNAME`; the kernel answers `ENODEV` for none). Only the reply's
+/// netlink header is looked at, so a link attribute this crate's decoder does not know cannot
+/// turn "it exists" into an error.
+pub fn link_exists(name: &str) -> io::Result<bool> {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+    /// `NLMSG_ERROR` and `RTM_NEWLINK` (linux/netlink.h, linux/rtnetlink.h).
+    const NLMSG_ERROR: u16 = 2;
+    const RTM_NEWLINK: u16 = 16;
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    let mut link = LinkMessage::default();
+    link.attributes
+        .push(LinkAttribute::IfName(name.to_string()));
+    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::GetLink(link));
+    msg.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    msg.header.sequence_number = 1;
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    // A link's full description (statistics, VF tables) can be tens of kilobytes.
+    let mut reply = vec![0u8; 64 * 1024];
+    let mut found = false;
+    loop {
+        let n = socket.recv(&mut &mut reply[..], 0)?;
+        let mut b = &reply[..n];
+        while b.len() >= 16 {
+            let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            let kind = u16::from_ne_bytes([b[4], b[5]]);
+            if len < 16 || len > b.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink reply to RTM_GETLINK",
+                ));
+            }
+            match kind {
+                RTM_NEWLINK => found = true,
+                NLMSG_ERROR if len >= 20 => {
+                    let code = i32::from_ne_bytes([b[16], b[17], b[18], b[19]]);
+                    return match code {
+                        0 => Ok(found),
+                        c if c == -libc::ENODEV => Ok(false),
+                        c => Err(io::Error::from_raw_os_error(-c)),
+                    };
+                }
+                _ => {}
+            }
+            let step = (len + 3) & !3;
+            b = b.get(step..).unwrap_or(&[]);
+        }
+    }
+}
+
 /// Gives the link with index `index` the IPv4 address `addr/prefix_len`, a host route to
 /// `gateway` on it and the default route through `gateway` (`RTM_NEWADDR`, `RTM_NEWROUTE`),
 /// which is what Qubes' `setup-ip` does on a Linux qube's uplink. Existing entries are

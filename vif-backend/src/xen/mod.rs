@@ -28,6 +28,7 @@
 //! | [`xenbus`] | the xenbus handshake of a netif device, backend and frontend: states, features, ring keys, close and reconnect |
 //! | [`xs_wire`] | the XenStore wire format: header, message types, error names, payload syntax |
 //! | [`xenstore`] | the [`xenstore::Store`] trait, its client over a socket or `/dev/xen/xenbus`, and the emulation's server |
+//! | [`hotplug`] | the vif hotplug step (`vif-route-qubes`' part): a client vif's `backend/vif` keys checked, its interface brought up, `hotplug-status` = `connected` for netback |
 //!
 //! and the implementations of the traits:
 //!
@@ -38,6 +39,7 @@
 //! | [`linux`] | the Linux Xen devices `/dev/xen/gntalloc`, `/dev/xen/gntdev` and `/dev/xen/evtchn` (ioctls of the Linux uapi headers `xen/gntalloc.h`, `xen/gntdev.h`, `xen/evtchn.h`) |
 
 pub mod emul;
+pub mod hotplug;
 pub mod linux;
 pub mod mem;
 pub mod netif;
