@@ -19,6 +19,6 @@ pub mod tree;
 pub mod wire;
 
 pub use client::{Client, ClientError, DEFAULT_SOCKET};
-pub use server::{LinkPort, Server, ServerError, ServerHandle};
+pub use server::{LinkPort, LocalWriter, Server, ServerError, ServerHandle};
 pub use tree::{ConnId, Outcome, RequestError, Tree};
 pub use wire::{Decoder, Header, Message, MsgType, WireError, HEADER_LEN, MAX_DATA, MAX_PATH_LEN};

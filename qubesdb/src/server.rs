@@ -299,6 +299,23 @@ impl ServerHandle {
         lock(&self.shared.conns).len()
     }
 
+    /// A handle for writes this qube makes itself, which stay local (see [`LocalWriter`]).
+    pub fn local_writer(&self) -> LocalWriter {
+        LocalWriter {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// [`LocalWriter::write_local`] on this daemon.
+    pub fn write_local(&self, path: &str, value: &[u8]) -> Result<(), crate::RequestError> {
+        self.local_writer().write_local(path, value)
+    }
+
+    /// [`LocalWriter::remove_local`] on this daemon.
+    pub fn remove_local(&self, path: &str) -> Result<bool, crate::RequestError> {
+        self.local_writer().remove_local(path)
+    }
+
     /// Attaches the link to a peer daemon; its driver moves bytes between the returned
     /// [`LinkPort`] and the peer (over vchan in a qube). One link at a time: a second is
     /// refused until the first is dropped.
@@ -368,6 +385,43 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// Writes to a running daemon that fire its watches like a client's but are not sent to
+/// the peer daemon: for what this qube learns itself and dom0 does not hold (the vif list
+/// from XenStore's hotplug, in a qube whose QubesDB comes over vchan).
+#[derive(Debug, Clone)]
+pub struct LocalWriter {
+    shared: Arc<Shared>,
+}
+
+impl LocalWriter {
+    /// Writes `path`, firing watches.
+    pub fn write_local(&self, path: &str, value: &[u8]) -> Result<(), crate::RequestError> {
+        let mut tree = lock(&self.shared.tree);
+        let notifications = tree.write(path, value)?;
+        self.deliver(&notifications);
+        Ok(())
+    }
+
+    /// Removes `path` (a key, or a subtree ending in `/`); whether anything was there.
+    pub fn remove_local(&self, path: &str) -> Result<bool, crate::RequestError> {
+        let mut tree = lock(&self.shared.tree);
+        let (removed, notifications) = tree.remove(path)?;
+        self.deliver(&notifications);
+        Ok(!removed.is_empty())
+    }
+
+    fn deliver(&self, notifications: &[crate::tree::Notification]) {
+        let conns = lock(&self.shared.conns);
+        for n in notifications {
+            let event = encode_all(
+                &[Message::bare(MsgType::RespWatch, n.path.clone())],
+                &self.shared,
+            );
+            self.shared.deliver(&conns, n.conn, event);
+        }
     }
 }
 

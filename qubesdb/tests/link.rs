@@ -189,3 +189,30 @@ fn a_peer_breaking_the_protocol_ends_the_link_and_leaves_the_database_as_it_was(
         "a write made while detached was queued"
     );
 }
+
+#[test]
+fn local_writes_fire_watches_and_stay_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let qube = daemon(&dir, "qube.sock", &[]);
+    let port = qube.attach_link().expect("link");
+    port.request_sync();
+    let _ = port.take_output();
+    let mut watcher = client(&qube);
+    watcher.watch("/qubes-vif/").expect("watch");
+    qube.write_local("/qubes-vif/vif7.0/ip", b"10.137.0.7")
+        .expect("write");
+    assert_eq!(
+        watcher.read_watch(Some(WAIT)).expect("event").as_deref(),
+        Some("/qubes-vif/vif7.0/ip")
+    );
+    assert!(qube.remove_local("/qubes-vif/vif7.0/").expect("rm"));
+    assert_eq!(
+        watcher.read_watch(Some(WAIT)).expect("event").as_deref(),
+        Some("/qubes-vif/vif7.0/")
+    );
+    assert!(
+        port.take_output().is_empty(),
+        "a local write was sent to the peer"
+    );
+    assert!(qube.write_local("relative", b"x").is_err());
+}

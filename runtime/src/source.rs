@@ -177,12 +177,20 @@ impl ConfigSource {
                 }
                 // Returns once dom0's whole database is here: the first read below sees
                 // the configuration complete, not half-synced.
-                let agent = connect_to_dom0(access, socket, DOM0_WAIT).map_err(|e| {
-                    ServiceError::QubesDb {
-                        what: "QubesDB from dom0".to_string(),
+                let xen_err = |what: &str| {
+                    let what = what.to_string();
+                    move |e: vif_backend::xen::qubesdb::LinkDriverError| ServiceError::QubesDb {
+                        what,
                         source: std::io::Error::other(e.to_string()),
                     }
-                })?;
+                };
+                let mut agent = connect_to_dom0(access, socket, DOM0_WAIT)
+                    .map_err(xen_err("QubesDB from dom0"))?;
+                // On Xen the client vifs are in XenStore, not in dom0's QubesDB: the hotplug
+                // step publishes each in our daemon, where the vif list is read from.
+                agent
+                    .start_hotplug(access)
+                    .map_err(xen_err("the vif hotplug step"))?;
                 let mut q = QubesDbSource::connect(socket, uplink)?.keeping(agent);
                 let d = q.desired()?;
                 Ok((ConfigSource::QubesDb(Box::new(q)), d))

@@ -85,7 +85,7 @@ impl Lab {
             .arg("--control")
             .arg(self.path("control.sock"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(self.path("service.log")).expect("log file"))
             .spawn()
             .expect("start sys-firewall");
         self.service = Some(child);
@@ -115,7 +115,8 @@ impl Lab {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}:\n{s}"
+                "timed out waiting for {what}:\n{s}\nthe service's log:\n{}",
+                std::fs::read_to_string(self.path("service.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -454,4 +455,125 @@ fn qubesdb_over_vchan_from_an_emulated_dom0() {
         local.read("/qubes-ip").expect("read").as_deref(),
         Some(&b"10.137.0.6"[..])
     );
+}
+
+/// Tracker issue 12, the vif hotplug step: with its QubesDB over vchan, the service learns
+/// its clients from XenStore as a Qubes netvm does. The toolstack (dom0, scripted) writes a
+/// client's `backend/vif/<domid>/<devid>` with Qubes' `ip` key; the service brings the kernel's
+/// vif up, tells netback it may connect (`hotplug-status` = `connected`), and enforces the
+/// client's rules from dom0's tree; when the toolstack removes the directory, the client goes.
+#[test]
+fn clients_come_from_xenstore_hotplug_with_qubesdb_over_vchan() {
+    use vif_backend::xen::emul::{Domain, Hypervisor};
+    use vif_backend::xen::qubesdb::Dom0Peer;
+    use vif_backend::xen::vchan::Vchan;
+    use vif_backend::xen::xenstore::client::Client as XsClient;
+    use vif_backend::xen::xenstore::server::Server as XenStored;
+    use vif_backend::xen::xenstore::{Access, Perm, Store, Tx};
+
+    if !testkit::require_root("clients_come_from_xenstore_hotplug_with_qubesdb_over_vchan") {
+        return;
+    }
+    const FIREWALL_DOMID: u16 = 6;
+    let mut lab = Lab::new();
+    lab.add_vif("vif10.0");
+    let hv = Hypervisor::serve(lab.path("hv.sock")).expect("hypervisor");
+    let xs = XenStored::start(lab.path("xs")).expect("xenstored");
+    let xs0 = xs.add_domain(0).expect("dom0's xenstore socket");
+    let xs_fw = xs
+        .add_domain(FIREWALL_DOMID)
+        .expect("the qube's xenstore socket");
+    let d0 = Domain::connect(hv.path(), 0).expect("dom0");
+    let (mut g0, mut e0) = (d0.grants(), d0.events().expect("events"));
+    let (vchan, info) = Vchan::server(&mut g0, &mut e0, FIREWALL_DOMID, 12, 12).expect("vchan");
+    let mut toolstack = XsClient::connect(&xs0).expect("dom0 xenstore client");
+    Dom0Peer::publish(&mut toolstack, FIREWALL_DOMID, info).expect("publish");
+    // dom0's tree as Qubes writes it for a firewall qube: no vif list, that is XenStore's.
+    let tree = Tree::from_entries([
+        ("/qubes-ip", "10.137.0.6"),
+        ("/qubes-gateway", "10.137.0.5"),
+        ("/qubes-firewall/10.137.0.10", ""),
+        ("/qubes-firewall/10.137.0.10/policy", "drop"),
+        ("/qubes-firewall/10.137.0.10/0000", "action=accept"),
+    ])
+    .expect("tree");
+    let _dom0 =
+        Dom0Peer::start(&lab.path("dom0-qubesdb.sock"), tree, vchan, e0).expect("dom0's QubesDB");
+    let access = format!(
+        "emul:{}:{}:{FIREWALL_DOMID}",
+        hv.path().display(),
+        xs_fw.display()
+    );
+    let ours = lab.path("qubesdb.sock");
+    lab.start_with(&[
+        "--qubesdb".as_ref(),
+        ours.as_os_str(),
+        "--qubesdb-vchan".as_ref(),
+        access.as_ref(),
+    ]);
+    let s = lab.status();
+    assert!(
+        !s.contains("client vif10.0"),
+        "a client before the toolstack added it:\n{s}"
+    );
+    // libxl adds the client's vif in the firewall qube's backend tree, owned by the
+    // firewall qube and readable by the client.
+    let dir = format!("/local/domain/{FIREWALL_DOMID}/backend/vif/10/0");
+    let perms = [
+        Perm::new(Access::None, FIREWALL_DOMID),
+        Perm::new(Access::Read, 10),
+    ];
+    let home = format!("/local/domain/{FIREWALL_DOMID}");
+    // In one transaction, as libxl__device_generic_add writes a device.
+    toolstack
+        .transaction(|t, tx| {
+            for p in [
+                home.clone(),
+                format!("{home}/backend"),
+                format!("{home}/backend/vif"),
+                format!("{home}/backend/vif/10"),
+                dir.clone(),
+            ] {
+                t.mkdir(tx, &p)?;
+                t.set_perms(tx, &p, &perms)?;
+            }
+            for (k, v) in [
+                ("frontend", "/local/domain/10/device/vif/0"),
+                ("frontend-id", "10"),
+                ("mac", "00:16:3e:5e:6c:10"),
+                ("handle", "0"),
+                ("online", "1"),
+                ("state", "1"),
+                ("ip", "10.137.0.10"),
+            ] {
+                let key = format!("{dir}/{k}");
+                t.write(tx, &key, v.as_bytes())?;
+                t.set_perms(tx, &key, &perms)?;
+            }
+            Ok(())
+        })
+        .expect("the toolstack's transaction");
+    let s = lab.wait_status("the hotplugged client", |s| {
+        s.contains("client vif10.0 address 10.137.0.10")
+    });
+    assert!(
+        s.contains("client vif10.0 address 10.137.0.10 rules 1"),
+        "{s}"
+    );
+    let status = toolstack
+        .read_string(Tx::NONE, &format!("{dir}/hotplug-status"))
+        .expect("hotplug-status");
+    assert_eq!(status, "connected");
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.ns, "-o", "link", "show", "vif10.0"])
+        .output()
+        .expect("ip link");
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains("UP"),
+        "{}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    // The toolstack removes it (the client qube stopped): the client goes.
+    toolstack.rm(Tx::NONE, &dir).expect("rm");
+    lab.wait_status("the client to go", |s| !s.contains("client vif10.0"));
 }

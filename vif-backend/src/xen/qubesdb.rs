@@ -25,9 +25,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ::qubesdb::link::LinkError;
-use ::qubesdb::{LinkPort, Server, ServerHandle, Tree};
+use ::qubesdb::{LinkPort, LocalWriter, Server, ServerHandle, Tree};
 
 use super::emul::Domain;
+use super::hotplug::{Hotplug, HotplugError, KernelLinks, VifEvent};
 use super::linux::{Evtchn, Gntdev};
 use super::vchan::{self, PeerState, Vchan, VchanError};
 use super::xenstore::client as xs_client;
@@ -216,12 +217,14 @@ impl<P: SharedPages, E: EventChannels> LinkDriver<P, E> {
     }
 }
 
-/// A running link: the local daemon and the thread carrying its link.
+/// A running link: the local daemon and the thread carrying its link (and, once started,
+/// the vif hotplug thread).
 #[derive(Debug)]
 pub struct Agent {
     daemon: ServerHandle,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), LinkDriverError>>>,
+    hotplug: Option<JoinHandle<Result<(), LinkDriverError>>>,
 }
 
 impl Agent {
@@ -263,7 +266,39 @@ impl Agent {
             daemon,
             stop,
             thread,
+            hotplug: None,
         }
+    }
+
+    /// Runs the vif hotplug step beside the link, in the calling thread's network
+    /// namespace: each client vif the toolstack adds under `backend/vif` is brought up,
+    /// netback is told it may connect (`hotplug-status`), and the vif is published in the
+    /// local daemon as `/qubes-vif/<vif>/{mac,ip6,ip}` (the keys the services read their
+    /// vif list from; in a Linux qube, vif-route-qubes learns the same from XenStore). Those
+    /// keys stay in the qube: dom0 does not hold them. A removed vif is brought down and its
+    /// keys removed.
+    pub fn start_hotplug(&mut self, access: &XenAccess) -> Result<(), LinkDriverError> {
+        let writer = self.daemon.local_writer();
+        let stop = Arc::clone(&self.stop);
+        let spawned = match access {
+            XenAccess::Linux => {
+                let store = xs_client::Client::open_xenbus().map_err(|e| {
+                    LinkDriverError::Xen(format!("cannot open {}: {e}", xs_client::XENBUS_DEVICE))
+                })?;
+                spawn_hotplug(store, writer, stop)
+            }
+            XenAccess::Emulated { xenstore, .. } => {
+                let store = xs_client::Client::connect(xenstore).map_err(|e| {
+                    LinkDriverError::Xen(format!(
+                        "cannot reach the XenStore server at {}: {e}",
+                        xenstore.display()
+                    ))
+                })?;
+                spawn_hotplug(store, writer, stop)
+            }
+        };
+        self.hotplug = Some(spawned?);
+        Ok(())
     }
 
     /// The local daemon.
@@ -276,9 +311,13 @@ impl Agent {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Stops the link (closing the vchan) and returns why it had ended, if it had.
+    /// Stops the link (closing the vchan) and the hotplug thread, and returns why the link
+    /// had ended, if it had.
     pub fn stop(&mut self) -> Result<(), LinkDriverError> {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.hotplug.take() {
+            let _ = h.join();
+        }
         match self.thread.take() {
             Some(t) => t.join().unwrap_or(Ok(())),
             None => Ok(()),
@@ -289,6 +328,61 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+fn spawn_hotplug<S: Store + Send + 'static>(
+    store: S,
+    writer: LocalWriter,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<Result<(), LinkDriverError>>, LinkDriverError> {
+    let mut hotplug =
+        Hotplug::new(store).map_err(|e| LinkDriverError::Xen(format!("vif hotplug: {e}")))?;
+    std::thread::Builder::new()
+        .name("vif-hotplug".to_string())
+        .spawn(move || {
+            let xen = |e: HotplugError| LinkDriverError::Xen(format!("vif hotplug: {e}"));
+            let mut links = KernelLinks;
+            while !stop.load(Ordering::Relaxed) {
+                for event in hotplug.poll(&mut links).map_err(xen)? {
+                    publish_vif(&writer, &event);
+                }
+                hotplug.wait(POLL_SLICE).map_err(xen)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| LinkDriverError::Xen(format!("cannot start the vif hotplug thread: {e}")))
+}
+
+/// A hotplug event as the local daemon's `/qubes-vif/<vif>/` keys: the MAC (and IPv6)
+/// first and the IPv4 last, so that a reader never sees an address without its MAC.
+fn publish_vif(writer: &LocalWriter, event: &VifEvent) {
+    match event {
+        VifEvent::Added {
+            vif, ip, ip6, mac, ..
+        } => {
+            let mac = mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            let mut keys = vec![("mac", mac)];
+            if let Some(v6) = ip6 {
+                keys.push(("ip6", v6.to_string()));
+            }
+            keys.push(("ip", ip.to_string()));
+            for (k, v) in keys {
+                if let Err(e) = writer.write_local(&format!("/qubes-vif/{vif}/{k}"), v.as_bytes()) {
+                    eprintln!("vif hotplug: {vif}: cannot publish {k} {v}: {e}");
+                }
+            }
+        }
+        VifEvent::Removed { vif } => {
+            let _ = writer.remove_local(&format!("/qubes-vif/{vif}/"));
+        }
+        VifEvent::Refused { path, reason } => {
+            eprintln!("vif hotplug: {path}: refused: {reason}");
+        }
     }
 }
 
