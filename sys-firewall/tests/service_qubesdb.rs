@@ -387,6 +387,68 @@ fn link_mtus_are_read_followed_and_lowered_by_keys() {
     server.shutdown().expect("shutdown");
 }
 
+/// The firewall qube's domain id in the emulated Xen.
+const FIREWALL_DOMID: u16 = 6;
+
+/// An emulated dom0 for the firewall qube (the repository's hypervisor broker and XenStore
+/// server, and a QubesDB daemon serving a tree over a vchan on port 111, published in
+/// XenStore as libxenvchan does), and the `--qubesdb-vchan` value that reaches it.
+struct EmulatedDom0 {
+    /// dom0's XenStore connection: the toolstack's.
+    toolstack: vif_backend::xen::xenstore::client::Client<std::os::unix::net::UnixStream>,
+    qubesdb: vif_backend::xen::qubesdb::Dom0Peer,
+    access: String,
+    _xenstored: vif_backend::xen::xenstore::server::Server,
+    _hypervisor: vif_backend::xen::emul::HypervisorHandle,
+}
+
+impl EmulatedDom0 {
+    fn start(lab: &Lab, tree: Tree) -> EmulatedDom0 {
+        use vif_backend::xen::emul::{Domain, Hypervisor};
+        use vif_backend::xen::qubesdb::Dom0Peer;
+        use vif_backend::xen::vchan::Vchan;
+        use vif_backend::xen::xenstore::client::Client as XsClient;
+        use vif_backend::xen::xenstore::server::Server as XenStored;
+
+        let hv = Hypervisor::serve(lab.path("hv.sock")).expect("hypervisor");
+        let xs = XenStored::start(lab.path("xs")).expect("xenstored");
+        let xs0 = xs.add_domain(0).expect("dom0's xenstore socket");
+        let xs_fw = xs
+            .add_domain(FIREWALL_DOMID)
+            .expect("the qube's xenstore socket");
+        let d0 = Domain::connect(hv.path(), 0).expect("dom0");
+        let (mut g0, mut e0) = (d0.grants(), d0.events().expect("events"));
+        let (vchan, info) = Vchan::server(&mut g0, &mut e0, FIREWALL_DOMID, 12, 12).expect("vchan");
+        let mut toolstack = XsClient::connect(&xs0).expect("dom0 xenstore client");
+        Dom0Peer::publish(&mut toolstack, FIREWALL_DOMID, info).expect("publish");
+        let qubesdb = Dom0Peer::start(&lab.path("dom0-qubesdb.sock"), tree, vchan, e0)
+            .expect("dom0's QubesDB");
+        let access = format!(
+            "emul:{}:{}:{FIREWALL_DOMID}",
+            hv.path().display(),
+            xs_fw.display()
+        );
+        EmulatedDom0 {
+            toolstack,
+            qubesdb,
+            access,
+            _xenstored: xs,
+            _hypervisor: hv,
+        }
+    }
+
+    /// Starts the service on dom0's QubesDB over vchan, serving it on `qubesdb.sock`.
+    fn start_service(&self, lab: &mut Lab) {
+        let ours = lab.path("qubesdb.sock");
+        lab.start_with(&[
+            "--qubesdb".as_ref(),
+            ours.as_os_str(),
+            "--qubesdb-vchan".as_ref(),
+            self.access.as_ref(),
+        ]);
+    }
+}
+
 /// Tracker issue 12: the configuration's third source. dom0 is emulated (the repository's
 /// hypervisor broker and XenStore server, a QubesDB daemon with a vchan server on port 111
 /// published in XenStore as libxenvchan does); the service, given only `--qubesdb-vchan`,
@@ -394,44 +456,14 @@ fn link_mtus_are_read_followed_and_lowered_by_keys() {
 /// each commit handled, which reaches dom0 back over the vchan.
 #[test]
 fn qubesdb_over_vchan_from_an_emulated_dom0() {
-    use vif_backend::xen::emul::{Domain, Hypervisor};
-    use vif_backend::xen::qubesdb::Dom0Peer;
-    use vif_backend::xen::vchan::Vchan;
-    use vif_backend::xen::xenstore::client::Client as XsClient;
-    use vif_backend::xen::xenstore::server::Server as XenStored;
-
     if !testkit::require_root("qubesdb_over_vchan_from_an_emulated_dom0") {
         return;
     }
-    const FIREWALL_DOMID: u16 = 6;
     let mut lab = Lab::new();
-    let hv = Hypervisor::serve(lab.path("hv.sock")).expect("hypervisor");
-    let xs = XenStored::start(lab.path("xs")).expect("xenstored");
-    let xs0 = xs.add_domain(0).expect("dom0's xenstore socket");
-    let xs_fw = xs
-        .add_domain(FIREWALL_DOMID)
-        .expect("the qube's xenstore socket");
-    let d0 = Domain::connect(hv.path(), 0).expect("dom0");
-    let (mut g0, mut e0) = (d0.grants(), d0.events().expect("events"));
-    let (vchan, info) = Vchan::server(&mut g0, &mut e0, FIREWALL_DOMID, 12, 12).expect("vchan");
-    let mut xs_dom0 = XsClient::connect(&xs0).expect("dom0 xenstore client");
-    Dom0Peer::publish(&mut xs_dom0, FIREWALL_DOMID, info).expect("publish");
-    let dom0 = Dom0Peer::start(&lab.path("dom0-qubesdb.sock"), base_tree(), vchan, e0)
-        .expect("dom0's QubesDB");
-    let access = format!(
-        "emul:{}:{}:{FIREWALL_DOMID}",
-        hv.path().display(),
-        xs_fw.display()
-    );
-    let ours = lab.path("qubesdb.sock");
-    lab.start_with(&[
-        "--qubesdb".as_ref(),
-        ours.as_os_str(),
-        "--qubesdb-vchan".as_ref(),
-        access.as_ref(),
-    ]);
+    let dom0 = EmulatedDom0::start(&lab, base_tree());
+    dom0.start_service(&mut lab);
     // dom0's side: the service's first report arrives over the vchan.
-    let mut c = Client::connect(dom0.daemon().socket_path()).expect("dom0 client");
+    let mut c = Client::connect(dom0.qubesdb.daemon().socket_path()).expect("dom0 client");
     wait_handled(&mut c, 1);
     let s = lab.status();
     assert!(
@@ -450,7 +482,7 @@ fn qubesdb_over_vchan_from_an_emulated_dom0() {
         "{s}"
     );
     // The service's own daemon holds dom0's tree, for the qube's other programs.
-    let mut local = Client::connect(&ours).expect("our daemon");
+    let mut local = Client::connect(lab.path("qubesdb.sock")).expect("our daemon");
     assert_eq!(
         local.read("/qubes-ip").expect("read").as_deref(),
         Some(&b"10.137.0.6"[..])
@@ -464,30 +496,13 @@ fn qubesdb_over_vchan_from_an_emulated_dom0() {
 /// client's rules from dom0's tree; when the toolstack removes the directory, the client goes.
 #[test]
 fn clients_come_from_xenstore_hotplug_with_qubesdb_over_vchan() {
-    use vif_backend::xen::emul::{Domain, Hypervisor};
-    use vif_backend::xen::qubesdb::Dom0Peer;
-    use vif_backend::xen::vchan::Vchan;
-    use vif_backend::xen::xenstore::client::Client as XsClient;
-    use vif_backend::xen::xenstore::server::Server as XenStored;
     use vif_backend::xen::xenstore::{Access, Perm, Store, Tx};
 
     if !testkit::require_root("clients_come_from_xenstore_hotplug_with_qubesdb_over_vchan") {
         return;
     }
-    const FIREWALL_DOMID: u16 = 6;
     let mut lab = Lab::new();
     lab.add_vif("vif10.0");
-    let hv = Hypervisor::serve(lab.path("hv.sock")).expect("hypervisor");
-    let xs = XenStored::start(lab.path("xs")).expect("xenstored");
-    let xs0 = xs.add_domain(0).expect("dom0's xenstore socket");
-    let xs_fw = xs
-        .add_domain(FIREWALL_DOMID)
-        .expect("the qube's xenstore socket");
-    let d0 = Domain::connect(hv.path(), 0).expect("dom0");
-    let (mut g0, mut e0) = (d0.grants(), d0.events().expect("events"));
-    let (vchan, info) = Vchan::server(&mut g0, &mut e0, FIREWALL_DOMID, 12, 12).expect("vchan");
-    let mut toolstack = XsClient::connect(&xs0).expect("dom0 xenstore client");
-    Dom0Peer::publish(&mut toolstack, FIREWALL_DOMID, info).expect("publish");
     // dom0's tree as Qubes writes it for a firewall qube: no vif list, that is XenStore's.
     let tree = Tree::from_entries([
         ("/qubes-ip", "10.137.0.6"),
@@ -497,20 +512,9 @@ fn clients_come_from_xenstore_hotplug_with_qubesdb_over_vchan() {
         ("/qubes-firewall/10.137.0.10/0000", "action=accept"),
     ])
     .expect("tree");
-    let _dom0 =
-        Dom0Peer::start(&lab.path("dom0-qubesdb.sock"), tree, vchan, e0).expect("dom0's QubesDB");
-    let access = format!(
-        "emul:{}:{}:{FIREWALL_DOMID}",
-        hv.path().display(),
-        xs_fw.display()
-    );
-    let ours = lab.path("qubesdb.sock");
-    lab.start_with(&[
-        "--qubesdb".as_ref(),
-        ours.as_os_str(),
-        "--qubesdb-vchan".as_ref(),
-        access.as_ref(),
-    ]);
+    let mut dom0 = EmulatedDom0::start(&lab, tree);
+    dom0.start_service(&mut lab);
+    let toolstack = &mut dom0.toolstack;
     let s = lab.status();
     assert!(
         !s.contains("client vif10.0"),
