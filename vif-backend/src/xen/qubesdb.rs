@@ -32,7 +32,7 @@ use super::hotplug::{Hotplug, HotplugError, KernelLinks, VifEvent};
 use super::linux::{Evtchn, Gntdev};
 use super::vchan::{self, PeerState, Vchan, VchanError};
 use super::xenstore::client as xs_client;
-use super::xenstore::{Errno, Perm, Store, Tx};
+use super::xenstore::{Perm, Store, Tx};
 use super::{DomId, EventChannels, GrantImport, GrantRef, Port, SharedPages};
 
 /// Bytes queued for dom0 that it has not read before the link is given up: a dom0 that
@@ -533,10 +533,9 @@ fn own_domid(store: &mut impl Store) -> Result<DomId, LinkDriverError> {
         .map_err(|_| LinkDriverError::Xen(format!("xenstore domid is {v:?}, not a domain id")))
 }
 
-/// Reads a decimal key, `None` while it is not there for us. A missing node below one we
-/// may not read is `EACCES`, not `ENOENT` (xenstored's `errno_from_parents`), and dom0's
-/// `data/vchan` directory is not ours: until dom0 publishes the key with our read
-/// permission, either answer means "not yet".
+/// Reads a decimal key, `None` while it is not there for us: dom0's `data/vchan` directory
+/// is not ours, so until dom0 publishes the key with our read permission it reads as absent
+/// ([`super::xenstore::StoreError::is_absent`]).
 fn read_number(store: &mut impl Store, path: &str) -> Result<Option<u32>, LinkDriverError> {
     match store.read_string(Tx::NONE, path) {
         Ok(v) => {
@@ -544,7 +543,7 @@ fn read_number(store: &mut impl Store, path: &str) -> Result<Option<u32>, LinkDr
                 LinkDriverError::Xen(format!("xenstore {path} is {v:?}, not a number"))
             })
         }
-        Err(e) if e.is_not_found() || e.errno() == Some(Errno::EACCES) => Ok(None),
+        Err(e) if e.is_absent() => Ok(None),
         Err(e) => Err(LinkDriverError::Xen(e.to_string())),
     }
 }

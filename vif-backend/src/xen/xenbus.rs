@@ -196,19 +196,12 @@ fn required(store: &mut impl Store, path: &str) -> Result<u32, HandshakeError> {
     number(store, path)?.ok_or_else(|| HandshakeError::Refused(format!("{path} is missing")))
 }
 
-/// Whether a store error means the node is not there for us: missing, or missing below a
-/// directory we may not read, which xenstored reports as `EACCES` (its
-/// `errno_from_parents`): a peer's directory that was removed reads that way.
-fn absent(e: &StoreError) -> bool {
-    e.is_not_found() || e.errno() == Some(super::xenstore::Errno::EACCES)
-}
-
 /// A peer's `state`; a key not there is [`XenbusState::Unknown`], a bad one an error.
 fn read_state(store: &mut impl Store, path: &str) -> Result<XenbusState, HandshakeError> {
     match store.read_string(Tx::NONE, path) {
         Ok(v) => XenbusState::parse(&v)
             .ok_or_else(|| HandshakeError::Refused(format!("{path} is {v:?}, not a xenbus state"))),
-        Err(e) if absent(&e) => Ok(XenbusState::Unknown),
+        Err(e) if e.is_absent() => Ok(XenbusState::Unknown),
         Err(e) => Err(e.into()),
     }
 }
@@ -217,7 +210,7 @@ fn read_state(store: &mut impl Store, path: &str) -> Result<XenbusState, Handsha
 fn visible(store: &mut impl Store, path: &str) -> Result<bool, HandshakeError> {
     match store.read(Tx::NONE, path) {
         Ok(_) => Ok(true),
-        Err(e) if absent(&e) => Ok(false),
+        Err(e) if e.is_absent() => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -95,6 +95,14 @@ impl StoreError {
         self.errno() == Some(Errno::ENOENT)
     }
 
+    /// Whether the node is not there for us: missing (`ENOENT`), or missing below a
+    /// directory we may not read, which xenstored reports as `EACCES` (its
+    /// `errno_from_parents`). A peer's key not yet written, or a peer's directory removed,
+    /// reads either way.
+    pub fn is_absent(&self) -> bool {
+        self.is_not_found() || self.errno() == Some(Errno::EACCES)
+    }
+
     /// Whether the transaction should be redone (`EAGAIN`).
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
