@@ -767,8 +767,21 @@ fn up_cleans_a_stale_lab_and_down_leaves_nothing() {
         ],
         &[],
     );
-    // A crash that lost the state directory: `up` still finds the old namespaces.
-    std::fs::remove_dir_all(PathBuf::from("/run/qubes-lab").join(&lab.name)).expect("rm state");
+    // A crash that lost the state directory: `up` still finds the old namespaces. The services
+    // are still running and some keep writing there (arti's cache while it bootstraps), so a
+    // single pass can meet a file created behind it: retry, as an operator's `rm -rf` would.
+    let state_dir = PathBuf::from("/run/qubes-lab").join(&lab.name);
+    let mut removed = std::fs::remove_dir_all(&state_dir);
+    for _ in 0..50 {
+        match &removed {
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                removed = std::fs::remove_dir_all(&state_dir);
+            }
+            _ => break,
+        }
+    }
+    removed.expect("rm state");
     lab.cmd(
         &[
             "up",
