@@ -37,7 +37,11 @@
 pub mod emul;
 pub mod linux;
 pub mod mem;
+pub mod netback;
+pub mod netfront;
 pub mod netif;
+#[cfg(test)]
+mod netif_tests;
 pub mod ring;
 
 pub mod qubesdb;
