@@ -24,6 +24,8 @@
 //! |---|---|
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
+//! | [`netback`] | the back end of a netif queue (a client's vif): TX frames taken from the frontend's granted pages, RX frames copied into the buffers it posted |
+//! | [`netfront`] | the front end of a netif queue (the uplink): ring and buffer pages granted to the backend, frames sent and received over them |
 //! | [`qubesdb`] | QubesDB over vchan: a local daemon kept in step with dom0's, and dom0's side for tests |
 //!
 //! and the implementations of the traits:
