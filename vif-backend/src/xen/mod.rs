@@ -24,6 +24,8 @@
 //! |---|---|
 //! | [`ring`] | the shared request/response ring of `io/ring.h`, front and back ends |
 //! | [`netif`] | the netif TX/RX slot layouts of `io/netif.h`, and a packet's slots planned and assembled |
+//! | [`netback`] | the back end of a netif queue (a client's vif): TX frames taken from the frontend's granted pages, RX frames copied into the buffers it posted |
+//! | [`netfront`] | the front end of a netif queue (the uplink): ring and buffer pages granted to the backend, frames sent and received over them |
 //! | [`qubesdb`] | QubesDB over vchan: a local daemon kept in step with dom0's, and dom0's side for tests |
 //! | [`xenbus`] | the xenbus handshake of a netif device, backend and frontend: states, features, ring keys, close and reconnect |
 //! | [`xs_wire`] | the XenStore wire format: header, message types, error names, payload syntax |
@@ -42,7 +44,11 @@ pub mod emul;
 pub mod hotplug;
 pub mod linux;
 pub mod mem;
+pub mod netback;
+pub mod netfront;
 pub mod netif;
+#[cfg(test)]
+mod netif_tests;
 pub mod ring;
 
 pub mod qubesdb;

@@ -980,6 +980,12 @@ pub enum PlanError {
     GsoNotAccepted { ty: GsoType },
     /// Offload netif cannot describe.
     Meta(MetaError),
+    /// A frame of more than one page for a peer without `feature-sg`.
+    NoScatterGather { len: usize },
+    /// A partial checksum for a peer that does not take checksum offload for this IP
+    /// version (`feature-no-csum-offload`, `feature-ipv6-csum-offload`), or on a frame
+    /// that is neither IPv4 nor IPv6; complete the checksum first.
+    CsumNotAccepted { ethertype: u16 },
 }
 
 impl fmt::Display for PlanError {
@@ -1009,6 +1015,13 @@ impl fmt::Display for PlanError {
             }
             PlanError::GsoNotAccepted { ty } => write!(f, "peer does not accept {ty:?} GSO"),
             PlanError::Meta(e) => e.fmt(f),
+            PlanError::NoScatterGather { len } => {
+                write!(f, "frame of {len} bytes needs feature-sg, not negotiated")
+            }
+            PlanError::CsumNotAccepted { ethertype } => write!(
+                f,
+                "peer does not take checksum offload for ethertype {ethertype:#06x}"
+            ),
         }
     }
 }
@@ -1023,12 +1036,19 @@ impl From<MetaError> for PlanError {
 
 fn plan_meta(offload: &Offload, peer: PeerGso) -> Result<PacketMeta, PlanError> {
     let meta = PacketMeta::from_offload(offload)?;
+    check_meta(&meta, peer)
+}
+
+fn check_meta(meta: &PacketMeta, peer: PeerGso) -> Result<PacketMeta, PlanError> {
     if let Some(g) = meta.gso {
         if !peer.accepts(g.ty) {
             return Err(PlanError::GsoNotAccepted { ty: g.ty });
         }
+        if g.mss == 0 {
+            return Err(PlanError::Meta(MetaError::ZeroMss));
+        }
     }
-    Ok(meta)
+    Ok(*meta)
 }
 
 /// Front end, TX ring: plans a frame of `len` bytes with `offload` over `buffers` (each
@@ -1045,6 +1065,22 @@ pub fn plan_tx(
     out.pieces.clear();
     out.slots.clear();
     out.buffers = 0;
+    let meta = PacketMeta::from_offload(offload)?;
+    plan_tx_meta(len, &meta, backend, buffers, out)
+}
+
+/// As [`plan_tx`], for a frame whose offload is already in netif's terms (a frame that
+/// came in on a netif ring, or whose [`PacketMeta`] the caller made).
+pub fn plan_tx_meta(
+    len: usize,
+    meta: &PacketMeta,
+    backend: PeerGso,
+    buffers: &[TxBuffer],
+    out: &mut TxPlan,
+) -> Result<(), PlanError> {
+    out.pieces.clear();
+    out.slots.clear();
+    out.buffers = 0;
     if len < ETH_HLEN {
         return Err(PlanError::TooShort { len });
     }
@@ -1054,7 +1090,7 @@ pub fn plan_tx(
             limit: XEN_NETIF_MAX_TX_SIZE,
         });
     }
-    let meta = plan_meta(offload, backend)?;
+    let meta = check_meta(meta, backend)?;
     let mut done = 0;
     for (index, b) in buffers.iter().enumerate() {
         if done == len {
@@ -1169,6 +1205,16 @@ pub fn rx_requests_needed(
     offload: &Offload,
     frontend: PeerGso,
 ) -> Result<usize, PlanError> {
+    let meta = PacketMeta::from_offload(offload)?;
+    rx_requests_needed_meta(len, &meta, frontend)
+}
+
+/// As [`rx_requests_needed`], for a frame whose offload is in netif's terms.
+pub fn rx_requests_needed_meta(
+    len: usize,
+    meta: &PacketMeta,
+    frontend: PeerGso,
+) -> Result<usize, PlanError> {
     if len < ETH_HLEN {
         return Err(PlanError::TooShort { len });
     }
@@ -1178,7 +1224,7 @@ pub fn rx_requests_needed(
             limit: MAX_FRAME,
         });
     }
-    let meta = plan_meta(offload, frontend)?;
+    let meta = check_meta(meta, frontend)?;
     Ok(len.div_ceil(PAGE_SIZE) + usize::from(meta.gso.is_some()))
 }
 
@@ -1197,14 +1243,29 @@ pub fn plan_rx(
     out.copies.clear();
     out.responses.clear();
     out.requests = 0;
-    let needed = rx_requests_needed(len, offload, frontend)?;
+    let meta = plan_meta(offload, frontend)?;
+    plan_rx_meta(len, &meta, frontend, requests, out)
+}
+
+/// As [`plan_rx`], for a frame whose offload is in netif's terms.
+pub fn plan_rx_meta(
+    len: usize,
+    meta: &PacketMeta,
+    frontend: PeerGso,
+    requests: &[RxRequest],
+    out: &mut RxPlan,
+) -> Result<(), PlanError> {
+    out.copies.clear();
+    out.responses.clear();
+    out.requests = 0;
+    let needed = rx_requests_needed_meta(len, meta, frontend)?;
     if requests.len() < needed {
         return Err(PlanError::NotEnough {
             needed,
             have: requests.len(),
         });
     }
-    let meta = plan_meta(offload, frontend)?;
+    let meta = check_meta(meta, frontend)?;
     let pages = len.div_ceil(PAGE_SIZE);
     let mut reqs = requests.iter();
     for k in 0..pages {
@@ -1357,6 +1418,138 @@ pub fn assemble_rx(
     }
     Ok(())
 }
+
+/// What a netif connection negotiated over XenStore, as the data path needs it. Both
+/// ends take the same struct: each flag is on only if the peer that must act on it
+/// advertised it (and, where the other side must also agree, both did). Per netif.h:
+///
+/// * `rx_copy`: `feature-rx-copy` (back end) and `request-rx-copy` (front end). The back
+///   end copies into the front end's RX pages; the old page-flipping mode is not
+///   implemented, so both ends refuse to run without it.
+/// * `sg`: `feature-sg`. Without it a packet is one slot, so at most one page, each way.
+/// * `gso_tcpv4`, `gso_tcpv6`: `feature-gso-tcpv4`/`-tcpv6` ("neither frontends nor
+///   backends are assumed to be capable unless the flags are present"): the receiving
+///   side takes TCP super-frames with a GSO extra-info slot.
+/// * `ipv4_csum`: IPv4 TCP/UDP checksum offload, on unless the front end wrote
+///   `feature-no-csum-offload = 1` ("If it is missing then the feature is assumed to be
+///   on"): `csum_blank` frames may be sent.
+/// * `ipv6_csum`: `feature-ipv6-csum-offload` ("If it is missing then the feature is
+///   assumed to be off").
+/// * `rx_notify`: `feature-rx-notify`: the front end notifies when it posts RX buffers.
+///   Without it the back end cannot count on being woken when buffers appear (netif.h:
+///   "the backend will assume that it cannot safely queue packets").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    pub rx_copy: bool,
+    pub sg: bool,
+    pub gso_tcpv4: bool,
+    pub gso_tcpv6: bool,
+    pub ipv4_csum: bool,
+    pub ipv6_csum: bool,
+    pub rx_notify: bool,
+}
+
+impl Default for Features {
+    /// What a peer that wrote nothing but the required `request-rx-copy` gets: checksum
+    /// offload for IPv4 (netif.h's default), nothing else.
+    fn default() -> Self {
+        Features {
+            rx_copy: true,
+            sg: false,
+            gso_tcpv4: false,
+            gso_tcpv6: false,
+            ipv4_csum: true,
+            ipv6_csum: false,
+            rx_notify: false,
+        }
+    }
+}
+
+impl Features {
+    /// Everything this implementation does (what a current Linux netfront and netback
+    /// negotiate).
+    pub const ALL: Features = Features {
+        rx_copy: true,
+        sg: true,
+        gso_tcpv4: true,
+        gso_tcpv6: true,
+        ipv4_csum: true,
+        ipv6_csum: true,
+        rx_notify: true,
+    };
+
+    /// The GSO types the receiving side takes.
+    pub fn peer_gso(&self) -> PeerGso {
+        PeerGso {
+            tcpv4: self.gso_tcpv4,
+            tcpv6: self.gso_tcpv6,
+        }
+    }
+
+    /// Whether `frame` with `meta` may be sent over a connection with these features:
+    /// its size fits one page without `sg`, its GSO type was negotiated, and a blank
+    /// checksum goes only where checksum offload for its IP version was. A refused frame
+    /// must be finished (segmented, checksummed) by the caller first.
+    pub fn check(&self, frame: &[u8], meta: &PacketMeta) -> Result<(), PlanError> {
+        if !self.sg && frame.len() > PAGE_SIZE {
+            return Err(PlanError::NoScatterGather { len: frame.len() });
+        }
+        if let Some(g) = meta.gso {
+            if !self.sg {
+                return Err(PlanError::NoScatterGather { len: frame.len() });
+            }
+            if !self.peer_gso().accepts(g.ty) {
+                return Err(PlanError::GsoNotAccepted { ty: g.ty });
+            }
+        }
+        if meta.csum_blank {
+            let ethertype = match frame {
+                [_, _, _, _, _, _, _, _, _, _, _, _, a, b, ..] => u16::from_be_bytes([*a, *b]),
+                _ => 0,
+            };
+            let ok = match ethertype {
+                0x0800 => self.ipv4_csum,
+                0x86dd => self.ipv6_csum,
+                _ => false,
+            };
+            if !ok {
+                return Err(PlanError::CsumNotAccepted { ethertype });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a netif peer was disconnected: what it did that no correct peer does (a producer
+/// index past the ring, a fragment past its page, too many slots, an id reused while in
+/// flight, a grant that does not map), or the transport failing under us. Once returned,
+/// the device returns it from every call; the caller tears the connection down (XenStore
+/// state `Closing`), as Linux netback does on `xenvif_fatal_tx_err`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disconnect {
+    reason: String,
+}
+
+impl Disconnect {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Disconnect {
+            reason: reason.into(),
+        }
+    }
+
+    /// What the peer did, in words.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netif peer disconnected: {}", self.reason)
+    }
+}
+
+impl std::error::Error for Disconnect {}
 
 #[cfg(test)]
 mod tests {
