@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+pub use crate::service::Vifs;
 use crate::service::{self, Role, RunOptions, Source};
 pub use vif_backend::xen::qubesdb::XenAccess;
 
@@ -42,9 +43,10 @@ pub fn run(
     qubesdb: Option<QubesDbAt>,
     uplink: String,
     control: PathBuf,
+    vifs: Vifs,
 ) -> ExitCode {
     init_logging();
-    serve(role, config, qubesdb, uplink, control, None)
+    serve(role, config, qubesdb, uplink, control, vifs, None)
 }
 
 /// Logs on stderr, filtered by `RUST_LOG` (default info).
@@ -65,6 +67,7 @@ pub fn serve(
     qubesdb: Option<QubesDbAt>,
     uplink: String,
     control: PathBuf,
+    vifs: Vifs,
     terminator: Option<Box<dyn service::Terminator>>,
 ) -> ExitCode {
     let name = role.name();
@@ -72,6 +75,7 @@ pub fn serve(
         (Some(c), _) => Source::Yaml(c),
         (None, Some(QubesDbAt::Socket(socket))) => Source::QubesDb { socket, uplink },
         (None, Some(QubesDbAt::Vchan { access, socket })) => Source::QubesDbVchan {
+            userspace_vifs: matches!(vifs, Vifs::Xen(_)),
             access,
             socket,
             uplink,
@@ -86,6 +90,7 @@ pub fn serve(
             source,
             control,
             role,
+            vifs,
         },
         terminator,
     ) {

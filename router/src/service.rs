@@ -1,6 +1,7 @@
 //! `sys-firewall run`: the engine on real interfaces.
 //!
-//! One thread, one `poll(2)` loop over the devices (AF_PACKET sockets from vif-backend), the
+//! One thread, one `poll(2)` loop over the devices (AF_PACKET sockets from vif-backend, or
+//! with `--vifs xen` its netback and netfront devices over Xen rings), the
 //! netlink link monitor, the control socket and the QubesDB connection, each found by its
 //! token. Frames go through the engine; what the engine delivers locally goes to the host
 //! stack, where the firewall's own DNS lookups for `dsthost` rules live.
@@ -24,6 +25,7 @@ use qubes_service_runtime::source::{ConfigSource, Desired};
 use qubes_service_runtime::ServiceError;
 use vif_backend::afpacket::PacketSocket;
 use vif_backend::link::{LinkEvent, LinkMonitor};
+use vif_backend::xen::qubesdb::XenAccess;
 use vif_backend::{offload, sys, Device, RxBurst, TxFrame};
 
 /// Which router qube runs: where its uplink's address comes from.
@@ -81,6 +83,18 @@ impl Role {
     }
 }
 
+/// How the service reaches its vifs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Vifs {
+    /// Kernel interfaces by name, over AF_PACKET (netback's vifN.M in a Linux qube, veth
+    /// ends in the lab).
+    #[default]
+    Kernel,
+    /// The Xen rings themselves: each client vif a netback of ours, the uplink a netfront
+    /// (`device/vif/0`), over these hypervisor interfaces; no kernel network driver.
+    Xen(XenAccess),
+}
+
 /// `sys-firewall run` / `sys-net run` options.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -88,6 +102,56 @@ pub struct RunOptions {
     /// The control socket (`status`, `reload`).
     pub control: PathBuf,
     pub role: Role,
+    pub vifs: Vifs,
+}
+
+/// The XenStore directory of the uplink's netfront: a service qube's one network device.
+pub const XEN_UPLINK_DEVICE: &str = "device/vif/0";
+
+/// An attached device: a kernel interface's socket, or a Xen ring end.
+#[derive(Debug)]
+enum Attached {
+    Kernel(PacketSocket),
+    Xen(Box<dyn Device>),
+}
+
+impl Attached {
+    fn dev(&mut self) -> &mut dyn Device {
+        match self {
+            Attached::Kernel(s) => s,
+            Attached::Xen(d) => d.as_mut(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Attached::Kernel(s) => s.name(),
+            Attached::Xen(d) => d.name(),
+        }
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        match self {
+            Attached::Kernel(s) => s.raw_fd(),
+            Attached::Xen(d) => d.raw_fd(),
+        }
+    }
+
+    fn describe(&self) -> Option<String> {
+        match self {
+            Attached::Kernel(_) => None,
+            Attached::Xen(d) => d.describe(),
+        }
+    }
+
+    /// Still the device of interface `name`: a kernel interface that went and came back
+    /// is a new netdev (another ifindex), to be opened again.
+    fn is_current(&self) -> bool {
+        match self {
+            Attached::Kernel(s) => sys::if_index(s.name()) == Some(s.ifindex()),
+            Attached::Xen(_) => true,
+        }
+    }
 }
 
 /// Frames handled per interface before looking at the others, so one busy vif cannot starve
@@ -117,7 +181,8 @@ struct Service {
     uplink_carrier: Option<bool>,
     engine: Engine,
     /// Devices by engine interface id (stable: a vif keeps its id while it exists).
-    devices: BTreeMap<IfaceId, PacketSocket>,
+    devices: BTreeMap<IfaceId, Attached>,
+    vifs: Vifs,
     links: LinkMonitor,
     control: ControlServer,
     source: ConfigSource,
@@ -164,8 +229,11 @@ fn engine_config(
     link_mtu: &BTreeMap<String, u16>,
     conntrack_default: usize,
     netvm: Option<&NetvmUplink>,
+    vifs: &Vifs,
 ) -> Result<EngineConfig, ServiceError> {
-    let mut cfg = d.engine_config_as(seed, |name| sys::if_index(name).is_some(), netvm)?;
+    // A Xen vif is there once its source names it: the hotplug step saw its directory.
+    let xen = matches!(vifs, Vifs::Xen(_));
+    let mut cfg = d.engine_config_as(seed, |name| xen || sys::if_index(name).is_some(), netvm)?;
     cfg.uplink.mtu = effective_mtu(cfg.uplink.mtu, link_mtu.get(&cfg.uplink.name).copied());
     for c in &mut cfg.clients {
         c.mtu = effective_mtu(c.mtu, link_mtu.get(&c.vif).copied());
@@ -217,9 +285,32 @@ pub fn run_with(
             },
         ));
     }
+    if let Vifs::Xen(access) = &opts.vifs {
+        let refuse = |error: String| {
+            Err(ServiceError::Config(
+                qubes_service_runtime::error::ConfigError::Invalid { file: None, error },
+            ))
+        };
+        if opts.role != Role::Firewall {
+            return refuse(format!(
+                "--vifs xen is sys-firewall's; {} attaches to kernel interfaces",
+                opts.role.name()
+            ));
+        }
+        match &opts.source {
+            Source::QubesDbVchan { access: a, .. } if a == access => {}
+            _ => {
+                return refuse(
+                    "--vifs xen needs --qubesdb-vchan: the client vifs are learnt from \
+                     XenStore by its hotplug step, over the same Xen access"
+                        .into(),
+                )
+            }
+        }
+    }
     let signals = Signals::install()?;
     let (source, desired) = ConfigSource::open(&opts.source)?;
-    if sys::if_index(&desired.uplink).is_none() {
+    if opts.vifs == Vifs::Kernel && sys::if_index(&desired.uplink).is_none() {
         return Err(ServiceError::NoUplink {
             iface: desired.uplink.clone(),
         });
@@ -246,6 +337,7 @@ pub fn run_with(
         &BTreeMap::new(),
         conntrack_default,
         netvm.as_ref(),
+        &opts.vifs,
     )?;
     let local = LocalServices::new(Instant::ZERO, &cfg, dns_servers(&desired.tree));
     if let Some(t) = terminator.as_mut() {
@@ -274,6 +366,7 @@ pub fn run_with(
         uplink_carrier: None,
         engine,
         devices: BTreeMap::new(),
+        vifs: opts.vifs.clone(),
         links,
         control,
         source,
@@ -339,18 +432,33 @@ impl Service {
             ifaces
                 .iter()
                 .any(|(i, n)| i == id && n.as_str() == dev.name())
-                && sys::if_index(dev.name()) == Some(dev.ifindex())
+                && dev.is_current()
         });
         for (id, name) in &ifaces {
             if self.devices.contains_key(id) || (*id == UPLINK && self.role == Role::Whonix) {
                 continue;
             }
-            match PacketSocket::open(name) {
-                Ok(s) => {
+            let opened = match &self.vifs {
+                Vifs::Kernel => PacketSocket::open(name).map(|s| {
                     for knob in sys::quiet_kernel(name) {
                         tracing::warn!(iface = name.as_str(), knob, "could not set");
                     }
-                    let mtu = s.mtu();
+                    Attached::Kernel(s)
+                }),
+                Vifs::Xen(access) if *id == UPLINK => vif_backend::xen::device::open_netfront(
+                    access,
+                    XEN_UPLINK_DEVICE,
+                    name,
+                    vif_backend::xen::device::FRONTEND_KEYS_WAIT,
+                )
+                .map(Attached::Xen),
+                Vifs::Xen(access) => {
+                    vif_backend::xen::device::open_netback(access, name).map(Attached::Xen)
+                }
+            };
+            match opened {
+                Ok(mut s) => {
+                    let mtu = s.dev().mtu();
                     tracing::info!(iface = name.as_str(), mtu, "attached");
                     match mtu {
                         Some(m) => self.link_mtu.insert(name.clone(), m),
@@ -433,6 +541,7 @@ impl Service {
             &self.link_mtu,
             self.conntrack_default,
             netvm.as_ref(),
+            &self.vifs,
         )?;
         let now = self.now();
         self.engine
@@ -645,7 +754,7 @@ impl Service {
         let Some(dev) = self.devices.get_mut(&iface) else {
             return;
         };
-        if let Err(e) = dev.recv_burst(burst, BURST) {
+        if let Err(e) = dev.dev().recv_burst(burst, BURST) {
             tracing::warn!(iface = dev.name(), error = %e, "receive failed");
             return;
         }
@@ -704,7 +813,7 @@ impl Service {
 
     fn send(&mut self, to: IfaceId, frame: &[u8], offload: vif_backend::Offload) {
         if let Some(dev) = self.devices.get_mut(&to) {
-            if let Err(e) = dev.send_burst(&[TxFrame { frame, offload }]) {
+            if let Err(e) = dev.dev().send_burst(&[TxFrame { frame, offload }]) {
                 tracing::debug!(iface = dev.name(), error = %e, "send failed");
             }
         }
@@ -972,6 +1081,9 @@ impl Service {
         if let Some(c) = self.engine.counters(UPLINK) {
             s.push_str(&format!("  counters {}\n", counters_line(c)));
         }
+        if let Some(d) = self.devices.get(&UPLINK).and_then(Attached::describe) {
+            s.push_str(&format!("  device {d}\n"));
+        }
         for c in &cfg.clients {
             let Some(id) = self.engine.iface_by_name(&c.vif) else {
                 continue;
@@ -997,6 +1109,9 @@ impl Service {
             ));
             if let Some(cn) = self.engine.counters(id) {
                 s.push_str(&format!("  counters {}\n", counters_line(cn)));
+            }
+            if let Some(d) = self.devices.get(&id).and_then(Attached::describe) {
+                s.push_str(&format!("  device {d}\n"));
             }
         }
         let missing: Vec<&str> = self

@@ -28,6 +28,9 @@ pub enum Source {
         access: XenAccess,
         socket: PathBuf,
         uplink: String,
+        /// The service serves the vifs' Xen rings itself (`--vifs xen`): the hotplug step
+        /// waits for no kernel interface and leaves the backend `state` to its handshake.
+        userspace_vifs: bool,
     },
 }
 
@@ -168,6 +171,7 @@ impl ConfigSource {
                 access,
                 socket,
                 uplink,
+                userspace_vifs,
             } => {
                 if let Some(dir) = socket.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| ServiceError::QubesDb {
@@ -189,7 +193,7 @@ impl ConfigSource {
                 // On Xen the client vifs are in XenStore, not in dom0's QubesDB: the hotplug
                 // step publishes each in our daemon, where the vif list is read from.
                 agent
-                    .start_hotplug(access)
+                    .start_hotplug(access, *userspace_vifs)
                     .map_err(xen_err("the vif hotplug step"))?;
                 let mut q = QubesDbSource::connect(socket, uplink)?.keeping(agent);
                 let d = q.desired()?;

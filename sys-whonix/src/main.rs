@@ -253,6 +253,7 @@ fn run_service(args: RunArgs) -> ExitCode {
         qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
+        qubes_router::cli::Vifs::Kernel,
         Some(Box::new(gateway)),
     );
     // Streams die with the runtime; nothing is left that could carry a client.

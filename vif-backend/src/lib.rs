@@ -157,6 +157,12 @@ pub trait Device: std::fmt::Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// A line for `status` about the device's own state, when it has more than a name (a
+    /// Xen vif's handshake, connects and drops).
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]

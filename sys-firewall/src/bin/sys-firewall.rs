@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use qubes_router::cli::XenAccess;
 use sys_firewall::replay;
 use sys_firewall::service::Role;
@@ -58,7 +58,15 @@ Configuration, one of:
                     there. Starts once dom0's whole tree has arrived (30 s at most).
 
 Signals: SIGHUP re-reads the configuration; SIGTERM or SIGINT stops the service, after which
-the clients have no forwarding at all (fail closed). Logs go to stderr (RUST_LOG=debug for
+the clients have no forwarding at all (fail closed).
+
+With --vifs xen (and --qubesdb-vchan) the service is the Xen back end of its client vifs and
+the front end of its uplink, with no kernel network driver: each client vif the toolstack adds
+under backend/vif/<domid>/<devid> in XenStore is served as a netback (the xenbus handshake,
+rx-copy, scatter-gather, GSO and checksum offload; one queue), the uplink is the netfront of
+device/vif/0. A frontend that breaks the ring protocol is disconnected with the reason in the
+log, in `status` and in its device's `error` key; it may connect again. `status` shows each
+device's state and counters. Logs go to stderr (RUST_LOG=debug for
 more); dropped frames are logged at most once per second per interface.";
 
 #[derive(Debug, Args)]
@@ -83,9 +91,25 @@ struct RunArgs {
     /// Uplink interface name when the configuration comes from QubesDB
     #[arg(long, default_value = "eth0")]
     uplink: String,
+    /// How the vifs are reached: `kernel` interfaces over AF_PACKET, or `xen` rings served
+    /// by the service itself (needs --qubesdb-vchan, whose Xen access it uses)
+    #[arg(
+        long,
+        value_enum,
+        default_value = "kernel",
+        requires_if("xen", "qubesdb_vchan")
+    )]
+    vifs: VifsKind,
     /// Control socket for `status` and `reload`
     #[arg(long, value_name = "SOCKET", default_value = DEFAULT_CONTROL)]
     control: PathBuf,
+}
+
+/// `--vifs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VifsKind {
+    Kernel,
+    Xen,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +176,7 @@ fn main() -> ExitCode {
             qubesdb: None,
             qubesdb_vchan: boot.qubesdb_vchan(),
             uplink: "eth0".into(),
+            vifs: VifsKind::Kernel,
             control: DEFAULT_CONTROL.into(),
         })
     });
@@ -164,12 +189,18 @@ fn main() -> ExitCode {
 }
 
 fn run_service(args: RunArgs) -> ExitCode {
+    let vchan = args.qubesdb_vchan.clone();
     qubes_router::cli::run(
         Role::Firewall,
         args.config,
         qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
+        match (args.vifs, vchan) {
+            (VifsKind::Xen, Some(access)) => qubes_router::cli::Vifs::Xen(access),
+            // clap requires --qubesdb-vchan with --vifs xen.
+            _ => qubes_router::cli::Vifs::Kernel,
+        },
     )
 }
 

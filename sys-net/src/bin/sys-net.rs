@@ -132,6 +132,7 @@ fn run_service(args: RunArgs) -> ExitCode {
         qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
+        qubes_router::cli::Vifs::Kernel,
     )
 }
 

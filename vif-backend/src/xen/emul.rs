@@ -1071,6 +1071,21 @@ impl Domain {
         })
     }
 
+    /// This process's one connection as `domid` to the broker at `path`, made on first use
+    /// and shared after: the broker takes one connection per domain, as a real domain has
+    /// one grant table and one set of event channels whatever the number of its devices.
+    pub fn shared(path: impl AsRef<Path>, domid: DomId) -> io::Result<Self> {
+        static SHARED: Mutex<Vec<(PathBuf, DomId, Domain)>> = Mutex::new(Vec::new());
+        let path = path.as_ref();
+        let mut all = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, d)) = all.iter().find(|(p, id, _)| p == path && *id == domid) {
+            return Ok(d.clone());
+        }
+        let d = Domain::connect(path, domid)?;
+        all.push((path.to_path_buf(), domid, d.clone()));
+        Ok(d)
+    }
+
     pub fn id(&self) -> DomId {
         self.conn.domid
     }

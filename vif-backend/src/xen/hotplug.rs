@@ -149,6 +149,21 @@ impl From<StoreError> for HotplugError {
     }
 }
 
+/// The links of a service that is the vifs' back end itself ([`super::device`]): there is
+/// no kernel interface to wait for or bring up; the vif exists once its directory does.
+#[derive(Debug, Default)]
+pub struct UserspaceLinks;
+
+impl VifLinks for UserspaceLinks {
+    fn set_up(&mut self, _name: &str, _up: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn exists(&self, _name: &str) -> bool {
+        true
+    }
+}
+
 /// A vif whose keys checked out.
 #[derive(Clone, Debug)]
 struct Vif {
@@ -187,6 +202,9 @@ pub struct Hotplug<S: Store> {
     link_timeout: Duration,
     /// A watch event was taken by [`Hotplug::wait`]: rescan on the next poll.
     dirty: bool,
+    /// The backend `state` key is ours (a userspace back end): a Closing or Closed there
+    /// is a frontend's close and reconnect cycle, not the vif going away.
+    state_is_ours: bool,
 }
 
 impl<S: Store> Hotplug<S> {
@@ -203,7 +221,17 @@ impl<S: Store> Hotplug<S> {
             known: BTreeMap::new(),
             link_timeout,
             dirty: false,
+            state_is_ours: false,
         })
+    }
+
+    /// [`Hotplug::new`] for a service that serves the vifs' rings itself (with
+    /// [`UserspaceLinks`]): the vif lives while its directory is there and `online` is 1,
+    /// whatever the `state` our own handshake writes.
+    pub fn for_userspace_backend(store: S) -> Result<Self, HotplugError> {
+        let mut h = Self::new(store)?;
+        h.state_is_ours = true;
+        Ok(h)
     }
 
     /// Readable when XenStore has sent something, for `poll(2)`. While
@@ -323,9 +351,11 @@ impl<S: Store> Hotplug<S> {
     }
 
     fn wanted(&mut self, path: &str) -> Result<Wanted, HotplugError> {
-        let state = self.key(&format!("{path}/state"))?;
-        if matches!(state.as_deref(), Some(XENBUS_CLOSING | XENBUS_CLOSED)) {
-            return Ok(Wanted::Offline);
+        if !self.state_is_ours {
+            let state = self.key(&format!("{path}/state"))?;
+            if matches!(state.as_deref(), Some(XENBUS_CLOSING | XENBUS_CLOSED)) {
+                return Ok(Wanted::Offline);
+            }
         }
         Ok(match self.key(&format!("{path}/online"))?.as_deref() {
             Some("1") => Wanted::Online,

@@ -40,6 +40,7 @@
 //! | [`emul`] | an emulated hypervisor: a broker process or thread keeping the grant and event tables, domains in separate processes sharing memfd pages and signalling with eventfds |
 //! | [`linux`] | the Linux Xen devices `/dev/xen/gntalloc`, `/dev/xen/gntdev` and `/dev/xen/evtchn` (ioctls of the Linux uapi headers `xen/gntalloc.h`, `xen/gntdev.h`, `xen/evtchn.h`) |
 
+pub mod device;
 pub mod emul;
 pub mod hotplug;
 pub mod linux;

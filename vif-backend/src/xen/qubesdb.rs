@@ -28,7 +28,7 @@ use ::qubesdb::link::LinkError;
 use ::qubesdb::{LinkPort, LocalWriter, Server, ServerHandle, Tree};
 
 use super::emul::Domain;
-use super::hotplug::{Hotplug, HotplugError, KernelLinks, VifEvent};
+use super::hotplug::{Hotplug, HotplugError, KernelLinks, UserspaceLinks, VifEvent};
 use super::linux::{Evtchn, Gntdev};
 use super::vchan::{self, PeerState, Vchan, VchanError};
 use super::xenstore::client as xs_client;
@@ -277,7 +277,15 @@ impl Agent {
     /// vif list from; in a Linux qube, vif-route-qubes learns the same from XenStore). Those
     /// keys stay in the qube: dom0 does not hold them. A removed vif is brought down and its
     /// keys removed.
-    pub fn start_hotplug(&mut self, access: &XenAccess) -> Result<(), LinkDriverError> {
+    ///
+    /// With `userspace_backend` the service serves the vifs' rings itself
+    /// ([`super::device::NetbackDevice`]): no kernel interface is waited for, and the
+    /// backend `state` key, which its own handshake writes, does not take the vif away.
+    pub fn start_hotplug(
+        &mut self,
+        access: &XenAccess,
+        userspace_backend: bool,
+    ) -> Result<(), LinkDriverError> {
         let writer = self.daemon.local_writer();
         let stop = Arc::clone(&self.stop);
         let spawned = match access {
@@ -285,7 +293,7 @@ impl Agent {
                 let store = xs_client::Client::open_xenbus().map_err(|e| {
                     LinkDriverError::Xen(format!("cannot open {}: {e}", xs_client::XENBUS_DEVICE))
                 })?;
-                spawn_hotplug(store, writer, stop)
+                spawn_hotplug(store, writer, stop, userspace_backend)
             }
             XenAccess::Emulated { xenstore, .. } => {
                 let store = xs_client::Client::connect(xenstore).map_err(|e| {
@@ -294,7 +302,7 @@ impl Agent {
                         xenstore.display()
                     ))
                 })?;
-                spawn_hotplug(store, writer, stop)
+                spawn_hotplug(store, writer, stop, userspace_backend)
             }
         };
         self.hotplug = Some(spawned?);
@@ -335,16 +343,26 @@ fn spawn_hotplug<S: Store + Send + 'static>(
     store: S,
     writer: LocalWriter,
     stop: Arc<AtomicBool>,
+    userspace_backend: bool,
 ) -> Result<JoinHandle<Result<(), LinkDriverError>>, LinkDriverError> {
-    let mut hotplug =
-        Hotplug::new(store).map_err(|e| LinkDriverError::Xen(format!("vif hotplug: {e}")))?;
+    let hotplug = if userspace_backend {
+        Hotplug::for_userspace_backend(store)
+    } else {
+        Hotplug::new(store)
+    };
+    let mut hotplug = hotplug.map_err(|e| LinkDriverError::Xen(format!("vif hotplug: {e}")))?;
     std::thread::Builder::new()
         .name("vif-hotplug".to_string())
         .spawn(move || {
             let xen = |e: HotplugError| LinkDriverError::Xen(format!("vif hotplug: {e}"));
-            let mut links = KernelLinks;
+            let (mut kernel, mut userspace) = (KernelLinks, UserspaceLinks);
             while !stop.load(Ordering::Relaxed) {
-                for event in hotplug.poll(&mut links).map_err(xen)? {
+                let events = if userspace_backend {
+                    hotplug.poll(&mut userspace)
+                } else {
+                    hotplug.poll(&mut kernel)
+                };
+                for event in events.map_err(xen)? {
                     publish_vif(&writer, &event);
                 }
                 hotplug.wait(POLL_SLICE).map_err(xen)?;
@@ -511,7 +529,7 @@ pub fn connect_to_dom0(
                 "cannot reach the XenStore server at {}",
                 xenstore.display()
             )))?;
-            let domain = Domain::connect(hypervisor, *domid).map_err(xen_err(format!(
+            let domain = Domain::shared(hypervisor, *domid).map_err(xen_err(format!(
                 "cannot reach the emulated hypervisor at {}",
                 hypervisor.display()
             )))?;

@@ -512,6 +512,7 @@ impl FrontendHandshake {
             state: XenbusState::Initialising,
             token: format!("netfront:{dir}"),
         };
+        hs.reset_stale_backend(store, start, wait)?;
         store.write(
             Tx::NONE,
             &format!("{dir}/state"),
@@ -519,6 +520,43 @@ impl FrontendHandshake {
         )?;
         store.watch(&format!("{}/state", hs.backend), &hs.token)?;
         Ok(hs)
+    }
+
+    /// A backend still connected (or closing) from a previous instance of this frontend (a
+    /// crashed or restarted process, a kexec'd kernel) holds the old rings: walk it through
+    /// Closing and Closed first, waiting for each, as Linux's `xenbus_reset_state` does
+    /// (drivers/xen/xenbus/xenbus_probe_frontend.c), so it offers the device afresh.
+    fn reset_stale_backend(
+        &self,
+        store: &mut impl Store,
+        start: std::time::Instant,
+        wait: Duration,
+    ) -> Result<(), HandshakeError> {
+        use XenbusState::*;
+        let be_state = format!("{}/state", self.backend);
+        if !matches!(read_state(store, &be_state)?, Connected | Closing) {
+            return Ok(());
+        }
+        for (ours, theirs) in [(Closing, [Closing, Closed]), (Closed, [Closed, Closed])] {
+            store.write(
+                Tx::NONE,
+                &format!("{}/state", self.dir),
+                ours.as_str().as_bytes(),
+            )?;
+            loop {
+                let now = read_state(store, &be_state)?;
+                if theirs.contains(&now) || now == Unknown {
+                    break;
+                }
+                if start.elapsed() >= wait {
+                    return Err(HandshakeError::Refused(format!(
+                        "{be_state} stayed {now} while resetting a stale connection"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
     }
 
     pub fn token(&self) -> &str {
@@ -537,17 +575,7 @@ impl FrontendHandshake {
             InitWait if self.state == Initialising => Ok(FrontendAction::SetUp {
                 backend: self.backend_id,
             }),
-            Connected if self.state == Connected => {
-                let b = &self.backend;
-                Ok(FrontendAction::Ready(BackendOffer {
-                    domid: self.backend_id,
-                    sg: flag(store, &format!("{b}/feature-sg"))?.unwrap_or(false),
-                    gso_tcpv4: flag(store, &format!("{b}/feature-gso-tcpv4"))?.unwrap_or(false),
-                    gso_tcpv6: flag(store, &format!("{b}/feature-gso-tcpv6"))?.unwrap_or(false),
-                    ipv6_csum_offload: flag(store, &format!("{b}/feature-ipv6-csum-offload"))?
-                        .unwrap_or(false),
-                }))
-            }
+            Connected if self.state == Connected => Ok(FrontendAction::Ready(self.offer(store)?)),
             Closing | Closed | Unknown if self.state != Closed => {
                 let was = self.state;
                 self.close(store)?;
@@ -559,6 +587,21 @@ impl FrontendHandshake {
             }
             _ => Ok(FrontendAction::Wait),
         }
+    }
+
+    /// What the backend advertises now. It wrote its features before InitWait (netback's
+    /// probe does it in one transaction with the state), so at [`FrontendAction::SetUp`]
+    /// they are already there: a frontend sizes what it sends from them.
+    pub fn offer(&self, store: &mut impl Store) -> Result<BackendOffer, HandshakeError> {
+        let b = &self.backend;
+        Ok(BackendOffer {
+            domid: self.backend_id,
+            sg: flag(store, &format!("{b}/feature-sg"))?.unwrap_or(false),
+            gso_tcpv4: flag(store, &format!("{b}/feature-gso-tcpv4"))?.unwrap_or(false),
+            gso_tcpv6: flag(store, &format!("{b}/feature-gso-tcpv6"))?.unwrap_or(false),
+            ipv6_csum_offload: flag(store, &format!("{b}/feature-ipv6-csum-offload"))?
+                .unwrap_or(false),
+        })
     }
 
     /// Writes the rings, the port and what we take in one transaction, then Connected.
