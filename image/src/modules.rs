@@ -21,6 +21,10 @@ pub const SERVICE_MODULES: &[&str] = &[
     "xen-netfront",
     "xen-netback",
     "xen-blkfront",
+    // /dev/xen/evtchn, gntdev and gntalloc: QubesDB over vchan, and `qubes.vifs=xen`'s rings
+    "xen-evtchn",
+    "xen-gntdev",
+    "xen-gntalloc",
     "button",
     "evdev",
     "virtio_console",

@@ -17,6 +17,9 @@
 //!      socket over a virtio-serial port;
 //!    - `qubes.qubesdb=vchan`: no configuration file; the service reads dom0's QubesDB over
 //!      vchan, as a Qubes qube booted from the image has it ([`BootConfig::QubesDbVchan`]);
+//!    - `qubes.vifs=xen` (with `qubes.qubesdb=vchan`): the service serves its Xen vifs' rings
+//!      itself (sys-firewall's `run --vifs xen`); the kernel's netfront and netback modules
+//!      are then not loaded, so they do not take the devices first;
 //! 3. load the image's kernel modules by `finit_module(2)`, in the order the image lists them
 //!    (`/lib/modules/load-order`, dependencies first); a module for hardware that is not
 //!    there (the Xen front and back ends under QEMU) refuses with `ENODEV`, which is noted;
@@ -63,6 +66,8 @@ pub struct BootArgs {
     pub lab: bool,
     /// `qubes.qubesdb=vchan`: the configuration is dom0's QubesDB, over vchan.
     pub qubesdb_vchan: bool,
+    /// `qubes.vifs=xen`: the service is its vifs' Xen back and front end.
+    pub xen_vifs: bool,
 }
 
 /// Where the booted service takes its configuration from.
@@ -71,8 +76,9 @@ pub enum BootConfig {
     /// The YAML file PID 1 wrote (from the image, a disk, or the lab's port, with the
     /// command line's `qubesdb.` keys over it).
     File(PathBuf),
-    /// dom0's QubesDB over vchan (`qubes.qubesdb=vchan`), through the Linux Xen devices.
-    QubesDbVchan,
+    /// dom0's QubesDB over vchan (`qubes.qubesdb=vchan`), through the Linux Xen devices;
+    /// with `xen_vifs` (`qubes.vifs=xen`) the vifs' rings are the service's too.
+    QubesDbVchan { xen_vifs: bool },
 }
 
 impl BootConfig {
@@ -80,15 +86,20 @@ impl BootConfig {
     pub fn file(&self) -> Option<PathBuf> {
         match self {
             BootConfig::File(p) => Some(p.clone()),
-            BootConfig::QubesDbVchan => None,
+            BootConfig::QubesDbVchan { .. } => None,
         }
+    }
+
+    /// Whether the service serves its vifs' Xen rings itself (`run --vifs xen`).
+    pub fn xen_vifs(&self) -> bool {
+        matches!(self, BootConfig::QubesDbVchan { xen_vifs: true })
     }
 
     /// The hypervisor access for `run --qubesdb-vchan`.
     pub fn qubesdb_vchan(&self) -> Option<vif_backend::xen::qubesdb::XenAccess> {
         match self {
             BootConfig::File(_) => None,
-            BootConfig::QubesDbVchan => Some(vif_backend::xen::qubesdb::XenAccess::Linux),
+            BootConfig::QubesDbVchan { .. } => Some(vif_backend::xen::qubesdb::XenAccess::Linux),
         }
     }
 }
@@ -142,6 +153,16 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootArgs, BootError> {
                 }
                 args.qubesdb_vchan = true;
             }
+            "qubes.vifs" => match value {
+                "xen" => args.xen_vifs = true,
+                "kernel" => args.xen_vifs = false,
+                _ => {
+                    return Err(BootError(format!(
+                        "qubes.vifs={value}: `xen` (the service serves the Xen rings) or \
+                         `kernel` (the kernel's netfront and netback, the default)"
+                    )))
+                }
+            },
             "ifname" => {
                 let Some((name, mac)) = value.split_once(':') else {
                     return Err(BootError(format!(
@@ -360,7 +381,21 @@ pub fn boot(service: &str, duties: Duties) -> Result<BootConfig, BootError> {
     ));
 
     let t_modules = Instant::now();
-    let (loaded, absent) = load_modules(Path::new(MODULES_DIR), on_xen())?;
+    if args.xen_vifs && !args.qubesdb_vchan {
+        return Err(BootError(
+            "qubes.vifs=xen learns the vifs from XenStore with dom0's QubesDB: add \
+             qubes.qubesdb=vchan"
+                .to_string(),
+        ));
+    }
+    // With qubes.vifs=xen the service is the vifs' front and back end: the kernel's drivers
+    // would bind the devices first.
+    let skip: &[&str] = if args.xen_vifs {
+        &["xen-netfront", "xen-netback"]
+    } else {
+        &[]
+    };
+    let (loaded, absent) = load_modules(Path::new(MODULES_DIR), on_xen(), skip)?;
     console(&format!(
         "{service}: {} modules loaded in {} ms{}",
         loaded.len(),
@@ -404,7 +439,9 @@ pub fn boot(service: &str, duties: Duties) -> Result<BootConfig, BootError> {
             "{service}: configuration from dom0's QubesDB over vchan, boot took {} ms",
             t0.elapsed().as_millis()
         ));
-        return Ok(BootConfig::QubesDbVchan);
+        return Ok(BootConfig::QubesDbVchan {
+            xen_vifs: args.xen_vifs,
+        });
     }
     let mut lab_port = None;
     let (source, text) = if args.lab {
@@ -516,7 +553,11 @@ fn on_xen() -> bool {
 /// Loads the modules `dir/load-order` lists; off Xen, the Xen drivers (`xen_*`) are not even
 /// tried (they would refuse with ENODEV, after the kernel had relocated them). Returns
 /// (loaded, skipped or refused with ENODEV).
-fn load_modules(dir: &Path, xen: bool) -> Result<(Vec<String>, Vec<String>), BootError> {
+fn load_modules(
+    dir: &Path,
+    xen: bool,
+    skip: &[&str],
+) -> Result<(Vec<String>, Vec<String>), BootError> {
     let list = dir.join("load-order");
     let text = match fs::read_to_string(&list) {
         Ok(t) => t,
@@ -527,6 +568,10 @@ fn load_modules(dir: &Path, xen: bool) -> Result<(Vec<String>, Vec<String>), Boo
     for file in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = dir.join(file);
         let name = file.trim_end_matches(".ko").to_string();
+        let base = name.rsplit('/').next().unwrap_or(&name).replace('_', "-");
+        if skip.contains(&base.as_str()) {
+            continue;
+        }
         if !xen && name.starts_with("xen_") {
             absent.push(name);
             continue;
@@ -989,7 +1034,9 @@ mod tests {
         assert_eq!(a.log.as_deref(), Some("debug"));
         assert!(!a.qubesdb_vchan);
         let q = parse_cmdline("root=/dev/xvda qubes.qubesdb=vchan").expect("test data");
-        assert!(q.qubesdb_vchan && q.config.is_none());
+        assert!(q.qubesdb_vchan && q.config.is_none() && !q.xen_vifs);
+        let x = parse_cmdline("qubes.qubesdb=vchan qubes.vifs=xen").expect("test data");
+        assert!(x.qubesdb_vchan && x.xen_vifs);
     }
 
     #[test]

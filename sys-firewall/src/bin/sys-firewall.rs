@@ -176,7 +176,11 @@ fn main() -> ExitCode {
             qubesdb: None,
             qubesdb_vchan: boot.qubesdb_vchan(),
             uplink: "eth0".into(),
-            vifs: VifsKind::Kernel,
+            vifs: if boot.xen_vifs() {
+                VifsKind::Xen
+            } else {
+                VifsKind::Kernel
+            },
             control: DEFAULT_CONTROL.into(),
         })
     });
