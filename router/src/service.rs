@@ -201,6 +201,8 @@ struct Service {
     link_mtu: BTreeMap<String, u16>,
     /// sys-whonix: where client traffic ends.
     terminator: Option<Box<dyn Terminator>>,
+    /// With `--qubesdb-vchan`: the link to dom0's QubesDB, as last looked at.
+    dom0_link: Option<Result<(), String>>,
 }
 
 fn random_seed() -> u64 {
@@ -380,8 +382,10 @@ pub fn run_with(
         last_file_check: Clock::now(),
         link_mtu: BTreeMap::new(),
         terminator,
+        dom0_link: None,
     };
     svc.sync_devices()?;
+    svc.check_dom0_link();
     svc.control.publish()?;
     svc.flush();
     svc.report_handled();
@@ -648,11 +652,29 @@ impl Service {
                 self.engine.tick(now, &mut self.out);
                 self.flush();
                 self.check_file();
+                self.check_dom0_link();
                 self.dhcp_poll();
             }
             self.dhcp_receive();
         }
         Ok(())
+    }
+
+    /// Notices the link to dom0's QubesDB ending. The rules in force stay in force (they
+    /// only ever close what they allow, and nothing is opened without dom0): what is lost
+    /// is dom0's changes, so it is said loudly, once, and in `status`.
+    fn check_dom0_link(&mut self) {
+        let Some(now) = self.source.qubesdb().and_then(|q| q.dom0_link()) else {
+            return;
+        };
+        if let (Some(Ok(())) | None, Err(why)) = (&self.dom0_link, &now) {
+            tracing::error!(
+                reason = why.as_str(),
+                "the link to dom0's QubesDB ended: the rules in force stay, but no change \
+                 from dom0 (rules, clients) arrives until the service is restarted"
+            );
+        }
+        self.dom0_link = Some(now);
     }
 
     /// Hands the DHCP client what came for it.
@@ -1012,6 +1034,13 @@ impl Service {
         let mut s = String::new();
         let (mac, known) = self.engine.netvm_mac();
         s.push_str(&format!("config-generation {}\n", self.generation));
+        match &self.dom0_link {
+            Some(Ok(())) => s.push_str("qubesdb dom0 link up (vchan)\n"),
+            Some(Err(why)) => s.push_str(&format!(
+                "qubesdb dom0 link LOST: {why}; no changes from dom0 until restarted\n"
+            )),
+            None => {}
+        }
         s.push_str(&format!(
             "uplink {} address {} mac {} mtu {} netvm {} mac {}{}\n",
             cfg.uplink.name,

@@ -94,9 +94,14 @@ impl QubesDbSource {
         self
     }
 
-    /// Whether the link to dom0 still runs (always true for a daemon that is not ours).
-    pub fn dom0_linked(&self) -> bool {
-        self.agent.as_ref().is_none_or(|a| a.is_linked())
+    /// The link to dom0's QubesDB when we carry it (`--qubesdb-vchan`): `Some(Ok(()))` while
+    /// it runs, `Some(Err(why))` once it ended; `None` for a daemon that is not ours.
+    pub fn dom0_link(&mut self) -> Option<Result<(), String>> {
+        let a = self.agent.as_mut()?;
+        Some(match a.link_ended() {
+            None => Ok(()),
+            Some(why) => Err(why.to_string()),
+        })
     }
 
     fn read_tree(&mut self) -> Result<BTreeMap<String, String>, ServiceError> {

@@ -482,7 +482,7 @@ fn qubesdb_over_vchan_from_an_emulated_dom0() {
         return;
     }
     let mut lab = Lab::new();
-    let dom0 = EmulatedDom0::start(&lab, base_tree());
+    let mut dom0 = EmulatedDom0::start(&lab, base_tree());
     dom0.start_service(&mut lab);
     // dom0's side: the service's first report arrives over the vchan.
     let mut c = Client::connect(dom0.qubesdb.daemon().socket_path()).expect("dom0 client");
@@ -509,6 +509,17 @@ fn qubesdb_over_vchan_from_an_emulated_dom0() {
         local.read("/qubes-ip").expect("read").as_deref(),
         Some(&b"10.137.0.6"[..])
     );
+    let s = lab.status();
+    assert!(s.contains("qubesdb dom0 link up (vchan)"), "{s}");
+    // dom0's side goes (its daemon stopped): said in status, and the rules stay in force.
+    dom0.qubesdb.stop().expect("stop dom0's side");
+    let s = lab.wait_status("the lost link", |s| s.contains("qubesdb dom0 link LOST"));
+    assert!(
+        s.contains("client vif3.0 address 10.137.0.10 rules 3"),
+        "{s}"
+    );
+    let log = std::fs::read_to_string(lab.path("service.log")).unwrap_or_default();
+    assert!(log.contains("the link to dom0's QubesDB ended"), "{log}");
 }
 
 /// Tracker issue 12, the vif hotplug step: with its QubesDB over vchan, the service learns

@@ -225,6 +225,8 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<(), LinkDriverError>>>,
     hotplug: Option<JoinHandle<Result<(), LinkDriverError>>>,
+    /// Why the link ended, once [`Agent::link_ended`] saw it end.
+    ended: Option<String>,
 }
 
 impl Agent {
@@ -267,6 +269,7 @@ impl Agent {
             stop,
             thread,
             hotplug: None,
+            ended: None,
         }
     }
 
@@ -317,6 +320,19 @@ impl Agent {
     /// Whether the link still runs.
     pub fn is_linked(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Why the link ended, once it has (`None` while it runs): dom0 closed the vchan, or
+    /// its peer broke the protocol. The local daemon keeps serving what it holds.
+    pub fn link_ended(&mut self) -> Option<&str> {
+        if self.ended.is_none() && self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            self.ended = Some(match self.thread.take().map(JoinHandle::join) {
+                Some(Ok(Ok(()))) | None => "stopped".to_string(),
+                Some(Ok(Err(e))) => e.to_string(),
+                Some(Err(_)) => "the link's thread panicked".to_string(),
+            });
+        }
+        self.ended.as_deref()
     }
 
     /// Stops the link (closing the vchan) and the hotplug thread, and returns why the link
