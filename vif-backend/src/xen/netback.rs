@@ -236,9 +236,21 @@ impl<I: GrantImport, E: EventChannels> Netback<I, E> {
         }
     }
 
+    /// Keeps the first fatal error, and logs it then: once per front end, since every
+    /// later call answers from `dead` in [`Netback::alive`] before it gets here. Nothing
+    /// else reports a disconnect (the caller only sees the `Err`), and the reason is what
+    /// the operator needs to tell a broken or hostile guest from a bug of ours.
     fn record<T>(&mut self, r: Result<T, Disconnect>) -> Result<T, Disconnect> {
         if let Err(e) = &r {
-            self.dead.get_or_insert_with(|| e.clone());
+            if self.dead.is_none() {
+                eprintln!(
+                    "netback: domain {} ({}): disconnected: {}",
+                    self.frontend,
+                    self.port,
+                    e.reason()
+                );
+                self.dead = Some(e.clone());
+            }
         }
         r
     }
