@@ -61,7 +61,7 @@ const RX_PAGES: usize = 8;
 const POISON: u8 = 0xee;
 
 const SEEDS: u64 = 200;
-const STEPS: usize = 120;
+const STEPS: usize = 100;
 
 /// The ring header's words (`struct netif_tx_sring`, `DEFINE_RING_TYPES` in ring.h).
 const REQ_PROD: usize = 0;
@@ -446,9 +446,12 @@ fn valid_plan(rng: &mut Rng, f: &Front, max_frags: usize) -> Plan {
     let mut frags = Vec::with_capacity(n);
     for k in 0..n {
         let lo = if k == 0 { 14 } else { 1 };
-        let len = match rng.below(4) {
+        // Mostly small (every byte is copied out of shared memory word by word, which
+        // a debug build pays for), a fragment of a whole page often enough.
+        let len = match rng.below(8) {
             0 => cap,
-            1 => rng.range(lo, lo + 100),
+            1..=3 => rng.range(lo, lo + 100),
+            4 | 5 => rng.range(lo, cap.min(1514)),
             _ => rng.range(lo, cap),
         };
         let off = if rng.chance(1, 4) {
@@ -912,7 +915,7 @@ impl<'t> Fuzz<'t> {
         }
         // Sometimes fill the ring exactly: a req_prod a whole ring ahead is legal.
         let mut used: usize = pkts.iter().map(|p| p.slots.len()).sum();
-        if fault.is_none() && self.rng.chance(1, 10) {
+        if fault.is_none() && self.rng.chance(1, 40) {
             while used < TX_RING_SIZE as usize {
                 let plan = valid_plan(&mut self.rng, &self.f, 1);
                 let p = plan.build(&self.f, &mut ids);
@@ -1119,7 +1122,11 @@ impl<'t> Fuzz<'t> {
                 *self.counts.faults.entry(fl).or_default() += 1;
             }
         }
-        let len = self.rng.range(14, 4 * PAGE_SIZE);
+        let len = if self.rng.chance(1, 3) {
+            self.rng.range(14, 4 * PAGE_SIZE)
+        } else {
+            self.rng.range(14, 1514)
+        };
         let salt = self.rng.next();
         let frame: Vec<u8> = (0..len)
             .map(|i| ((i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ salt).rotate_left(29) as u8)
