@@ -50,6 +50,12 @@ use super::{DomId, EventChannels, GrantImport, GrantRef, Port, SharedPages, PAGE
 /// end that keeps its ring full cannot starve the caller's other work.
 const TX_BUDGET: u32 = 4 * TX_RING_SIZE;
 
+#[cfg(test)]
+thread_local! {
+    /// Disconnects this thread's back ends logged, so a test can see each logged once.
+    pub(crate) static DISCONNECTS_LOGGED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Counters of one queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetbackStats {
@@ -249,6 +255,8 @@ impl<I: GrantImport, E: EventChannels> Netback<I, E> {
                     self.port,
                     e.reason()
                 );
+                #[cfg(test)]
+                DISCONNECTS_LOGGED.with(|n| n.set(n.get() + 1));
                 self.dead = Some(e.clone());
             }
         }

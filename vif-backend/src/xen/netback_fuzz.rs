@@ -34,7 +34,7 @@ use std::panic::{self, AssertUnwindSafe};
 
 use super::emul::{Domain, EmulEvents, EmulGrants, Hypervisor, HypervisorHandle};
 use super::mem::MmapPages;
-use super::netback::Netback;
+use super::netback::{Netback, DISCONNECTS_LOGGED};
 use super::netif::{
     Disconnect, ExtraInfo, Features, GsoExtra, GsoInfo, GsoType, PacketMeta, RxRequest, RxResponse,
     TxRequest, TxResponse, MAX_FRAME, NETIF_RSP_DROPPED, NETIF_RSP_ERROR, NETIF_RSP_NULL,
@@ -740,6 +740,8 @@ struct Fuzz<'t> {
     rx_prod: u32,
     rx_queue: VecDeque<Posted>,
     counts: Counts,
+    /// [`DISCONNECTS_LOGGED`] as of the last disconnect.
+    logged: usize,
     trace: &'t RefCell<VecDeque<String>>,
 }
 
@@ -782,6 +784,7 @@ impl<'t> Fuzz<'t> {
             rx_prod: rx,
             rx_queue: VecDeque::new(),
             counts: Counts::default(),
+            logged: DISCONNECTS_LOGGED.with(|n| n.get()),
             trace,
         }
     }
@@ -1412,6 +1415,8 @@ impl<'t> Fuzz<'t> {
     /// touching either ring, whatever the front end writes and signals meanwhile.
     fn dead(&mut self, d: Disconnect) {
         self.counts.disconnects += 1;
+        let logged = DISCONNECTS_LOGGED.with(|n| n.get());
+        assert_eq!(logged, self.logged + 1, "the disconnect logged, once");
         let kept = self.back().disconnected().cloned();
         assert_eq!(
             kept.as_ref(),
@@ -1437,6 +1442,12 @@ impl<'t> Fuzz<'t> {
             self.f.snapshot() == before,
             "a ring touched after disconnect"
         );
+        assert_eq!(
+            DISCONNECTS_LOGGED.with(|n| n.get()),
+            logged,
+            "logged again after disconnect"
+        );
+        self.logged = logged;
         self.reconnect();
     }
 }
