@@ -46,6 +46,8 @@ pub mod hotplug;
 pub mod linux;
 pub mod mem;
 pub mod netback;
+#[cfg(test)]
+mod netback_fuzz;
 pub mod netfront;
 pub mod netif;
 #[cfg(test)]

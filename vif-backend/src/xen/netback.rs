@@ -50,6 +50,12 @@ use super::{DomId, EventChannels, GrantImport, GrantRef, Port, SharedPages, PAGE
 /// end that keeps its ring full cannot starve the caller's other work.
 const TX_BUDGET: u32 = 4 * TX_RING_SIZE;
 
+#[cfg(test)]
+thread_local! {
+    /// Disconnects this thread's back ends logged, so a test can see each logged once.
+    pub(crate) static DISCONNECTS_LOGGED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Counters of one queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetbackStats {
@@ -236,9 +242,23 @@ impl<I: GrantImport, E: EventChannels> Netback<I, E> {
         }
     }
 
+    /// Keeps the first fatal error, and logs it then: once per front end, since every
+    /// later call answers from `dead` in [`Netback::alive`] before it gets here. Nothing
+    /// else reports a disconnect (the caller only sees the `Err`), and the reason is what
+    /// the operator needs to tell a broken or hostile guest from a bug of ours.
     fn record<T>(&mut self, r: Result<T, Disconnect>) -> Result<T, Disconnect> {
         if let Err(e) = &r {
-            self.dead.get_or_insert_with(|| e.clone());
+            if self.dead.is_none() {
+                eprintln!(
+                    "netback: domain {} ({}): disconnected: {}",
+                    self.frontend,
+                    self.port,
+                    e.reason()
+                );
+                #[cfg(test)]
+                DISCONNECTS_LOGGED.with(|n| n.set(n.get() + 1));
+                self.dead = Some(e.clone());
+            }
         }
         r
     }
