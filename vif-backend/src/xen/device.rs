@@ -406,11 +406,7 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
     /// The frontend broke the protocol: the ring is dropped, the reason logged and written
     /// to `error`, and the device Closing (it may come back through Initialising).
     fn fault(&mut self, d: &Disconnect) {
-        tracing::warn!(
-            iface = self.name.as_str(),
-            reason = d.reason(),
-            "frontend disconnected"
-        );
+        // Netback logged the reason when it found it; the device logs its own teardown.
         self.drop_peer(d.reason());
         if let Err(e) = self.hs.fail(&mut self.store, d.reason()) {
             tracing::warn!(iface = self.name.as_str(), error = %e, "cannot report the disconnect");

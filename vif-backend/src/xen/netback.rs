@@ -249,11 +249,11 @@ impl<I: GrantImport, E: EventChannels> Netback<I, E> {
     fn record<T>(&mut self, r: Result<T, Disconnect>) -> Result<T, Disconnect> {
         if let Err(e) = &r {
             if self.dead.is_none() {
-                eprintln!(
-                    "netback: domain {} ({}): disconnected: {}",
-                    self.frontend,
-                    self.port,
-                    e.reason()
+                tracing::warn!(
+                    frontend = self.frontend,
+                    port = self.port.0,
+                    reason = e.reason(),
+                    "netback: front end disconnected"
                 );
                 #[cfg(test)]
                 DISCONNECTS_LOGGED.with(|n| n.set(n.get() + 1));
