@@ -1000,6 +1000,217 @@ pub fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xen::emul::Hypervisor;
+    use crate::xen::xenbus::XenbusState;
+    use crate::xen::xenstore::server::Server as XenStored;
+    use crate::xen::xenstore::{Access, Perm, Tx};
+    use crate::xen::{DomId, SharedPages};
+
+    const BACK: DomId = 1;
+    const FRONT: DomId = 7;
+    const BE_DIR: &str = "/local/domain/1/backend/vif/7/0";
+
+    /// The toolstack's two directories of vif 7.0, as libxl writes them.
+    fn add_vif(ts: &mut impl Store) {
+        let fe = "/local/domain/7/device/vif/0";
+        ts.transaction(|t, tx| {
+            for (dir, owner, reader, keys) in [
+                (
+                    BE_DIR,
+                    BACK,
+                    FRONT,
+                    vec![
+                        ("frontend", fe.to_string()),
+                        ("frontend-id", "7".into()),
+                        ("mac", "00:16:3e:5e:6c:07".into()),
+                        ("online", "1".into()),
+                        ("state", "1".into()),
+                    ],
+                ),
+                (
+                    fe,
+                    FRONT,
+                    BACK,
+                    vec![
+                        ("backend", BE_DIR.to_string()),
+                        ("backend-id", "1".into()),
+                        ("mac", "00:16:3e:5e:6c:07".into()),
+                        ("state", "1".into()),
+                    ],
+                ),
+            ] {
+                let perms = [
+                    Perm::new(Access::None, owner),
+                    Perm::new(Access::Read, reader),
+                ];
+                let mut p = String::new();
+                for part in dir.trim_start_matches('/').split('/') {
+                    p = format!("{p}/{part}");
+                    if p.matches('/').count() >= 3 {
+                        t.mkdir(tx, &p)?;
+                        t.set_perms(tx, &p, &perms)?;
+                    }
+                }
+                for (k, v) in keys {
+                    t.write(tx, &format!("{dir}/{k}"), v.as_bytes())?;
+                    t.set_perms(tx, &format!("{dir}/{k}"), &perms)?;
+                }
+            }
+            Ok(())
+        })
+        .expect("the toolstack's transaction");
+    }
+
+    /// Runs the device once and returns what the frontend's handshake says, if its watch
+    /// fired.
+    fn turn(
+        dev: &mut dyn Device,
+        fs: &mut impl Store,
+        hs: &mut FrontendHandshake,
+        got: &mut Vec<Vec<u8>>,
+    ) -> Option<FrontendAction> {
+        let mut burst = RxBurst::new();
+        dev.recv_burst(&mut burst, 64).expect("recv");
+        got.extend(
+            (0..burst.len())
+                .filter_map(|i| burst.frame(i))
+                .map(|(f, _)| f.to_vec()),
+        );
+        let mut ours = false;
+        while let Some(ev) = fs.next_event().expect("events") {
+            ours |= ev.token == hs.token();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        ours.then(|| hs.on_event(fs).expect("frontend handshake"))
+    }
+
+    /// A frontend that breaks the ring protocol (a TX producer index past the ring) is
+    /// disconnected by the device: the reason in its `error` key and its log, Closing; the
+    /// same frontend then closes, starts over, connects a proper netfront and carries frames
+    /// both ways: the cycle Windows frontends go through on every boot.
+    #[test]
+    fn a_hostile_frontend_is_disconnected_with_its_reason_and_may_come_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hv = Hypervisor::serve(dir.path().join("hv.sock")).expect("broker");
+        let xs = XenStored::start(dir.path().join("xs")).expect("xenstored");
+        let mut ts = Client::connect(xs.add_domain(0).expect("dom0")).expect("dom0 client");
+        add_vif(&mut ts);
+        let back_dom = Domain::connect(hv.path(), BACK).expect("dom1");
+        let mut dev = NetbackDevice::open(
+            Client::connect(xs.add_domain(BACK).expect("dom1")).expect("client"),
+            EmulHandles(back_dom),
+            "backend/vif/7/0",
+            "vif7.0",
+            BackendFeatures::default(),
+        )
+        .expect("netback device");
+        assert_eq!(
+            ts.read_string(Tx::NONE, &format!("{BE_DIR}/state"))
+                .expect("state"),
+            "2",
+            "InitWait"
+        );
+        let front_dom = Domain::connect(hv.path(), FRONT).expect("dom7");
+        let mut fs = Client::connect(xs.add_domain(FRONT).expect("dom7")).expect("client");
+        let mut hs = FrontendHandshake::start(&mut fs, "device/vif/0", Duration::from_secs(5))
+            .expect("frontend");
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        // Turns the device and the frontend's handshake until `$done` holds (`$a` is what
+        // the handshake said this turn).
+        macro_rules! until {
+            ($what:expr, |$a:ident| $done:expr) => {
+                loop {
+                    assert!(std::time::Instant::now() < deadline, "timed out: {}", $what);
+                    let $a = turn(&mut dev, &mut fs, &mut hs, &mut got);
+                    if $done {
+                        break;
+                    }
+                }
+            };
+        }
+        // The hostile end: rings granted by hand.
+        until!("SetUp", |a| matches!(a, Some(FrontendAction::SetUp { .. })));
+        let mut grants = front_dom.grants();
+        let mut events = front_dom.events().expect("events");
+        let (tx_refs, tx_ring) = grants.grant(BACK, 1, true).expect("tx ring");
+        let (rx_refs, _rx_ring) = grants.grant(BACK, 1, true).expect("rx ring");
+        let port = events.alloc_unbound(BACK).expect("port");
+        hs.publish(
+            &mut fs,
+            FrontendRings {
+                tx_ring_ref: tx_refs[0],
+                rx_ring_ref: rx_refs[0],
+                event_channel: port,
+                sg: true,
+                gso_tcpv4: true,
+                gso_tcpv6: true,
+            },
+        )
+        .expect("publish");
+        until!("connected", |_a| dev.is_connected());
+        // req_prod (the shared ring's first word) 1000 slots ahead of what it consumed.
+        tx_ring.store_u32(0, 1000).expect("scribble");
+        events.notify(port).expect("notify");
+        until!("the disconnect", |_a| !dev.is_connected());
+        let why = dev.last_disconnect().expect("a reason").to_string();
+        assert!(why.contains("TX ring"), "{why}");
+        let error = ts
+            .read_string(Tx::NONE, &format!("{BE_DIR}/error"))
+            .expect("error key");
+        assert_eq!(error, why);
+        assert_eq!(
+            ts.read_string(Tx::NONE, &format!("{BE_DIR}/state"))
+                .expect("state"),
+            XenbusState::Closing.as_str()
+        );
+        assert!(dev.describe().expect("status").contains("last disconnect"));
+        // The frontend closes and starts over, properly this time.
+        hs.close(&mut fs).expect("close");
+        drop((tx_ring, _rx_ring, events));
+        hs.reopen(&mut fs).expect("reopen");
+        until!("SetUp again", |a| matches!(
+            a,
+            Some(FrontendAction::SetUp { .. })
+        ));
+        let mut front = Netfront::new(
+            front_dom.grants(),
+            front_dom.events().expect("events"),
+            BACK,
+            Features::ALL,
+        )
+        .expect("netfront");
+        hs.publish(
+            &mut fs,
+            FrontendRings {
+                tx_ring_ref: front.tx_ring_ref(),
+                rx_ring_ref: front.rx_ring_ref(),
+                event_channel: front.event_port(),
+                sg: true,
+                gso_tcpv4: true,
+                gso_tcpv6: true,
+            },
+        )
+        .expect("publish");
+        until!("Ready", |a| matches!(a, Some(FrontendAction::Ready(_))));
+        assert_eq!(dev.stats().connects, 2);
+        let frame: Vec<u8> = (0..600u32).map(|i| (i * 7) as u8).collect();
+        assert!(front.send(&frame, &PacketMeta::default()).expect("send"));
+        until!("the frame", |_a| !got.is_empty());
+        assert_eq!(got, vec![frame.clone()]);
+        dev.send_burst(&[TxFrame {
+            frame: &frame,
+            offload: Offload::NONE,
+        }])
+        .expect("send");
+        let mut back = Vec::new();
+        while back.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no frame back");
+            front.handle_event().expect("events");
+            front.recv(&mut |f, _| back.push(f.to_vec())).expect("recv");
+        }
+        assert_eq!(back, vec![frame]);
+    }
 
     #[test]
     fn vif_names_map_to_their_backend_directories() {
