@@ -14,9 +14,9 @@
 //! itself while work is left (a TX budget ran out, RX frames wait for buffers), because the
 //! rings give no new event for what is already on them.
 //!
-//! Offload crosses as netif describes it: a frame from a client's ring keeps its
-//! `csum_blank`/`data_validated`/GSO metadata as an [`Offload`]; a frame whose offload the
-//! peer did not negotiate is finished here first ([`crate::offload::finish`]).
+//! Offload crosses as netif describes it: a frame from a ring keeps its `csum_blank`,
+//! `data_validated` and GSO metadata as an [`crate::Offload`]; a frame whose offload the peer
+//! did not negotiate is finished here first ([`crate::offload::finish`]).
 //!
 //! The only `unsafe` here is the epoll set and its eventfd ([`Readiness`]).
 #![allow(unsafe_code)]
@@ -40,7 +40,7 @@ use super::xenbus::{
 use super::xenstore::client::Client;
 use super::xenstore::Store;
 use super::{EventChannels, GrantExport, GrantImport};
-use crate::offload::{self, Offload};
+use crate::offload;
 use crate::{Device, RxBurst, TxFrame, MAX_FRAME};
 
 /// Frames kept for a peer whose ring is full: netif.h lets a back end queue only for a
@@ -196,18 +196,265 @@ fn store_io(e: impl fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// A frame the peer cannot take as it is, finished here: checksum completed, super-frame cut
-/// into segments. Each result goes to `emit` with no offload left.
-fn finish_for_peer(
-    frame: &[u8],
-    offload: &Offload,
-    copy: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-    emit: &mut impl FnMut(&[u8]),
-) -> bool {
-    copy.clear();
-    copy.extend_from_slice(frame);
-    offload::finish(offload, copy, scratch, |seg| emit(seg)).is_ok()
+/// A connected ring end as a device's data path sees it: [`Netback`] (frames to the
+/// frontend are its RX, from it its TX) or [`Netfront`] (the other way round).
+trait RingEnd {
+    fn raw_fd(&self) -> RawFd;
+    fn handle_event(&mut self) -> io::Result<bool>;
+    /// Whether the peer negotiated what `frame` needs as it is.
+    fn accepts(&self, frame: &[u8], meta: &PacketMeta) -> bool;
+    /// Hands a frame to the peer; `Ok(false)`: its ring is full now.
+    fn put(&mut self, frame: &[u8], meta: &PacketMeta) -> Result<bool, Disconnect>;
+    /// Whether a frame that found the ring full may wait for the peer's next event.
+    fn may_queue(&self) -> bool;
+    /// Takes what the peer sent, up to the ring end's own budget.
+    fn take(&mut self, sink: &mut dyn FnMut(&[u8], &PacketMeta)) -> Result<usize, Disconnect>;
+    /// Whether the budget left frames on the ring (no event will announce them).
+    fn more(&mut self) -> Result<bool, Disconnect>;
+}
+
+impl<I: GrantImport, E: EventChannels> RingEnd for Netback<I, E> {
+    fn raw_fd(&self) -> RawFd {
+        Netback::raw_fd(self)
+    }
+    fn handle_event(&mut self) -> io::Result<bool> {
+        Netback::handle_event(self)
+    }
+    fn accepts(&self, frame: &[u8], meta: &PacketMeta) -> bool {
+        Netback::accepts(self, frame, meta)
+    }
+    fn put(&mut self, frame: &[u8], meta: &PacketMeta) -> Result<bool, Disconnect> {
+        self.send_rx(frame, meta)
+    }
+    fn may_queue(&self) -> bool {
+        // netif.h: without feature-rx-notify the back end "cannot safely queue packets".
+        self.can_queue_rx()
+    }
+    fn take(&mut self, sink: &mut dyn FnMut(&[u8], &PacketMeta)) -> Result<usize, Disconnect> {
+        self.poll_tx(&mut |f: &[u8], m: &PacketMeta| sink(f, m))
+    }
+    fn more(&mut self) -> Result<bool, Disconnect> {
+        self.pending_tx()
+    }
+}
+
+impl<G: GrantExport, E: EventChannels> RingEnd for Netfront<G, E> {
+    fn raw_fd(&self) -> RawFd {
+        Netfront::raw_fd(self)
+    }
+    fn handle_event(&mut self) -> io::Result<bool> {
+        Netfront::handle_event(self)
+    }
+    fn accepts(&self, frame: &[u8], meta: &PacketMeta) -> bool {
+        Netfront::accepts(self, frame, meta)
+    }
+    fn put(&mut self, frame: &[u8], meta: &PacketMeta) -> Result<bool, Disconnect> {
+        self.send(frame, meta)
+    }
+    fn may_queue(&self) -> bool {
+        // The back end's TX answers free the pages, and each answer is an event.
+        true
+    }
+    fn take(&mut self, sink: &mut dyn FnMut(&[u8], &PacketMeta)) -> Result<usize, Disconnect> {
+        self.recv(&mut |f: &[u8], m: &PacketMeta| sink(f, m))
+    }
+    fn more(&mut self) -> Result<bool, Disconnect> {
+        self.pending_rx()
+    }
+}
+
+/// What both devices do with frames once a peer is connected: the ring end, the frames
+/// waiting for room on it, the counters. A `Disconnect` returned is the peer's fault, for
+/// the device to act on with its handshake.
+#[derive(Debug)]
+struct DataPath<R> {
+    end: Option<R>,
+    /// Frames may flow: a netback once connected; a netfront once its back end says
+    /// Connected (netfront's rule: nothing before).
+    open: bool,
+    queue: VecDeque<(Vec<u8>, PacketMeta)>,
+    copy: Vec<u8>,
+    scratch: Vec<u8>,
+    ready: Readiness,
+    stats: XenDeviceStats,
+    last_disconnect: Option<String>,
+}
+
+impl<R: RingEnd> DataPath<R> {
+    fn new(ready: Readiness) -> Self {
+        DataPath {
+            end: None,
+            open: false,
+            queue: VecDeque::new(),
+            copy: Vec::with_capacity(MAX_FRAME),
+            scratch: Vec::with_capacity(MAX_FRAME),
+            ready,
+            stats: XenDeviceStats::default(),
+            last_disconnect: None,
+        }
+    }
+
+    fn attach(&mut self, end: R) -> io::Result<()> {
+        self.ready.add(end.raw_fd())?;
+        self.end = Some(end);
+        Ok(())
+    }
+
+    /// The traffic may flow now; counted as a connect.
+    fn opened(&mut self) {
+        self.open = self.end.is_some();
+        if self.open {
+            self.stats.connects += 1;
+            // Frames may be on the ring already.
+            self.ready.set_again(true);
+        }
+    }
+
+    /// Drops the ring end; whether there was one (then `why` is kept and logged).
+    fn detach(&mut self, iface: &str, why: &str) -> bool {
+        self.queue.clear();
+        let was_open = std::mem::take(&mut self.open);
+        let Some(end) = self.end.take() else {
+            return false;
+        };
+        self.ready.remove(end.raw_fd());
+        if was_open {
+            self.stats.disconnects += 1;
+        }
+        self.last_disconnect = Some(why.to_string());
+        tracing::info!(iface, reason = why, "xen device disconnected");
+        true
+    }
+
+    fn flush_queue(&mut self) -> Result<(), Disconnect> {
+        let Some(end) = self.end.as_mut() else {
+            return Ok(());
+        };
+        while let Some((frame, meta)) = self.queue.front() {
+            if !end.put(frame, meta)? {
+                return Ok(());
+            }
+            self.stats.tx_frames += 1;
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, frame: &[u8], meta: &PacketMeta) -> Result<(), Disconnect> {
+        let Some(end) = self.end.as_mut().filter(|_| self.open) else {
+            self.stats.dropped_no_peer += 1;
+            return Ok(());
+        };
+        if self.queue.is_empty() {
+            if end.put(frame, meta)? {
+                self.stats.tx_frames += 1;
+                return Ok(());
+            }
+            if !end.may_queue() {
+                self.stats.dropped_ring_full += 1;
+                return Ok(());
+            }
+        }
+        if self.queue.len() < QUEUE_FRAMES {
+            self.queue.push_back((frame.to_vec(), *meta));
+        } else {
+            self.stats.dropped_ring_full += 1;
+        }
+        Ok(())
+    }
+
+    /// [`Device::recv_burst`] once the handshake is done with.
+    fn recv(&mut self, burst: &mut RxBurst) -> Result<usize, Disconnect> {
+        let Some(end) = self.end.as_mut() else {
+            return Ok(0);
+        };
+        end.handle_event()
+            .map_err(|e| Disconnect::new(format!("event channel: {e}")))?;
+        self.flush_queue()?;
+        let Some(end) = self.end.as_mut() else {
+            return Ok(0);
+        };
+        let (mut n, mut bad) = (0usize, 0u64);
+        let r = end.take(&mut |frame, meta| match meta.to_offload(frame) {
+            Ok(o) => {
+                burst.push(frame, o);
+                n += 1;
+            }
+            Err(_) => bad += 1,
+        });
+        self.stats.rx_frames += n as u64;
+        self.stats.dropped_offload += bad;
+        r?;
+        self.ready.set_again(end.more()?);
+        Ok(n)
+    }
+
+    /// [`Device::send_burst`]: each frame as it is if the peer takes it so, else finished
+    /// (checksum completed, super-frame cut) first.
+    fn send(&mut self, frames: &[TxFrame<'_>]) -> Result<(), Disconnect> {
+        for f in frames {
+            let Some(end) = self.end.as_ref().filter(|_| self.open) else {
+                self.stats.dropped_no_peer += 1;
+                continue;
+            };
+            let meta = PacketMeta::from_offload(&f.offload)
+                .ok()
+                .filter(|m| end.accepts(f.frame, m));
+            if let Some(m) = meta {
+                self.deliver(f.frame, &m)?;
+                continue;
+            }
+            let (mut copy, mut scratch) = (
+                std::mem::take(&mut self.copy),
+                std::mem::take(&mut self.scratch),
+            );
+            copy.clear();
+            copy.extend_from_slice(f.frame);
+            let mut fault = None;
+            let done = offload::finish(&f.offload, &mut copy, &mut scratch, |seg| {
+                if fault.is_none() {
+                    fault = self.deliver(seg, &PacketMeta::default()).err();
+                }
+            });
+            (self.copy, self.scratch) = (copy, scratch);
+            if done.is_err() {
+                self.stats.dropped_offload += 1;
+            }
+            if let Some(d) = fault {
+                return Err(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// The `status` line's counters and last disconnect.
+    fn describe(&self, head: String) -> String {
+        let s = &self.stats;
+        let mut d = format!(
+            "{head}: connects {} disconnects {} rx {} tx {} dropped no-peer {} ring-full {} \
+             offload {}",
+            s.connects,
+            s.disconnects,
+            s.rx_frames,
+            s.tx_frames,
+            s.dropped_no_peer,
+            s.dropped_ring_full,
+            s.dropped_offload
+        );
+        if let Some(why) = &self.last_disconnect {
+            d.push_str(&format!("; last disconnect: {why}"));
+        }
+        d
+    }
+}
+
+/// Takes a XenStore connection's watch events; whether one was `token`'s.
+fn watch_fired(store: &mut impl Store, token: &str) -> io::Result<bool> {
+    let mut ours = false;
+    while let Some(ev) = store.next_event().map_err(store_io)? {
+        ours |= ev.token == token;
+    }
+    Ok(ours)
 }
 
 /// A client qube's vif with us as its back end: `backend/vif/<domid>/<devid>` in our
@@ -217,13 +464,7 @@ pub struct NetbackDevice<S: Store, H: XenHandles> {
     store: S,
     hv: H,
     hs: BackendHandshake,
-    back: Option<Netback<H::Import, H::Events>>,
-    queue: VecDeque<(Vec<u8>, PacketMeta)>,
-    copy: Vec<u8>,
-    scratch: Vec<u8>,
-    ready: Readiness,
-    stats: XenDeviceStats,
-    last_disconnect: Option<String>,
+    data: DataPath<Netback<H::Import, H::Events>>,
 }
 
 impl<S: Store, H: XenHandles> fmt::Debug for NetbackDevice<S, H> {
@@ -232,8 +473,8 @@ impl<S: Store, H: XenHandles> fmt::Debug for NetbackDevice<S, H> {
             .field("name", &self.name)
             .field("dir", &self.hs.dir())
             .field("state", &self.hs.state())
-            .field("connected", &self.back.is_some())
-            .field("stats", &self.stats)
+            .field("connected", &self.data.open)
+            .field("stats", &self.data.stats)
             .finish()
     }
 }
@@ -257,71 +498,47 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
             store,
             hv,
             hs,
-            back: None,
-            queue: VecDeque::new(),
-            copy: Vec::with_capacity(MAX_FRAME),
-            scratch: Vec::with_capacity(MAX_FRAME),
-            ready,
-            stats: XenDeviceStats::default(),
-            last_disconnect: None,
+            data: DataPath::new(ready),
         };
         dev.step()?;
         Ok(dev)
     }
 
     pub fn stats(&self) -> &XenDeviceStats {
-        &self.stats
+        &self.data.stats
     }
 
     /// Whether a frontend is connected now.
     pub fn is_connected(&self) -> bool {
-        self.back.is_some()
+        self.data.open
     }
 
     /// Why the last connection ended.
     pub fn last_disconnect(&self) -> Option<&str> {
-        self.last_disconnect.as_deref()
-    }
-
-    /// Takes XenStore's watch events and moves the handshake on.
-    fn drive(&mut self) -> io::Result<()> {
-        let mut ours = false;
-        while let Some(ev) = self.store.next_event().map_err(store_io)? {
-            ours |= ev.token == self.hs.token();
-        }
-        if ours {
-            self.step()?;
-        }
-        Ok(())
+        self.data.last_disconnect.as_deref()
     }
 
     fn step(&mut self) -> io::Result<()> {
+        let iface = self.name.as_str();
         match self.hs.on_event(&mut self.store) {
             Ok(BackendAction::Wait) => Ok(()),
             Ok(BackendAction::Connect(req)) => self.connect(req),
             Ok(BackendAction::Disconnect) => {
-                self.drop_peer("the frontend closed");
+                self.data.detach(iface, "the frontend closed");
                 Ok(())
             }
             Ok(BackendAction::Gone) => {
-                self.drop_peer("the frontend's XenStore directory is gone");
+                self.data
+                    .detach(iface, "the frontend's XenStore directory is gone");
                 Ok(())
             }
             Ok(BackendAction::Refused(why)) => {
-                tracing::warn!(
-                    iface = self.name.as_str(),
-                    reason = why.as_str(),
-                    "frontend refused"
-                );
-                self.drop_peer(&why);
+                tracing::warn!(iface, reason = why.as_str(), "frontend refused");
+                self.data.detach(iface, &why);
                 Ok(())
             }
             Err(HandshakeError::Refused(why)) => {
-                tracing::warn!(
-                    iface = self.name.as_str(),
-                    reason = why.as_str(),
-                    "handshake"
-                );
+                tracing::warn!(iface, reason = why.as_str(), "handshake");
                 Ok(())
             }
             Err(HandshakeError::Store(e)) => Err(store_io(e)),
@@ -329,7 +546,7 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
     }
 
     fn connect(&mut self, req: FrontendRequest) -> io::Result<()> {
-        self.drop_peer("the frontend connected again");
+        self.data.detach(&self.name, "the frontend connected again");
         let features = Features {
             rx_copy: true,
             sg: req.sg,
@@ -359,10 +576,9 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
             });
         match back {
             Ok(back) => {
-                self.ready.add(back.raw_fd())?;
-                self.back = Some(back);
+                self.data.attach(back)?;
                 self.hs.connected(&mut self.store).map_err(store_io)?;
-                self.stats.connects += 1;
+                self.data.opened();
                 tracing::info!(
                     iface = self.name.as_str(),
                     frontend = req.domid,
@@ -371,8 +587,6 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
                     gso_tcpv6 = req.gso_tcpv6,
                     "netback connected"
                 );
-                // Requests may be on the ring already.
-                self.ready.set_again(true);
             }
             Err(d) => {
                 tracing::warn!(
@@ -380,7 +594,7 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
                     reason = d.reason(),
                     "cannot connect the frontend"
                 );
-                self.last_disconnect = Some(d.reason().to_string());
+                self.data.last_disconnect = Some(d.reason().to_string());
                 self.hs
                     .fail(&mut self.store, d.reason())
                     .map_err(store_io)?;
@@ -389,69 +603,13 @@ impl<S: Store, H: XenHandles> NetbackDevice<S, H> {
         Ok(())
     }
 
-    fn drop_peer(&mut self, why: &str) {
-        if let Some(back) = self.back.take() {
-            self.ready.remove(back.raw_fd());
-            self.stats.disconnects += 1;
-            self.last_disconnect = Some(why.to_string());
-            tracing::info!(
-                iface = self.name.as_str(),
-                reason = why,
-                "netback disconnected"
-            );
-        }
-        self.queue.clear();
-    }
-
-    /// The frontend broke the protocol: the ring is dropped, the reason logged and written
-    /// to `error`, and the device Closing (it may come back through Initialising).
+    /// The frontend broke the protocol (netback logged how): the ring is dropped, the
+    /// reason written to `error`, and the device Closing (it may come back through
+    /// Initialising).
     fn fault(&mut self, d: &Disconnect) {
-        // Netback logged the reason when it found it; the device logs its own teardown.
-        self.drop_peer(d.reason());
+        self.data.detach(&self.name, d.reason());
         if let Err(e) = self.hs.fail(&mut self.store, d.reason()) {
             tracing::warn!(iface = self.name.as_str(), error = %e, "cannot report the disconnect");
-        }
-    }
-
-    fn flush_queue(&mut self) {
-        let Some(back) = self.back.as_mut() else {
-            return;
-        };
-        while let Some((frame, meta)) = self.queue.front() {
-            match back.send_rx(frame, meta) {
-                Ok(true) => {
-                    self.stats.tx_frames += 1;
-                    self.queue.pop_front();
-                }
-                Ok(false) => return,
-                Err(d) => return self.fault(&d),
-            }
-        }
-    }
-
-    fn deliver(&mut self, frame: &[u8], meta: &PacketMeta) {
-        let Some(back) = self.back.as_mut() else {
-            self.stats.dropped_no_peer += 1;
-            return;
-        };
-        if self.queue.is_empty() {
-            match back.send_rx(frame, meta) {
-                Ok(true) => {
-                    self.stats.tx_frames += 1;
-                    return;
-                }
-                Ok(false) if back.can_queue_rx() => {}
-                Ok(false) => {
-                    self.stats.dropped_ring_full += 1;
-                    return;
-                }
-                Err(d) => return self.fault(&d),
-            }
-        }
-        if self.queue.len() < QUEUE_FRAMES {
-            self.queue.push_back((frame.to_vec(), *meta));
-        } else {
-            self.stats.dropped_ring_full += 1;
         }
     }
 }
@@ -464,94 +622,38 @@ impl<S: Store, H: XenHandles> Device for NetbackDevice<S, H> {
     /// Everything the frontend has sent, up to the ring's own budget (`max` is a hint:
     /// what a batch holds is what the ring had).
     fn recv_burst(&mut self, burst: &mut RxBurst, _max: usize) -> io::Result<usize> {
-        self.ready.set_again(false);
-        self.drive()?;
-        let Some(back) = self.back.as_mut() else {
-            return Ok(0);
-        };
-        if let Err(e) = back.handle_event() {
-            self.fault(&Disconnect::new(format!("event channel: {e}")));
-            return Ok(0);
+        self.data.ready.set_again(false);
+        if watch_fired(&mut self.store, self.hs.token())? {
+            self.step()?;
         }
-        self.flush_queue();
-        let Some(back) = self.back.as_mut() else {
-            return Ok(0);
-        };
-        let (mut n, mut bad) = (0usize, 0u64);
-        let r = back.poll_tx(&mut |frame, meta| match meta.to_offload(frame) {
-            Ok(o) => {
-                burst.push(frame, o);
-                n += 1;
-            }
-            Err(_) => bad += 1,
-        });
-        self.stats.rx_frames += n as u64;
-        self.stats.dropped_offload += bad;
-        match r.and_then(|_| back.pending_tx()) {
-            Ok(more) => self.ready.set_again(more),
-            Err(d) => self.fault(&d),
-        }
-        Ok(n)
+        self.data.recv(burst).or_else(|d| {
+            self.fault(&d);
+            Ok(0)
+        })
     }
 
     fn send_burst(&mut self, frames: &[TxFrame<'_>]) -> io::Result<usize> {
-        for f in frames {
-            if self.back.is_none() {
-                self.stats.dropped_no_peer += 1;
-                continue;
-            }
-            let meta = PacketMeta::from_offload(&f.offload)
-                .ok()
-                .filter(|m| self.back.as_ref().is_some_and(|b| b.accepts(f.frame, m)));
-            match meta {
-                Some(m) => self.deliver(f.frame, &m),
-                None => {
-                    let (mut copy, mut scratch) = (
-                        std::mem::take(&mut self.copy),
-                        std::mem::take(&mut self.scratch),
-                    );
-                    let ok =
-                        finish_for_peer(f.frame, &f.offload, &mut copy, &mut scratch, &mut |s| {
-                            self.deliver(s, &PacketMeta::default())
-                        });
-                    if !ok {
-                        self.stats.dropped_offload += 1;
-                    }
-                    (self.copy, self.scratch) = (copy, scratch);
-                }
-            }
+        if let Err(d) = self.data.send(frames) {
+            self.fault(&d);
         }
         Ok(frames.len())
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.ready.epoll.as_raw_fd())
+        Some(self.data.ready.epoll.as_raw_fd())
     }
 
     fn describe(&self) -> Option<String> {
-        let s = &self.stats;
-        let mut d = format!(
-            "xen netback {} {} (frontend {}): connects {} disconnects {} rx {} tx {} \
-             dropped no-peer {} ring-full {} offload {}",
+        Some(self.data.describe(format!(
+            "xen netback {} {} (frontend {})",
             self.hs.dir(),
-            if self.back.is_some() {
+            if self.data.open {
                 "connected"
             } else {
                 "waiting"
             },
-            self.hs.frontend_id(),
-            s.connects,
-            s.disconnects,
-            s.rx_frames,
-            s.tx_frames,
-            s.dropped_no_peer,
-            s.dropped_ring_full,
-            s.dropped_offload
-        );
-        if let Some(why) = &self.last_disconnect {
-            d.push_str(&format!("; last disconnect: {why}"));
-        }
-        Some(d)
+            self.hs.frontend_id()
+        )))
     }
 }
 
@@ -561,15 +663,7 @@ pub struct NetfrontDevice<S: Store, H: XenHandles> {
     store: S,
     hv: H,
     hs: FrontendHandshake,
-    front: Option<Netfront<H::Export, H::Events>>,
-    /// The back end said Connected: traffic may flow (not before: netfront's rule).
-    ready_to_send: bool,
-    queue: VecDeque<(Vec<u8>, PacketMeta)>,
-    copy: Vec<u8>,
-    scratch: Vec<u8>,
-    ready: Readiness,
-    stats: XenDeviceStats,
-    last_disconnect: Option<String>,
+    data: DataPath<Netfront<H::Export, H::Events>>,
 }
 
 impl<S: Store, H: XenHandles> fmt::Debug for NetfrontDevice<S, H> {
@@ -577,8 +671,8 @@ impl<S: Store, H: XenHandles> fmt::Debug for NetfrontDevice<S, H> {
         f.debug_struct("NetfrontDevice")
             .field("name", &self.name)
             .field("state", &self.hs.state())
-            .field("connected", &self.ready_to_send)
-            .field("stats", &self.stats)
+            .field("connected", &self.data.open)
+            .field("stats", &self.data.stats)
             .finish()
     }
 }
@@ -596,37 +690,19 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
             store,
             hv,
             hs,
-            front: None,
-            ready_to_send: false,
-            queue: VecDeque::new(),
-            copy: Vec::with_capacity(MAX_FRAME),
-            scratch: Vec::with_capacity(MAX_FRAME),
-            ready,
-            stats: XenDeviceStats::default(),
-            last_disconnect: None,
+            data: DataPath::new(ready),
         };
         dev.step()?;
         Ok(dev)
     }
 
     pub fn stats(&self) -> &XenDeviceStats {
-        &self.stats
+        &self.data.stats
     }
 
     /// Whether the back end is connected and frames flow.
     pub fn is_connected(&self) -> bool {
-        self.ready_to_send
-    }
-
-    fn drive(&mut self) -> io::Result<()> {
-        let mut ours = false;
-        while let Some(ev) = self.store.next_event().map_err(store_io)? {
-            ours |= ev.token == self.hs.token();
-        }
-        if ours {
-            self.step()?;
-        }
-        Ok(())
+        self.data.open
     }
 
     fn step(&mut self) -> io::Result<()> {
@@ -645,8 +721,7 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
         match action {
             FrontendAction::SetUp { backend } => self.set_up(backend)?,
             FrontendAction::Ready(offer) => {
-                self.ready_to_send = self.front.is_some();
-                self.stats.connects += 1;
+                self.data.opened();
                 tracing::info!(
                     iface = self.name.as_str(),
                     backend = offer.domid,
@@ -655,10 +730,9 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
                     gso_tcpv6 = offer.gso_tcpv6,
                     "netfront connected"
                 );
-                self.ready.set_again(true);
             }
             FrontendAction::Disconnect => {
-                self.drop_peer("the backend closed");
+                self.data.detach(&self.name, "the backend closed");
                 self.hs.reopen(&mut self.store).map_err(store_io)?;
             }
             FrontendAction::Wait => {
@@ -672,7 +746,7 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
     }
 
     fn set_up(&mut self, backend: super::DomId) -> io::Result<()> {
-        self.drop_peer("the backend started over");
+        self.data.detach(&self.name, "the backend started over");
         let offer = self.hs.offer(&mut self.store).map_err(store_io)?;
         let features = Features {
             rx_copy: true,
@@ -685,7 +759,6 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
             rx_notify: true,
         };
         let front = Netfront::new(self.hv.export()?, self.hv.events()?, backend, features)?;
-        self.ready.add(front.raw_fd())?;
         let rings = FrontendRings {
             tx_ring_ref: front.tx_ring_ref(),
             rx_ring_ref: front.rx_ring_ref(),
@@ -694,26 +767,9 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
             gso_tcpv4: true,
             gso_tcpv6: true,
         };
-        self.front = Some(front);
+        self.data.attach(front)?;
         self.hs.publish(&mut self.store, rings).map_err(store_io)?;
         Ok(())
-    }
-
-    fn drop_peer(&mut self, why: &str) {
-        if let Some(front) = self.front.take() {
-            self.ready.remove(front.raw_fd());
-            if self.ready_to_send {
-                self.stats.disconnects += 1;
-            }
-            self.last_disconnect = Some(why.to_string());
-            tracing::info!(
-                iface = self.name.as_str(),
-                reason = why,
-                "netfront disconnected"
-            );
-        }
-        self.ready_to_send = false;
-        self.queue.clear();
     }
 
     /// The back end broke the protocol: we close, and start over when it does.
@@ -723,47 +779,9 @@ impl<S: Store, H: XenHandles> NetfrontDevice<S, H> {
             reason = d.reason(),
             "backend disconnected"
         );
-        self.drop_peer(d.reason());
+        self.data.detach(&self.name, d.reason());
         if let Err(e) = self.hs.close(&mut self.store) {
             tracing::warn!(iface = self.name.as_str(), error = %e, "cannot close the device");
-        }
-    }
-
-    fn flush_queue(&mut self) {
-        let Some(front) = self.front.as_mut() else {
-            return;
-        };
-        while let Some((frame, meta)) = self.queue.front() {
-            match front.send(frame, meta) {
-                Ok(true) => {
-                    self.stats.tx_frames += 1;
-                    self.queue.pop_front();
-                }
-                Ok(false) => return,
-                Err(d) => return self.fault(&d),
-            }
-        }
-    }
-
-    fn deliver(&mut self, frame: &[u8], meta: &PacketMeta) {
-        let Some(front) = self.front.as_mut().filter(|_| self.ready_to_send) else {
-            self.stats.dropped_no_peer += 1;
-            return;
-        };
-        if self.queue.is_empty() {
-            match front.send(frame, meta) {
-                Ok(true) => {
-                    self.stats.tx_frames += 1;
-                    return;
-                }
-                Ok(false) => {}
-                Err(d) => return self.fault(&d),
-            }
-        }
-        if self.queue.len() < QUEUE_FRAMES {
-            self.queue.push_back((frame.to_vec(), *meta));
-        } else {
-            self.stats.dropped_ring_full += 1;
         }
     }
 }
@@ -774,92 +792,36 @@ impl<S: Store, H: XenHandles> Device for NetfrontDevice<S, H> {
     }
 
     fn recv_burst(&mut self, burst: &mut RxBurst, _max: usize) -> io::Result<usize> {
-        self.ready.set_again(false);
-        self.drive()?;
-        let Some(front) = self.front.as_mut() else {
-            return Ok(0);
-        };
-        if let Err(e) = front.handle_event() {
-            self.fault(&Disconnect::new(format!("event channel: {e}")));
-            return Ok(0);
+        self.data.ready.set_again(false);
+        if watch_fired(&mut self.store, self.hs.token())? {
+            self.step()?;
         }
-        self.flush_queue();
-        let Some(front) = self.front.as_mut() else {
-            return Ok(0);
-        };
-        let (mut n, mut bad) = (0usize, 0u64);
-        let r = front.recv(&mut |frame, meta| match meta.to_offload(frame) {
-            Ok(o) => {
-                burst.push(frame, o);
-                n += 1;
-            }
-            Err(_) => bad += 1,
-        });
-        self.stats.rx_frames += n as u64;
-        self.stats.dropped_offload += bad;
-        match r.and_then(|_| front.pending_rx()) {
-            Ok(more) => self.ready.set_again(more),
-            Err(d) => self.fault(&d),
-        }
-        Ok(n)
+        self.data.recv(burst).or_else(|d| {
+            self.fault(&d);
+            Ok(0)
+        })
     }
 
     fn send_burst(&mut self, frames: &[TxFrame<'_>]) -> io::Result<usize> {
-        for f in frames {
-            let Some(front) = self.front.as_ref().filter(|_| self.ready_to_send) else {
-                self.stats.dropped_no_peer += 1;
-                continue;
-            };
-            let meta = PacketMeta::from_offload(&f.offload)
-                .ok()
-                .filter(|m| front.accepts(f.frame, m));
-            match meta {
-                Some(m) => self.deliver(f.frame, &m),
-                None => {
-                    let (mut copy, mut scratch) = (
-                        std::mem::take(&mut self.copy),
-                        std::mem::take(&mut self.scratch),
-                    );
-                    let ok =
-                        finish_for_peer(f.frame, &f.offload, &mut copy, &mut scratch, &mut |s| {
-                            self.deliver(s, &PacketMeta::default())
-                        });
-                    if !ok {
-                        self.stats.dropped_offload += 1;
-                    }
-                    (self.copy, self.scratch) = (copy, scratch);
-                }
-            }
+        if let Err(d) = self.data.send(frames) {
+            self.fault(&d);
         }
         Ok(frames.len())
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
-        Some(self.ready.epoll.as_raw_fd())
+        Some(self.data.ready.epoll.as_raw_fd())
     }
 
     fn describe(&self) -> Option<String> {
-        let s = &self.stats;
-        let mut d = format!(
-            "xen netfront {}: connects {} disconnects {} rx {} tx {} dropped no-peer {} \
-             ring-full {} offload {}",
-            if self.ready_to_send {
+        Some(self.data.describe(format!(
+            "xen netfront {}",
+            if self.data.open {
                 "connected"
             } else {
                 "waiting"
-            },
-            s.connects,
-            s.disconnects,
-            s.rx_frames,
-            s.tx_frames,
-            s.dropped_no_peer,
-            s.dropped_ring_full,
-            s.dropped_offload
-        );
-        if let Some(why) = &self.last_disconnect {
-            d.push_str(&format!("; last disconnect: {why}"));
-        }
-        Some(d)
+            }
+        )))
     }
 }
 
@@ -1005,6 +967,7 @@ mod tests {
     use crate::xen::xenstore::server::Server as XenStored;
     use crate::xen::xenstore::{Access, Perm, Tx};
     use crate::xen::{DomId, SharedPages};
+    use crate::Offload;
 
     const BACK: DomId = 1;
     const FRONT: DomId = 7;
