@@ -203,6 +203,9 @@ struct Service {
     terminator: Option<Box<dyn Terminator>>,
     /// With `--qubesdb-vchan`: the link to dom0's QubesDB, as last looked at.
     dom0_link: Option<Result<(), String>>,
+    /// With `--vifs xen`: when vifs that could not be attached were last tried again (no
+    /// netlink event will say when to, as it does for a kernel interface).
+    last_attach_retry: Clock,
 }
 
 fn random_seed() -> u64 {
@@ -383,6 +386,7 @@ pub fn run_with(
         link_mtu: BTreeMap::new(),
         terminator,
         dom0_link: None,
+        last_attach_retry: Clock::now(),
     };
     svc.sync_devices()?;
     svc.check_dom0_link();
@@ -653,11 +657,27 @@ impl Service {
                 self.flush();
                 self.check_file();
                 self.check_dom0_link();
+                self.retry_xen_attach();
                 self.dhcp_poll();
             }
             self.dhcp_receive();
         }
         Ok(())
+    }
+
+    /// With `--vifs xen`, tries again, once a second, the vifs whose device could not be
+    /// opened (a backend directory not readable yet, a transient XenStore error).
+    fn retry_xen_attach(&mut self) {
+        if !matches!(self.vifs, Vifs::Xen(_))
+            || self.last_attach_retry.elapsed() < Duration::from_secs(1)
+            || self.devices.len() >= self.engine.ifaces().len()
+        {
+            return;
+        }
+        self.last_attach_retry = Clock::now();
+        if let Err(e) = self.sync_devices() {
+            tracing::warn!(error = %e, "attaching the Xen devices again");
+        }
     }
 
     /// Notices the link to dom0's QubesDB ending. The rules in force stay in force (they

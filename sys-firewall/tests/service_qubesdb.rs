@@ -757,6 +757,7 @@ fn toolstack_adds_vif(
     frontend: u16,
     mac: &str,
     ip: &str,
+    with_frontend_key: bool,
 ) {
     use vif_backend::xen::xenstore::{Access, Perm};
     let be = format!("/local/domain/{backend}/backend/vif/{frontend}/0");
@@ -810,6 +811,9 @@ fn toolstack_adds_vif(
                 t.set_perms(tx, p, &perms)?;
             }
             for (k, v) in keys {
+                if k == "frontend" && !with_frontend_key {
+                    continue;
+                }
                 let key = format!("{dir}/{k}");
                 t.write(tx, &key, v.as_bytes())?;
                 t.set_perms(tx, &key, &perms)?;
@@ -858,8 +862,9 @@ fn in_ns(ns: &str, cmd: &[&str]) -> std::process::Output {
 /// other domain is a process of its own over the emulated hypervisor: two client qubes
 /// (netfronts, each relayed to a TAP `eth0` in its namespace, where the kernel's ping and
 /// iperf3 run) and the netvm (a netback relayed to a TAP in the world's namespace). The
-/// toolstack (dom0, scripted) adds the devices in XenStore. Checked: the xenbus handshake
-/// connects all three; the accepted client reaches the world (ICMP, and a TCP bulk transfer
+/// toolstack (dom0, scripted) adds the devices in XenStore. Checked: a device that cannot be
+/// opened yet (its backend directory incomplete) is tried again until it can; the xenbus
+/// handshake connects all three; the accepted client reaches the world (ICMP, and a TCP bulk transfer
 /// whose offloaded frames cross four rings); the other client's refused destination is
 /// answered admin-prohibited; a client that comes back as a new process (a restarted
 /// frontend finding its old connection) is reset and reconnected, and carries traffic again.
@@ -895,6 +900,7 @@ fn xen_vifs_carry_clients_over_netback_and_the_uplink_over_netfront() {
         FIREWALL_DOMID,
         "00:16:3e:5e:6c:06",
         "10.137.0.6",
+        true,
     );
     let _netvm = XenPeer::start(&dom0, &world.0, NETVM, "back", "vif6.0", "vif6.0");
     for c in [
@@ -922,7 +928,33 @@ fn xen_vifs_carry_clients_over_netback_and_the_uplink_over_netfront() {
     ];
     let mut peers = Vec::new();
     for (domid, addr, mac, ns) in &clients {
-        toolstack_adds_vif(&mut dom0.toolstack, FIREWALL_DOMID, *domid, mac, addr);
+        // Client B's backend directory lacks its `frontend` key for a while: the service
+        // cannot open the device, and tries again until it can (no netlink event will say).
+        let complete = *domid != B;
+        toolstack_adds_vif(
+            &mut dom0.toolstack,
+            FIREWALL_DOMID,
+            *domid,
+            mac,
+            addr,
+            complete,
+        );
+        if !complete {
+            lab.wait_status("client B listed, its device not open", |s| {
+                s.contains("client vif11.0 ") && !s.contains("backend/vif/11/0")
+            });
+            std::thread::sleep(Duration::from_millis(1500));
+            let log = std::fs::read_to_string(lab.path("service.log")).unwrap_or_default();
+            assert!(log.contains("cannot attach"), "{log}");
+            use vif_backend::xen::xenstore::Store as _;
+            dom0.toolstack
+                .write(
+                    vif_backend::xen::xenstore::Tx::NONE,
+                    &format!("/local/domain/{FIREWALL_DOMID}/backend/vif/{B}/0/frontend"),
+                    format!("/local/domain/{B}/device/vif/0").as_bytes(),
+                )
+                .expect("the frontend key");
+        }
         peers.push(XenPeer::start(
             &dom0,
             &ns.0,
