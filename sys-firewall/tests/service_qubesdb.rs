@@ -1099,3 +1099,24 @@ fn xen_vifs_carry_clients_over_netback_and_the_uplink_over_netfront() {
         dom0.peer_logs(&[A, NETVM])
     );
 }
+
+/// `--vifs xen` learns the vifs from XenStore through `--qubesdb-vchan`: without it the
+/// service refuses to start (exit 2, saying what is missing) rather than fall back to kernel
+/// interfaces the operator did not ask for.
+#[test]
+fn vifs_xen_without_qubesdb_vchan_is_refused() {
+    for source in [
+        ["--config", "/dev/null"],
+        ["--qubesdb", "/nonexistent.sock"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sys-firewall"))
+            .arg("run")
+            .args(source)
+            .args(["--vifs", "xen", "--control", "/nonexistent/control.sock"])
+            .output()
+            .expect("sys-firewall");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{source:?}: {err}");
+        assert!(err.contains("--qubesdb-vchan"), "{source:?}: {err}");
+    }
+}

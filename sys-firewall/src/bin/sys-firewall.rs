@@ -193,18 +193,24 @@ fn main() -> ExitCode {
 }
 
 fn run_service(args: RunArgs) -> ExitCode {
-    let vchan = args.qubesdb_vchan.clone();
+    let vifs = match (args.vifs, &args.qubesdb_vchan) {
+        (VifsKind::Kernel, _) => qubes_router::cli::Vifs::Kernel,
+        (VifsKind::Xen, Some(access)) => qubes_router::cli::Vifs::Xen(access.clone()),
+        (VifsKind::Xen, None) => {
+            eprintln!(
+                "sys-firewall run: --vifs xen needs --qubesdb-vchan [ACCESS]: the client vifs \
+                 are learnt from XenStore, over the same Xen access"
+            );
+            return ExitCode::from(2);
+        }
+    };
     qubes_router::cli::run(
         Role::Firewall,
         args.config,
         qubes_router::cli::QubesDbAt::from_args(args.qubesdb, args.qubesdb_vchan),
         args.uplink,
         args.control,
-        match (args.vifs, vchan) {
-            (VifsKind::Xen, Some(access)) => qubes_router::cli::Vifs::Xen(access),
-            // clap requires --qubesdb-vchan with --vifs xen.
-            _ => qubes_router::cli::Vifs::Kernel,
-        },
+        vifs,
     )
 }
 
