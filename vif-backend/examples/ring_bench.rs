@@ -369,7 +369,7 @@ fn send_loop(
     };
     let mut seq = ISN;
     loop {
-        if sent.frames % 32 == 0 && Instant::now() >= stop {
+        if sent.frames.is_multiple_of(32) && Instant::now() >= stop {
             break;
         }
         set_seq(&mut frame, shape, seq);
@@ -702,7 +702,7 @@ fn child_afp(
 // The parent: rows, children, the table
 
 #[derive(Debug, Clone, Copy)]
-enum Path2 {
+enum Link {
     FrontToBack,
     BackToFront,
     Veth,
@@ -711,7 +711,7 @@ enum Path2 {
 #[derive(Debug)]
 struct Row {
     label: String,
-    path: Path2,
+    path: Link,
     shape: Shape,
 }
 
@@ -797,9 +797,10 @@ impl Drop for Kid {
 
 fn run_row(row: &Row, secs: f64, hv_sock: &Path, netns: Option<&str>) -> Res<Outcome> {
     let dir = std::env::temp_dir().join(format!(
-        "ring-bench-{}-{}",
+        "ring-bench-{}-{}-{}",
         std::process::id(),
-        row.label.len() ^ (now_us() as usize & 0xffff_ffff)
+        row.shape.name(),
+        now_us()
     ));
     std::fs::create_dir_all(&dir)?;
     let r = run_row_in(row, secs, hv_sock, netns, &dir);
@@ -825,8 +826,8 @@ fn run_row_in(
     };
     let hv = hv_sock.display().to_string();
     let (mut sender, mut receiver) = match row.path {
-        Path2::FrontToBack | Path2::BackToFront => {
-            let f2b = matches!(row.path, Path2::FrontToBack);
+        Link::FrontToBack | Link::BackToFront => {
+            let f2b = matches!(row.path, Link::FrontToBack);
             let (fr, br) = if f2b {
                 ("send", "recv")
             } else {
@@ -847,7 +848,7 @@ fn run_row_in(
                 (back, front)
             }
         }
-        Path2::Veth => {
+        Link::Veth => {
             let ns = netns.ok_or("no netns")?;
             let mut a = base("afp", "recv");
             a.push("vb".into());
@@ -938,8 +939,8 @@ fn run_all(secs: f64, netns: Option<&str>, hv_dir: &Path) -> Res<bool> {
     let gso = "64 KiB GSO TCPv4 (mss 1448)";
     let mut rows = Vec::new();
     for (p, name) in [
-        (Path2::FrontToBack, "netfront->netback (emulation)"),
-        (Path2::BackToFront, "netback->netfront (emulation)"),
+        (Link::FrontToBack, "netfront->netback (emulation)"),
+        (Link::BackToFront, "netback->netfront (emulation)"),
     ] {
         for (shape, what) in [(Shape::Plain, plain), (Shape::Gso, gso)] {
             rows.push(Row {
@@ -952,12 +953,12 @@ fn run_all(secs: f64, netns: Option<&str>, hv_dir: &Path) -> Res<bool> {
     if netns.is_some() {
         rows.push(Row {
             label: format!("AF_PACKET over veth, {plain}"),
-            path: Path2::Veth,
+            path: Link::Veth,
             shape: Shape::Plain,
         });
         rows.push(Row {
             label: "AF_PACKET over veth, vnet_hdr GSO 64 KiB (mss 1448)".into(),
-            path: Path2::Veth,
+            path: Link::Veth,
             shape: Shape::Gso,
         });
     }
