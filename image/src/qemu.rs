@@ -262,6 +262,30 @@ impl Vm {
         }
     }
 
+    /// Waits until the console has a whole line (ended by its newline) holding `needle`, and
+    /// returns it. [`Self::wait_for`] returns as soon as the text is there, when the serial
+    /// console, slow under emulation, may not have sent the rest of the line yet.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        self.wait_for(needle, timeout)?;
+        loop {
+            let console = self.console();
+            let whole = console
+                .split_inclusive('\n')
+                .find(|l| l.ends_with('\n') && l.contains(needle));
+            if let Some(line) = whole {
+                return Ok(line.trim_end().to_string());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the line with {needle:?} did not end within {timeout:?}:\n{}",
+                    self.tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The console's last 40 lines.
     pub fn tail(&self) -> String {
         let c = self.console();
