@@ -22,11 +22,8 @@
 //! chunks in flight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +40,7 @@ use tokio::sync::mpsc;
 use crate::dns::{self, Answer, Lookup, Rcode};
 use crate::onion::{self, OnionMap};
 use crate::tor::Tor;
+use crate::wake::{self, WakeRx, Waker};
 
 /// Bytes moved per channel message.
 const CHUNK: usize = 16 * 1024;
@@ -99,22 +97,6 @@ pub struct TorState {
 
 /// Shared between the loop and the bootstrap task.
 pub type SharedTor = Arc<Mutex<TorState>>;
-
-/// Wakes the loop from tokio tasks: one byte on a socket pair, written only when the loop has
-/// not been woken since it last looked.
-#[derive(Debug)]
-pub struct Waker {
-    pending: AtomicBool,
-    tx: UnixStream,
-}
-
-impl Waker {
-    pub fn wake(&self) {
-        if !self.pending.swap(true, Ordering::AcqRel) {
-            let _ = (&self.tx).write(&[1]);
-        }
-    }
-}
 
 /// What a stream's task tells the loop.
 #[derive(Debug)]
@@ -305,7 +287,7 @@ pub struct Gateway {
     tor: SharedTor,
     rt: tokio::runtime::Handle,
     waker: Arc<Waker>,
-    wake_rx: UnixStream,
+    wake_rx: WakeRx,
     counters: Counters,
     seed: u32,
 }
@@ -357,9 +339,7 @@ impl Gateway {
         rt: tokio::runtime::Handle,
         seed: u64,
     ) -> std::io::Result<Gateway> {
-        let (wake_rx, tx) = UnixStream::pair()?;
-        wake_rx.set_nonblocking(true)?;
-        tx.set_nonblocking(true)?;
+        let (waker, wake_rx) = wake::pair()?;
         let mut dev = Queues {
             mtu: usize::from(qubes_engine::config::DEFAULT_MTU),
             ..Queues::default()
@@ -386,10 +366,7 @@ impl Gateway {
             job_rx,
             tor,
             rt,
-            waker: Arc::new(Waker {
-                pending: AtomicBool::new(false),
-                tx,
-            }),
+            waker,
             wake_rx,
             counters: Counters::default(),
             seed: seed as u32,
@@ -858,12 +835,6 @@ impl Gateway {
         }
     }
 
-    fn drain_wake(&mut self) {
-        self.waker.pending.store(false, Ordering::Release);
-        let mut b = [0u8; 64];
-        while matches!((&self.wake_rx).read(&mut b), Ok(n) if n > 0) {}
-    }
-
     fn client_by_name(&self, q: &str) -> Option<Ipv4Addr> {
         self.clients
             .iter()
@@ -1072,7 +1043,7 @@ impl Terminator for Gateway {
         delivered: &Outbox,
         out: &mut Outbox,
     ) {
-        self.drain_wake();
+        self.wake_rx.take();
         for p in delivered.local_packets() {
             self.ingress(now, p);
         }

@@ -7,9 +7,11 @@
 //!   dropped; run by the shared router loop (crate `qubes-router`, role sys-whonix) in place
 //!   of forwarding;
 //! - [`dns`] and [`onion`]: the virtual resolvers' messages and the per-client `.onion`
-//!   address maps.
+//!   address maps;
+//! - [`wake`]: how the Tor side's tasks wake the router loop.
 
 pub mod dns;
 pub mod gateway;
 pub mod onion;
 pub mod tor;
+pub mod wake;

@@ -1727,8 +1727,12 @@ impl Lab {
             if got == "200" {
                 return;
             }
+            // What the gateway saw, so that a failure CI meets once can be told apart later.
+            let status = self
+                .whonix_status()
+                .unwrap_or_else(|e| format!("(no status: {e})"));
             eprintln!(
-                "[{}] {qube}: attempt {attempt} of {tries} gave {got}",
+                "[{}] {qube}: attempt {attempt} of {tries} gave {got}; sys-whonix status:\n{status}",
                 self.name
             );
         }
