@@ -32,9 +32,9 @@ qubes work, personal and untrusted, vault without network, sys-whonix (the Tor g
 behind sys-firewall) with anon-whonix behind it, and a world of 198.18.0.0/24 behind
 sys-net (a web server at 198.18.0.10, a DNS server at 198.18.0.53 that knows web.test, and a
 private Tor network of seven relays at 198.18.0.41-47). Each qube is a namespace
-<name>-<qube>; each vif a veth pair named as Qubes names them. `stop QUBE` and `start QUBE` halt and start a qube as dom0 does: a restarted
-qube comes back with the next domid, so a new vifN.0, with the same address, MAC and rules.
-Needs root. See docs/lab.md.";
+<name>-<qube>; each vif a veth pair named as Qubes names them. `stop QUBE` and `start QUBE`
+halt and start a qube as dom0 does: a restarted qube comes back with the next domid, so a
+new vifN.0, with the same address, MAC and rules. Needs root. See docs/lab.md.";
 
 #[derive(Debug, Parser)]
 #[command(name = "qubes-lab", version, about = "The Qubes netvm chain in network namespaces", long_about = ABOUT)]
