@@ -13,7 +13,8 @@
 //! Clearing first and reading after loses wakes: a wake between the two writes a byte the
 //! read then swallows, the flag stays set with no byte behind it, and every later wake is
 //! suppressed while the loop sleeps. A stream then stalls until its client sends something
-//! (seen as a rare first-fetch timeout in the lab before this order was fixed).
+//! (the likely cause of a rare first-fetch timeout the lab test met in CI before this order
+//! was fixed).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
